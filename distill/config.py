@@ -1,0 +1,305 @@
+"""Compose the Hydra config for a command line, validate all of it at once, and find recipes.
+
+    cfg = load_config(["recipe=support_tickets", "profile=smoke", "run_dir=runs/x"])
+    cfg.train.max_steps, cfg.recipe.dir, cfg.teacher.base_url ...
+
+Hydra composes (config groups, defaults, overrides); pydantic checks types and values and reports every problem in
+one message. Stages receive the validated ``Config``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distill import DistillError
+
+CONF_DIR = Path(__file__).parent / "conf"
+PACKAGE_RECIPES = CONF_DIR / "recipe"
+GROUPS = ("recipe", "teacher", "student", "train", "eval", "publish", "profile")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class RecipeConfig(_Strict):
+    name: str
+    description: str = ""
+    dir: Path | None = None  # filled in by load_config: the folder beside NAME.yaml
+    inputs: str
+    id_field: str = "id"
+    text_field: str = "text"
+    gold_field: str | None = "gold"
+    few_shot: str | None = None
+    teacher_prompt: str
+    student_prompt: str
+    output_schema: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _schema_is_object(self) -> "RecipeConfig":
+        schema = self.output_schema
+        if schema.get("type") != "object" or not isinstance(schema.get("properties"), dict):
+            raise ValueError("output_schema must be a JSON schema with type: object and properties")
+        return self
+
+
+class Price(_Strict):
+    input_per_1m: float = Field(0.0, ge=0)
+    output_per_1m: float = Field(0.0, ge=0)
+    cached_input_per_1m: float = Field(0.0, ge=0)
+
+
+class TeacherConfig(_Strict):
+    kind: Literal["llama_cpp", "openai"]
+    base_url: str | None = None
+    model: str | None = None
+    model_path: str | None = None
+    api_key_env: str | None = None
+    structured_output: Literal["json_schema", "llama_cpp", "guided_json", "none"]
+    concurrency: int = Field(4, ge=1, le=1024)
+    timeout_s: float = Field(60, gt=0)
+    max_retries: int = Field(2, ge=0)
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(64, ge=1)
+    n_ctx: int | None = None
+    n_threads: int | None = None
+    startup_timeout_s: float = 0
+    price: Price = Price()
+
+    @model_validator(mode="after")
+    def _check(self) -> "TeacherConfig":
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("teacher.base_url is required for an OpenAI-compatible teacher")
+        if self.kind == "openai" and not self.model:
+            raise ValueError("teacher.model is required (the model name the server serves)")
+        if self.api_key_env and (self.api_key_env.startswith("sk-") or len(self.api_key_env) > 64):
+            raise ValueError(
+                "teacher.api_key_env must be the NAME of an environment variable (e.g. OPENAI_API_KEY), not the key")
+        return self
+
+
+class StudentConfig(_Strict):
+    name: str
+    source: Literal["gguf", "hf", "random"]
+    path: str | None = None
+    hub_id: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    load_in_4bit: bool = False
+    gradient_checkpointing: bool = False
+    target_modules: list[str]
+    max_seq_len: int = Field(512, ge=32)
+    random_arch: dict[str, int] | None = None
+
+
+class TrainConfig(_Strict):
+    method: Literal["lora", "qlora"] = "lora"
+    max_steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    save_steps: int = Field(ge=1)
+    eval_steps: int | None = None
+    threads: int | None = None
+    bf16: bool = False
+
+
+class GateConfig(_Strict):
+    min_agreement: float = Field(0.0, ge=0, le=1)
+    max_invalid_rate: float = Field(1.0, ge=0, le=1)
+
+
+class EvalConfig(_Strict):
+    split: Literal["train", "val", "test"] = "test"
+    batch_size: int = Field(8, ge=1)
+    max_new_tokens: int = Field(48, ge=1)
+    limit: int | None = Field(None, ge=1)
+    gate: GateConfig = GateConfig()
+    baseline: str | None = None
+
+
+class PublishConfig(_Strict):
+    gguf_types: list[Literal["q8_0", "f16", "bf16", "f32", "tq1_0", "tq2_0"]] = ["q8_0"]
+    verify_load: bool = True
+    target_agreement: float = Field(0.9, ge=0, le=1)
+    force: bool = False
+
+
+class SplitConfig(_Strict):
+    train: float = Field(ge=0, le=1)
+    val: float = Field(ge=0, le=1)
+    test: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitConfig":
+        if abs(self.train + self.val + self.test - 1.0) > 1e-6:
+            raise ValueError("generate.split fractions must sum to 1")
+        return self
+
+
+class GenerateConfig(_Strict):
+    limit: int | None = Field(None, ge=1)
+    split: SplitConfig
+    max_attempts: int = Field(3, ge=1)
+    budget_usd: float | None = Field(None, ge=0)
+    dry_run: bool = False
+    shared_ledger: str | None = None
+
+
+class Config(_Strict):
+    recipe: RecipeConfig
+    teacher: TeacherConfig
+    student: StudentConfig
+    train: TrainConfig
+    eval: EvalConfig
+    publish: PublishConfig
+    generate: GenerateConfig
+    run_dir: Path | None = None
+    recipe_dir: str | None = None
+    seed: int = 0
+    cache_dir: Path | None = None
+
+    def recipe_file(self, key: str) -> Path:
+        """Absolute path of a file named by the recipe (``inputs``, ``teacher_prompt``, ...)."""
+        name = getattr(self.recipe, key)
+        path = Path(name)
+        return path if path.is_absolute() else Path(self.recipe.dir) / path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# recipes
+
+
+def recipe_search_dirs(recipe_dir: str | None) -> list[Path]:
+    """Folders searched for ``NAME.yaml`` + ``NAME/``, first match wins: recipe_dir, ./recipes, the package's."""
+    dirs = []
+    if recipe_dir:
+        dirs.append(Path(recipe_dir).expanduser().resolve())
+    local = Path.cwd() / "recipes"
+    if local.is_dir():
+        dirs.append(local.resolve())
+    dirs.append(PACKAGE_RECIPES)
+    return dirs
+
+
+def list_recipes(recipe_dir: str | None = None) -> dict[str, Path]:
+    """Known recipes by name -> their YAML file (earlier folders shadow later ones)."""
+    found: dict[str, Path] = {}
+    for folder in recipe_search_dirs(recipe_dir):
+        for yaml_file in sorted(folder.glob("*.yaml")):
+            found.setdefault(yaml_file.stem, yaml_file)
+    return found
+
+
+def _override_value(overrides: list[str], key: str) -> str | None:
+    for item in overrides:
+        if item.split("=", 1)[0].lstrip("+~") == key and "=" in item:
+            return item.split("=", 1)[1]
+    return None
+
+
+def _searchpath_dir(recipe_folder: Path) -> str:
+    """Hydra finds group options under ``<searchpath>/recipe/``; expose a user folder there via a symlink."""
+    base = Path(tempfile.mkdtemp(prefix="distill-recipes-"))
+    (base / "recipe").symlink_to(recipe_folder, target_is_directory=True)
+    return f"file://{base}"
+
+
+def compose(overrides: list[str]) -> dict[str, Any]:
+    """Compose the raw config (a plain dict) for Hydra-style overrides. Raises DistillError on bad input."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    recipe_dir = _override_value(overrides, "recipe_dir")
+    name = _override_value(overrides, "recipe") or "support_tickets"
+    known = list_recipes(recipe_dir)
+    if name not in known:
+        raise DistillError(
+            f"unknown recipe {name!r}; known recipes: {', '.join(sorted(known)) or '(none)'} "
+            f"(a recipe of your own is NAME.yaml + NAME/ in recipe_dir=DIR or ./recipes)")
+    recipe_yaml = known[name]
+    if recipe_yaml.parent != PACKAGE_RECIPES:
+        overrides.append(f"hydra.searchpath=[{_searchpath_dir(recipe_yaml.parent)}]")
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+            raw = OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise DistillError(_hydra_message(exc, overrides)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    raw["recipe"]["dir"] = str(recipe_yaml.parent / name)
+    return raw
+
+
+def _hydra_message(exc: Exception, overrides: list[str]) -> str:
+    import re
+
+    text = " ".join(str(exc).split())
+    key = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
+    if key:
+        return (f"unknown config key {key.group(1)!r}: no such setting (see the group files under distill/conf or "
+                f"`python -m distill config`; check the spelling)")
+    if "Could not find" in text:
+        text = text.split(" Config search path")[0].replace("In 'config': ", "")
+        return f"{text} (list the options of every group with `python -m distill config`)"
+    return f"bad configuration: {text}"
+
+
+def validate(raw: dict[str, Any]) -> Config:
+    """Validate a composed config; every problem is reported at once."""
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "config"
+            problems.append(f"{where}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err
+                                                       and not isinstance(err["input"], dict) else ""))
+        raise DistillError("invalid configuration: " + "; ".join(problems)) from None
+    if cfg.cache_dir is None:
+        cfg.cache_dir = Path(os.environ.get("DISTILL_CACHE", "~/.cache/distill")).expanduser()
+    return cfg
+
+
+def load_config(overrides: list[str] | None = None) -> Config:
+    """Compose + validate + fill in the run directory. The entry point for the CLI, notebooks and tests."""
+    cfg = validate(compose(list(overrides or [])))
+    if cfg.run_dir is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        cfg.run_dir = Path("runs") / cfg.recipe.name / stamp
+    cfg.run_dir = Path(cfg.run_dir).expanduser()
+    inputs = cfg.recipe_file("inputs")
+    if not inputs.exists():
+        raise DistillError(f"recipe {cfg.recipe.name!r}: input file {inputs} does not exist "
+                           f"(set recipe.inputs=PATH to a JSONL file)")
+    return cfg
+
+
+def group_options() -> dict[str, list[str]]:
+    """Every option of every config group, for `python -m distill config` and the compose-everything test."""
+    options = {g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")) for g in GROUPS}
+    options["recipe"] = sorted(list_recipes())
+    return options
+
+
+def public_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as written to the run dir: JSON-safe, and it holds env-var *names*, never keys."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,103 @@
+"""The pipeline: for each stage, skip it if its DONE.json fingerprint still matches, else run it and write DONE.json.
+
+    python -m distill run recipe=support_tickets                       # all four stages
+    python -m distill run recipe=support_tickets run_dir=runs/x        # again: finished stages are skipped
+    python -m distill evaluate recipe=support_tickets run_dir=runs/x   # one stage alone
+
+A stage's fingerprint is the hash of the config it reads plus the fingerprints of the stages it reads from, so
+editing the training config re-runs train, evaluate and publish but never pays the teacher again.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from pathlib import Path
+
+from distill import DistillError, paths, runio
+from distill.config import Config, public_dict
+
+log = logging.getLogger("distill")
+
+UPSTREAM = {"generate": (), "train": ("generate",), "evaluate": ("generate", "train"),
+            "publish": ("generate", "train", "evaluate")}
+
+# Config each stage reads. Knobs that change how fast, not what, are left out (concurrency, timeouts, threads,
+# the loopback URL of a server distill starts itself), so turning them never invalidates finished work.
+_NOT_CONTENT = {"teacher": {"concurrency", "timeout_s", "max_retries", "startup_timeout_s", "n_threads"},
+                "train": {"threads"}, "generate": {"dry_run", "budget_usd", "shared_ledger"},
+                "eval": {"batch_size"}}
+
+
+class GateFailed(DistillError):
+    """The evaluate gate failed: the message says which threshold and by how much."""
+
+
+def _slice(cfg: Config, stage: str) -> dict:
+    data = public_dict(cfg)
+    keys = {"generate": ("recipe", "teacher", "generate", "seed"), "train": ("student", "train", "seed"),
+            "evaluate": ("eval",), "publish": ("publish",)}[stage]
+    out = {k: data[k] for k in keys}
+    for group, drop in _NOT_CONTENT.items():
+        if group in out:
+            out[group] = {k: v for k, v in out[group].items() if k not in drop}
+    if stage == "generate":
+        out["recipe"] = {k: v for k, v in out["recipe"].items() if k != "dir"}
+        out["recipe_files"] = runio.sha256_tree(Path(cfg.recipe.dir))
+        if cfg.teacher.kind == "llama_cpp":
+            out["teacher"] = {k: v for k, v in out["teacher"].items() if k != "base_url"}
+    return out
+
+
+def fingerprint(cfg: Config, stage: str) -> str:
+    """Hash of the stage's config slice + its upstream stages' fingerprints (from their DONE.json)."""
+    upstream = {}
+    for up in UPSTREAM[stage]:
+        done = runio.require_done(cfg.run_dir, up, needed_by=stage)
+        upstream[up] = done["fingerprint"]
+    return runio.sha256_obj({"stage": stage, "config": _slice(cfg, stage), "upstream": upstream})
+
+
+def run_stage(cfg: Config, stage: str, *, force: bool = False) -> dict:
+    """Run one stage unless its DONE.json matches; returns the stage summary."""
+    if stage not in paths.STAGES:
+        raise DistillError(f"unknown stage {stage!r}; stages: {', '.join(paths.STAGES)}")
+    fp = fingerprint(cfg, stage)
+    done = runio.read_done(cfg.run_dir, stage)
+    if done and done.get("fingerprint") == fp and not force:
+        log.info("%-8s skipped: finished earlier with the same fingerprint %s", stage, fp[:12])
+        return done["summary"]
+    module = importlib.import_module(f"distill.stages.{stage}")
+    log.info("%-8s running (fingerprint %s)", stage, fp[:12])
+    started = time.perf_counter()
+    summary = module.run(cfg, cfg.run_dir)
+    summary["wall_s"] = round(time.perf_counter() - started, 2)
+    runio.write_done(cfg.run_dir, stage, fp, summary)
+    log.info("%-8s done in %.1f s", stage, summary["wall_s"])
+    return summary
+
+
+def save_config(cfg: Config) -> None:
+    import yaml
+
+    runio.atomic_write_text(Path(cfg.run_dir) / paths.CONFIG_YAML,
+                            yaml.safe_dump(public_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def run(cfg: Config, stages: tuple[str, ...] = paths.STAGES) -> dict[str, dict]:
+    """Run stages in order; stops with GateFailed before publish when the evaluate gate fails."""
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    save_config(cfg)
+    summaries = {}
+    for stage in stages:
+        summaries[stage] = run_stage(cfg, stage)
+        if stage == "evaluate" and not cfg.publish.force:
+            check_gate(summaries[stage])
+    return summaries
+
+
+def check_gate(summary: dict) -> None:
+    gate = summary.get("gate", {})
+    if not gate.get("passed", True):
+        raise GateFailed("evaluate gate failed: " + "; ".join(gate.get("reasons", [])))

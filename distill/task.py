@@ -1,0 +1,187 @@
+"""A recipe's task: its answer schema, its inputs and the prompts built from them.
+
+The schema is declared once in the recipe. The teacher is constrained to it (in the dialect its server speaks),
+every answer is validated against it locally, and the student is scored field by field against it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from distill import DistillError, runio
+from distill.config import Config
+
+log = logging.getLogger("distill")
+
+
+class OutputSchema:
+    """The JSON schema of the task's answer, with parsing and validation that never raise on bad answers."""
+
+    def __init__(self, schema: dict[str, Any]):
+        jsonschema.Draft202012Validator.check_schema(schema)
+        self.schema = schema
+        self._validator = jsonschema.Draft202012Validator(schema)
+
+    @property
+    def fields(self) -> list[str]:
+        return list(self.schema["properties"])
+
+    @cached_property
+    def enums(self) -> dict[str, list[str]]:
+        """Fields with a fixed set of values (classification fields)."""
+        return {k: v["enum"] for k, v in self.schema["properties"].items() if "enum" in v}
+
+    def errors(self, obj: Any) -> list[str]:
+        return [e.message for e in self._validator.iter_errors(obj)]
+
+    def parse(self, text: str | None) -> tuple[dict | None, str | None]:
+        """Parse a model's text answer. Returns (object, None) or (None, reason) with reason in
+        {"empty", "invalid_json", "schema_violation"}."""
+        if text is None or not text.strip():
+            return None, "empty"
+        candidate = text.strip()
+        # Models sometimes wrap JSON in a code fence or trail text after it: take the first {...} block.
+        match = re.search(r"\{.*\}", candidate, flags=re.S)
+        if match:
+            candidate = match.group(0)
+        try:
+            obj = json.loads(candidate)
+        except json.JSONDecodeError:
+            return None, "invalid_json"
+        if self.errors(obj):
+            return None, "schema_violation"
+        return obj, None
+
+    def response_format(self, dialect: str, name: str = "answer") -> dict | None:
+        """``response_format`` for a chat-completions request in the server's structured-output dialect."""
+        if dialect == "json_schema":  # OpenAI, vLLM
+            return {"type": "json_schema", "json_schema": {"name": name, "schema": self.schema, "strict": True}}
+        if dialect == "llama_cpp":  # llama-cpp-python's server rejects json_schema, accepts this
+            return {"type": "json_object", "schema": self.schema}
+        if dialect in ("guided_json", "none"):
+            return None
+        raise DistillError(f"unknown structured_output dialect {dialect!r}; use json_schema, llama_cpp, "
+                           f"guided_json or none")
+
+    def extra_body(self, dialect: str) -> dict | None:
+        return {"guided_json": self.schema} if dialect == "guided_json" else None
+
+
+def dump_answer(obj: dict) -> str:
+    """The canonical text of an answer: what the student is trained to write."""
+    return json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
+
+
+@dataclass
+class Example:
+    id: str
+    text: str
+    gold: dict | None = None
+
+
+@dataclass
+class InputReport:
+    examples: list[Example] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    bad_gold: int = 0
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        log.warning("skipped input %s: %s", where, reason)
+
+
+class Task:
+    """Everything recipe-specific the stages need."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.recipe = cfg.recipe
+        try:
+            self.schema = OutputSchema(cfg.recipe.output_schema)
+        except jsonschema.SchemaError as exc:
+            raise DistillError(f"recipe {cfg.recipe.name!r}: output_schema is not a valid JSON schema: "
+                               f"{exc.message}") from None
+        self.teacher_system = self._read("teacher_prompt").strip()
+        self.student_system = self._read("student_prompt").strip()
+        self.few_shot = self._load_few_shot()
+
+    def _read(self, key: str) -> str:
+        path = self.cfg.recipe_file(key)
+        if not path.exists():
+            raise DistillError(f"recipe {self.recipe.name!r}: {key} file {path} does not exist")
+        return path.read_text(encoding="utf-8")
+
+    def _load_few_shot(self) -> list[tuple[str, dict]]:
+        if not self.recipe.few_shot:
+            return []
+        path = self.cfg.recipe_file("few_shot")
+        if not path.exists():
+            raise DistillError(f"recipe {self.recipe.name!r}: few_shot file {path} does not exist")
+        shots = []
+        for no, obj, err in runio.iter_jsonl_lenient(path):
+            if err or "text" not in obj or "label" not in obj:
+                raise DistillError(f"{path}:{no}: a few-shot line needs JSON with 'text' and 'label'")
+            if problems := self.schema.errors(obj["label"]):
+                raise DistillError(f"{path}:{no}: few-shot label breaks the output schema: {problems[0]}")
+            shots.append((obj["text"], obj["label"]))
+        return shots
+
+    def load_inputs(self, limit: int | None = None) -> InputReport:
+        """Read the recipe's inputs. Bad lines are skipped and counted; the run goes on."""
+        report = InputReport()
+        path = self.cfg.recipe_file("inputs")
+        if not path.exists():
+            raise DistillError(f"input file {path} does not exist (recipe {self.recipe.name!r}, key recipe.inputs)")
+        seen: set[str] = set()
+        r = self.recipe
+        for no, obj, err in runio.iter_jsonl_lenient(path):
+            where = f"{path.name}:{no}"
+            if err:
+                report.skip(err, where)
+                continue
+            text = obj.get(r.text_field)
+            if not isinstance(text, str) or not text.strip():
+                report.skip(f"no text in field {r.text_field!r}", where)
+                continue
+            ex_id = str(obj.get(r.id_field, f"line{no}"))
+            if ex_id in seen:
+                report.skip("duplicate id", where)
+                continue
+            gold = obj.get(r.gold_field) if r.gold_field else None
+            if gold is not None and self.schema.errors(gold):
+                log.warning("input %s: gold label breaks the output schema; kept without gold", where)
+                report.bad_gold += 1
+                gold = None
+            seen.add(ex_id)
+            report.examples.append(Example(ex_id, text, gold))
+        if not report.examples:
+            raise DistillError(f"no usable inputs in {path} (skipped: {report.skipped or 'file is empty'})")
+        if limit is not None:
+            report.examples = report.examples[:limit]
+        return report
+
+    def teacher_messages(self, text: str) -> list[dict]:
+        """Instructions, then the few-shot turns, then the input: static text first so servers reuse the prefix."""
+        messages = [{"role": "system", "content": self.teacher_system}]
+        for shot_text, label in self.few_shot:
+            messages.append({"role": "user", "content": shot_text})
+            messages.append({"role": "assistant", "content": dump_answer(label)})
+        messages.append({"role": "user", "content": text})
+        return messages
+
+    def student_messages(self, text: str) -> list[dict]:
+        return [{"role": "system", "content": self.student_system}, {"role": "user", "content": text}]
+
+
+def load_split(run_dir: Path, split: str) -> list[dict]:
+    from distill import paths
+
+    return runio.read_jsonl(paths.split_path(run_dir, split))

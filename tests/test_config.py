@@ -1,0 +1,73 @@
+"""Every option of every config group composes and validates; bad input gets one clear message."""
+
+from __future__ import annotations
+
+import pytest
+
+from distill import DistillError
+from distill.config import group_options, load_config
+
+
+def _options():
+    for group, options in group_options().items():
+        for option in options:
+            yield group, option
+
+
+@pytest.mark.parametrize("group,option", list(_options()))
+def test_every_option_of_every_group_composes(group, option, tmp_path):
+    extra = ["teacher.model=served-model"] if (group, option) == ("teacher", "vllm") else []
+    cfg = load_config([f"{group}={option}", f"run_dir={tmp_path}", *extra])
+    if group == "profile":
+        assert cfg.train.max_steps >= 1
+    elif group == "recipe":
+        assert cfg.recipe.name == option and cfg.recipe.dir.is_dir()
+    else:
+        picked = getattr(cfg, group)
+        assert picked is not None
+
+
+def test_profiles_resize_the_run(tmp_path):
+    smoke = load_config(["profile=smoke", f"run_dir={tmp_path}"])
+    demo = load_config(["profile=demo", f"run_dir={tmp_path}"])
+    assert smoke.generate.limit is not None and demo.generate.limit is None
+    assert smoke.train.max_steps < demo.train.max_steps
+
+
+def test_command_line_overrides_win_over_profile(tmp_path):
+    cfg = load_config(["profile=smoke", "train.max_steps=17", f"run_dir={tmp_path}"])
+    assert cfg.train.max_steps == 17
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(DistillError, match="unknown config key 'train.nonsense'"):
+        load_config(["train.nonsense=1"])
+
+
+def test_unknown_recipe_lists_known_ones():
+    with pytest.raises(DistillError, match="unknown recipe 'nope'.*support_tickets"):
+        load_config(["recipe=nope"])
+
+
+def test_unknown_group_option_lists_choices():
+    with pytest.raises(DistillError, match="teacher/gpt9.*local"):
+        load_config(["teacher=gpt9"])
+
+
+def test_all_bad_values_reported_at_once():
+    with pytest.raises(DistillError) as err:
+        load_config(["train.max_steps=0", "train.lr=abc", "eval.gate.min_agreement=2"])
+    message = str(err.value)
+    for key in ("train.max_steps", "train.lr", "eval.gate.min_agreement"):
+        assert key in message
+
+
+def test_api_key_in_place_of_env_name_is_refused():
+    with pytest.raises(DistillError, match="NAME of an environment variable"):
+        load_config(["teacher=openai", "teacher.api_key_env=sk-abcdefghijklmnopqrstuvwxyz0123"])
+
+
+def test_missing_input_file_is_named(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(DistillError, match="nope.jsonl does not exist"):
+        load_config([f"recipe.inputs={missing}"])
