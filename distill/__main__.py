@@ -53,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(command, overrides)
     except DistillError as exc:
         from distill.pipeline import GateFailed
+        from distill.stages.generate import DryRunStop
 
+        if isinstance(exc, DryRunStop):
+            print(f"distill: {exc}", file=sys.stderr)
+            return 0
         print(f"distill: error: {exc}", file=sys.stderr)
         return 3 if isinstance(exc, GateFailed) else 2
     except KeyboardInterrupt:

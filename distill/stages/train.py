@@ -104,7 +104,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         data_seed=cfg.seed,
         bf16=tcfg.bf16,
         use_cpu=not on_cuda,
-        gradient_checkpointing=scfg.gradient_checkpointing,
+        activation_checkpointing=scfg.gradient_checkpointing,
         max_length=scfg.max_seq_len,
         report_to=[],
         dataloader_num_workers=0,

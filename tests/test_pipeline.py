@@ -1,0 +1,132 @@
+"""The whole pipeline on a tiny random student and a fake OpenAI-compatible teacher over real loopback HTTP."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+from conftest import tiny_overrides
+
+from distill import DistillError, paths, runio
+from distill.__main__ import main
+from distill.config import load_config
+from distill.pipeline import GateFailed
+from distill import pipeline
+from distill.testing.fake_teacher import FakeTeacher
+
+pytestmark = pytest.mark.integration
+
+
+def _ledger_rows(run_dir) -> int:
+    with sqlite3.connect(paths.ledger_path(run_dir)) as db:
+        return db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
+
+
+def test_whole_pipeline_then_rerun_is_free(tmp_path, fake_answer):
+    run_dir = tmp_path / "run"
+    with FakeTeacher(fake_answer) as teacher:
+        cfg = load_config(tiny_overrides(run_dir, teacher.base_url))
+        summaries = pipeline.run(cfg)
+        calls_first = len(teacher.calls)
+        assert calls_first == 24  # one paid call per input, no retries needed
+
+        for stage in paths.STAGES:
+            assert runio.read_done(run_dir, stage)["fingerprint"]
+        rows = [json.loads(line) for s in paths.SPLITS
+                for line in paths.split_path(run_dir, s).read_text().splitlines()]
+        assert len(rows) == 24 and all(r["teacher"] == r["gold"] for r in rows)
+        assert _ledger_rows(run_dir) == 24
+
+        adapter = paths.adapter_path(run_dir) / "adapter_model.safetensors"
+        assert adapter.stat().st_size > 0
+        results = runio.read_json(run_dir / "evaluate" / paths.RESULTS)
+        assert results["metrics"]["n"] == 4
+        assert results["metrics"]["teacher_vs_gold"]["exact"] == 1.0
+        assert (run_dir / "evaluate" / paths.REPORT).read_text().startswith("# Evaluation")
+
+        routing = (run_dir / "publish" / paths.ROUTING).read_text()
+        assert "schema_version: 1" in routing and "support_tickets" in routing
+        ggufs = list((run_dir / "publish" / paths.MODEL_DIR).glob("*.gguf"))
+        assert len(ggufs) == 1 and ggufs[0].stat().st_size > 0
+        assert summaries["publish"]["checks"][ggufs[0].name]["loads"] is True
+        card = (run_dir / "publish" / paths.MODEL_CARD).read_text()
+        assert summaries["train"]["adapter_sha256"][:16] in card
+
+        # Same command again: every stage is skipped and the teacher is not called.
+        done_before = {s: runio.read_done(run_dir, s) for s in paths.STAGES}
+        pipeline.run(load_config(tiny_overrides(run_dir, teacher.base_url)))
+        assert len(teacher.calls) == calls_first
+        assert {s: runio.read_done(run_dir, s) for s in paths.STAGES} == done_before
+
+        # A training change re-runs train onward but never the teacher.
+        pipeline.run(load_config(tiny_overrides(run_dir, teacher.base_url, "train.max_steps=3")),
+                     stages=("generate", "train"))
+        assert len(teacher.calls) == calls_first
+        assert runio.read_done(run_dir, "train")["summary"]["steps"] == 3
+        assert runio.read_done(run_dir, "generate") == done_before["generate"]
+
+
+def test_lost_run_dir_pays_nothing_with_a_shared_ledger(tmp_path, fake_answer):
+    shared = tmp_path / "shared.sqlite"
+    with FakeTeacher(fake_answer) as teacher:
+        for name in ("a", "b"):
+            cfg = load_config(tiny_overrides(tmp_path / name, teacher.base_url, f"generate.shared_ledger={shared}",
+                                             "generate.limit=10"))
+            pipeline.run(cfg, stages=("generate",))
+        assert len(teacher.calls) == 10
+
+
+def test_gate_failure_exits_3_and_blocks_publish(tmp_path, fake_answer, capsys):
+    run_dir = tmp_path / "run"
+    with FakeTeacher(fake_answer) as teacher:
+        args = tiny_overrides(run_dir, teacher.base_url, "eval.gate.min_agreement=0.99")
+        assert main(["run", *args]) == 3
+    err = capsys.readouterr().err
+    assert "evaluate gate failed: agreement" in err and "0.99" in err
+    assert runio.read_done(run_dir, "evaluate") is not None
+    assert not (run_dir / "publish").exists()
+
+
+def test_unreachable_teacher_names_the_url(tmp_path, capsys):
+    url = "http://127.0.0.1:9/v1"  # discard port: nothing listens
+    code = main(["generate", *tiny_overrides(tmp_path / "run", url, "teacher.max_retries=0", "generate.limit=2")])
+    assert code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("distill: error")]
+    assert "Traceback" not in err
+    assert len(errors) == 1 and "cannot reach the teacher at http://127.0.0.1:9/v1" in errors[0]
+
+
+def test_invalid_teacher_answers_are_rejected_not_kept(tmp_path):
+    with FakeTeacher(lambda messages: '{"category": "weather", "priority": "low"}') as teacher:
+        cfg = load_config(tiny_overrides(tmp_path / "run", teacher.base_url, "generate.limit=3",
+                                         "generate.max_attempts=2"))
+        with pytest.raises(DistillError, match="no valid answer"):
+            pipeline.run(cfg, stages=("generate",))
+        assert len(teacher.calls) == 6  # 3 inputs x 2 attempts, each a fresh sample
+    with sqlite3.connect(paths.ledger_path(tmp_path / "run")) as db:
+        assert db.execute("SELECT COUNT(*) FROM calls").fetchone()[0] == 0
+        assert db.execute("SELECT reason, COUNT(*) FROM failures GROUP BY reason").fetchall() == [
+            ("schema_violation", 6)]
+
+
+def test_dry_run_sends_nothing(tmp_path, fake_answer, capsys):
+    with FakeTeacher(fake_answer) as teacher:
+        code = main(["generate", *tiny_overrides(tmp_path / "run", teacher.base_url, "generate.dry_run=true")])
+        assert len(teacher.calls) == 0
+    assert code == 0 and "dry run: 24 requests" in capsys.readouterr().err
+
+
+def test_api_key_never_reaches_the_run_dir(tmp_path, monkeypatch, fake_answer):
+    secret = "sk-canary-" + "7" * 24
+    monkeypatch.setenv("DISTILL_TEST_KEY", secret)
+    with FakeTeacher(fake_answer, api_key=secret) as teacher:
+        args = tiny_overrides(tmp_path / "run", teacher.base_url, "teacher.api_key_env=DISTILL_TEST_KEY",
+                              "generate.limit=4")
+        assert main(["generate", *args]) == 0
+        assert len(teacher.calls) == 4
+    for file in (tmp_path / "run").rglob("*"):
+        if file.is_file():
+            assert secret.encode() not in file.read_bytes(), file
+    assert "DISTILL_TEST_KEY" in (tmp_path / "run" / paths.CONFIG_YAML).read_text()
