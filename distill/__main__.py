@@ -31,7 +31,7 @@ def _setup_logging(run_dir: Path | None) -> None:
         handlers.append(logging.FileHandler(Path(run_dir) / "distill.log", encoding="utf-8"))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         handlers=handlers, force=True)
-    for noisy in ("httpx", "openai", "urllib3", "filelock", "datasets"):
+    for noisy in ("httpx", "httpx2", "openai", "urllib3", "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

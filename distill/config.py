@@ -62,6 +62,8 @@ class TeacherConfig(_Strict):
     model_path: str | None = None
     api_key_env: str | None = None
     structured_output: Literal["json_schema", "llama_cpp", "guided_json", "none"]
+    method: Literal["generate", "score"] = "generate"
+    calibrate: bool = True
     concurrency: int = Field(4, ge=1, le=1024)
     timeout_s: float = Field(60, gt=0)
     max_retries: int = Field(2, ge=0)

@@ -59,7 +59,8 @@ def teacher_endpoint(cfg: Config, log_dir: Path):
     model = Path(cfg.teacher.model_path) if cfg.teacher.model_path else embedded_gguf()
     server = LlamaCppServer(model, alias=cfg.teacher.model or "teacher", n_ctx=cfg.teacher.n_ctx or 4096,
                             n_threads=cfg.teacher.n_threads, log_path=log_dir / "teacher_server.log",
-                            startup_timeout_s=cfg.teacher.startup_timeout_s or 120)
+                            startup_timeout_s=cfg.teacher.startup_timeout_s or 120,
+                            logits_all=cfg.teacher.method == "score")
     with server:
         yield server.base_url
 
@@ -82,11 +83,19 @@ def run(cfg: Config, run_dir: Path) -> dict:
         raise DryRunStop(f"dry run: {estimate['requests']} requests, ~{estimate['prompt_tokens']} prompt tokens, "
                          f"~${estimate['usd']:.4f} at teacher {cfg.teacher.model}; nothing was sent")
 
+    if cfg.teacher.method == "score":
+        free = [f for f in task.schema.fields if f not in task.schema.enums]
+        if free:
+            raise DistillError(f"teacher.method=score needs a fixed set of values (enum) for every field; "
+                               f"{', '.join(free)} have none. Use teacher.method=generate for this recipe")
     with Ledger(ledger_file) as ledger:
         before = ledger.count()
         with teacher_endpoint(cfg, out_dir) as base_url:
             client = TeacherClient(cfg.teacher, base_url, task.schema, ledger, cfg.generate.max_attempts)
-            outcomes = asyncio.run(_label_all(client, task, examples, cfg.generate.budget_usd))
+            if cfg.teacher.method == "score":
+                outcomes = asyncio.run(_score_all(client, task, examples, cfg.teacher.calibrate))
+            else:
+                outcomes = asyncio.run(_label_all(client, task, examples, cfg.generate.budget_usd))
         ledger_summary = ledger.summary()
         hits = sum(o.cache_hit for o in outcomes if o is not None)
         ledger.record_hits(str(run_dir), hits)
@@ -107,7 +116,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         rows[split].append({"id": ex.id, "input": ex.text, "teacher": outcome.answer, "gold": ex.gold,
                             "split": split,
                             "provenance": {"request_key": outcome.key, "teacher_model": cfg.teacher.model,
-                                           "attempt": outcome.attempt, "cache_hit": outcome.cache_hit}})
+                                           "method": cfg.teacher.method, "attempt": outcome.attempt,
+                                           "cache_hit": outcome.cache_hit, "confidence": outcome.confidence}})
     for split, split_rows in rows.items():
         runio.write_jsonl(paths.split_path(run_dir, split), split_rows)
     runio.write_jsonl(out_dir / paths.REJECTED, rejected)
@@ -167,6 +177,58 @@ async def _label_all(client, task: Task, examples: list[Example], budget: float 
     finally:
         bar.close()
         await client.close()
+    return results
+
+
+async def _score_all(client, task: Task, examples: list[Example], calibrate: bool) -> list:
+    """Score every allowed value of every field by first-token log-probs, field by field (so a server's prompt
+    cache keeps the shared prefix), then calibrate each field over all inputs and pick the best value."""
+    import numpy as np
+
+    from distill.teacher.client import Outcome
+    from distill.teacher.scoring import calibrate as calibrate_scores
+    from distill.teacher.scoring import field_messages, value_scores
+
+    fields = task.schema.fields
+    per_field: dict[str, list] = {}
+    bar = tqdm(total=len(examples) * len(fields), desc="teacher (score)", unit="call", leave=False)
+
+    async def one(ex: Example, field: str):
+        outcome = await client.top_logprobs(field_messages(task, ex.text, field))
+        bar.update(1)
+        return outcome
+
+    try:
+        for field in fields:
+            per_field[field] = await asyncio.gather(*(one(ex, field) for ex in examples))
+    finally:
+        bar.close()
+        await client.close()
+
+    labels, confidence = {}, {}
+    for field in fields:
+        values = task.schema.enums[field]
+        ok = [i for i, o in enumerate(per_field[field]) if o.answer is not None]
+        if not ok:
+            continue
+        matrix = np.array([value_scores(per_field[field][i].answer["top"], values) for i in ok])
+        idx, conf = calibrate_scores(matrix, calibrate)
+        for row, i in enumerate(ok):
+            labels.setdefault(i, {})[field] = values[idx[row]]
+            confidence.setdefault(i, {})[field] = round(float(conf[row]), 4)
+
+    results = []
+    for i in range(len(examples)):
+        outs = [per_field[f][i] for f in fields]
+        paid = sum(o.paid_calls for o in outs)
+        cost = sum(o.cost_usd for o in outs)
+        failed = next((o.reason for o in outs if o.answer is None), None)
+        keys = ",".join(o.key for o in outs)
+        if failed:
+            results.append(Outcome(None, failed, keys, 0, paid, cost_usd=cost))
+            continue
+        results.append(Outcome(labels[i], None, keys, 0, paid, cache_hit=all(o.cache_hit for o in outs),
+                               cost_usd=cost, confidence=confidence[i]))
     return results
 
 

@@ -85,6 +85,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     ckpt_dir = out_dir / paths.CHECKPOINTS_DIR
     metrics_file = out_dir / paths.TRAIN_METRICS
     on_cuda = torch.cuda.is_available()
+    if tcfg.bf16 and not on_cuda:
+        log.warning("train.bf16 ignored: no CUDA device (bf16 matmuls are emulated on CPU and far slower)")
     args = SFTConfig(
         output_dir=str(ckpt_dir),
         max_steps=tcfg.max_steps,
@@ -102,7 +104,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
         eval_steps=tcfg.eval_steps,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        bf16=tcfg.bf16,
+        # SFTConfig defaults to bf16 + activation checkpointing; bf16 matmuls are emulated on most CPUs (~20x
+        # slower), so both are set explicitly from our config.
+        bf16=tcfg.bf16 and on_cuda,
+        train_sampling_strategy="group_by_length",  # batches of similar length: less padding on CPU
         use_cpu=not on_cuda,
         activation_checkpointing=scfg.gradient_checkpointing,
         max_length=scfg.max_seq_len,

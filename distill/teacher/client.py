@@ -8,6 +8,7 @@ with a fresh sample (a new key) up to ``generate.max_attempts``, then rejected w
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -47,6 +48,7 @@ class Outcome:
     paid_calls: int = 0
     cache_hit: bool = False
     cost_usd: float = 0.0
+    confidence: dict | None = None  # per-field probability of the chosen value (teacher.method=score)
 
 
 class TeacherClient:
@@ -118,7 +120,36 @@ class TeacherClient:
                                        completion_tokens=completion_tokens, cost_usd=cost)
         return Outcome(None, reason, key, self.max_attempts - 1, paid, cost_usd=spent)
 
-    async def _call(self, request: dict):
+    async def top_logprobs(self, messages: list[dict]) -> Outcome:
+        """First-token top log-probs for a one-token answer (``teacher.method=score``), through the ledger.
+
+        ``Outcome.answer`` is ``{"top": [[token, logprob], ...]}`` on success.
+        """
+        from distill.teacher.scoring import TOP_LOGPROBS
+
+        request = {"model": self.tcfg.model, "messages": messages, "max_tokens": 1, "temperature": 0.0,
+                   "logprobs": True, "top_logprobs": TOP_LOGPROBS}
+        key = request_key(request)
+        cached = self.ledger.get(key)
+        if cached is not None:
+            return Outcome({"top": json.loads(cached["response"])}, None, key, 0, 0, cache_hit=True)
+        _, usage, _, latency, choice = await self._call(request, full=True)
+        prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
+        completion_tokens = getattr(usage, "completion_tokens", 0) or 0
+        cost = self.cost(prompt_tokens, 0, completion_tokens)
+        content = getattr(choice.logprobs, "content", None) if choice.logprobs else None
+        if not content or not content[0].top_logprobs:
+            self.ledger.record_failure(key, "no_logprobs", "server returned no top_logprobs",
+                                       prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                       cost_usd=cost)
+            return Outcome(None, "no_logprobs", key, 0, 1, cost_usd=cost)
+        top = [[t.token, t.logprob] for t in content[0].top_logprobs]
+        self.ledger.record_success(key, self.tcfg.model or "", request, json.dumps(top),
+                                   prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                   cost_usd=cost, latency_s=latency)
+        return Outcome({"top": top}, None, key, 0, 1, cost_usd=cost)
+
+    async def _call(self, request: dict, full: bool = False):
         body = {k: v for k, v in request.items() if k not in ("response_format", "extra_body") or v is not None}
         async with self.semaphore:
             started = time.perf_counter()
@@ -138,6 +169,8 @@ class TeacherClient:
                                    f"{self.scrub(str(exc.message))[:200]}") from None
             latency = time.perf_counter() - started
         choice = resp.choices[0]
+        if full:
+            return choice.message.content, resp.usage, choice.finish_reason, latency, choice
         return choice.message.content, resp.usage, choice.finish_reason, latency
 
     async def close(self) -> None:

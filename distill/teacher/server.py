@@ -51,7 +51,7 @@ class LlamaCppServer:
     """A `python -m llama_cpp.server` child process bound to 127.0.0.1."""
 
     def __init__(self, model_path: Path, *, alias: str = "model", n_ctx: int = 4096, n_threads: int | None = None,
-                 log_path: Path | None = None, startup_timeout_s: float = 120):
+                 log_path: Path | None = None, startup_timeout_s: float = 120, logits_all: bool = False):
         self.model_path = Path(model_path)
         if not self.model_path.exists():
             raise DistillError(f"GGUF model {self.model_path} does not exist")
@@ -60,6 +60,7 @@ class LlamaCppServer:
         self.n_threads = n_threads or os.cpu_count() or 1
         self.log_path = log_path
         self.startup_timeout_s = startup_timeout_s
+        self.logits_all = logits_all  # needed for top_logprobs (teacher.method=score)
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self._log_fh = None
@@ -75,7 +76,7 @@ class LlamaCppServer:
             raise DistillError(f"llama-cpp-python[server] is not importable ({exc}); run `make setup`") from None
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path), "--host", "127.0.0.1",
                "--port", str(self.port), "--n_ctx", str(self.n_ctx), "--n_threads", str(self.n_threads),
-               "--model_alias", self.alias, "--logits_all", "False"]
+               "--model_alias", self.alias, "--logits_all", str(self.logits_all)]
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_fh = open(self.log_path, "ab")
