@@ -63,3 +63,31 @@ def test_smoke_run_on_embedded_models_then_rerun_is_free(tmp_path):
     assert again.stderr.count("skipped: finished earlier") == 4
     assert "starting llama.cpp server" not in again.stderr
     assert _ledger_rows(run_dir) == rows
+
+
+def test_ctrl_c_during_generate_stops_the_teacher_server(tmp_path):
+    """The llama.cpp server distill starts is stopped on Ctrl-C too, and paid calls so far stay in the ledger."""
+    import re
+    import signal
+    import socket
+    import time
+
+    run_dir = tmp_path / "interrupted"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "distill", "generate", "recipe=support_tickets", "profile=smoke",
+                             f"run_dir={run_dir}"], stderr=subprocess.PIPE, text=True, env=env)
+    port = None
+    for line in proc.stderr:
+        if match := re.search(r"starting llama.cpp server on http://127.0.0.1:(\d+)", line):
+            port = int(match.group(1))
+            break
+    assert port, "the teacher server never started"
+    time.sleep(8)  # let it start and make a few paid calls
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0, "the teacher server is still listening"
+    assert runio.read_done(run_dir, "generate") is None
+    assert paths.ledger_path(run_dir).exists()

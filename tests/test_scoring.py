@@ -27,3 +27,13 @@ def test_calibration_removes_a_value_the_model_always_prefers():
     assert list(idx_raw) == [0, 0, 0]
     assert list(idx_cal) == [1, 2, 0]
     assert np.all((conf > 1 / 3) & (conf <= 1))
+
+
+def test_prior_shifts_calibrated_choices_towards_expected_frequencies():
+    from distill.teacher.scoring import few_shot_log_prior
+
+    prior = few_shot_log_prior(["a", "a", "a", "b"], ["a", "b"])
+    assert np.allclose(np.exp(prior), [4 / 6, 2 / 6])
+    flat = np.log(np.array([[0.5, 0.5], [0.5, 0.5]]))
+    idx, _ = calibrate(flat, True, prior)
+    assert list(idx) == [0, 0]

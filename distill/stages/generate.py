@@ -187,7 +187,7 @@ async def _score_all(client, task: Task, examples: list[Example], calibrate: boo
 
     from distill.teacher.client import Outcome
     from distill.teacher.scoring import calibrate as calibrate_scores
-    from distill.teacher.scoring import field_messages, value_scores
+    from distill.teacher.scoring import few_shot_log_prior, field_messages, value_scores
 
     fields = task.schema.fields
     per_field: dict[str, list] = {}
@@ -212,7 +212,8 @@ async def _score_all(client, task: Task, examples: list[Example], calibrate: boo
         if not ok:
             continue
         matrix = np.array([value_scores(per_field[field][i].answer["top"], values) for i in ok])
-        idx, conf = calibrate_scores(matrix, calibrate)
+        prior = few_shot_log_prior([str(label[field]) for _, label in task.few_shot], values)
+        idx, conf = calibrate_scores(matrix, calibrate, prior)
         for row, i in enumerate(ok):
             labels.setdefault(i, {})[field] = values[idx[row]]
             confidence.setdefault(i, {})[field] = round(float(conf[row]), 4)

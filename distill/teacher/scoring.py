@@ -5,6 +5,7 @@ time, the first answer token's log-probabilities rank every allowed value; subtr
 over all inputs removes the model's prior for that value (contextual calibration, Zhao et al. 2021, "Calibrate
 Before Use"), which on the embedded 135M teacher lifts accuracy well above its free-form answers (BENCHMARKS.md).
 
+One 1-token request per input and field, field by field so a server's prompt cache keeps the shared prefix.
 Works with any OpenAI-compatible server that returns ``top_logprobs`` for chat completions (OpenAI: up to 20;
 llama.cpp's server when started with logits_all).
 """
@@ -56,15 +57,25 @@ def value_scores(top: list[tuple[str, float]], values: list[str]) -> list[float]
     return scores
 
 
-def calibrate(scores: np.ndarray, enabled: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def few_shot_log_prior(labels: list[str], values: list[str]) -> np.ndarray:
+    """Log of the value frequencies among the few-shot labels, add-one smoothed: the distribution we expect."""
+    counts = np.array([labels.count(v) + 1.0 for v in values])
+    return np.log(counts / counts.sum())
+
+
+def calibrate(scores: np.ndarray, enabled: bool = True,
+              log_prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-input label index and confidence from an (inputs x values) matrix of log-prob scores.
 
     Scores are renormalised over the allowed values; with calibration each value's mean log-prob over the inputs
-    is subtracted before the argmax. Confidence is the softmax probability of the chosen value.
+    (the model's own bias) is subtracted and the expected log-prior added back before the argmax (a uniform prior
+    when none is given). Confidence is the softmax probability of the chosen value.
     """
     logp = scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
     if enabled and len(scores) > 1:
         logp = logp - logp.mean(axis=0, keepdims=True)
+        if log_prior is not None:
+            logp = logp + log_prior
     probs = np.exp(logp - logp.max(axis=1, keepdims=True))
     probs /= probs.sum(axis=1, keepdims=True)
     return probs.argmax(axis=1), probs.max(axis=1)
