@@ -59,7 +59,9 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        # WAL + NORMAL: a committed row survives the process being killed (kill -9 included); only an OS crash
+        # can lose the last commits. FULL would fsync on every call and stall the labelling loop on slow disks.
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(_SCHEMA)
 
     def close(self) -> None:

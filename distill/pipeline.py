@@ -15,7 +15,7 @@ import logging
 import time
 from pathlib import Path
 
-from distill import DistillError, paths, runio
+from distill import DistillError, __version__, paths, runio
 from distill.config import Config, public_dict
 
 log = logging.getLogger("distill")
@@ -56,7 +56,9 @@ def fingerprint(cfg: Config, stage: str) -> str:
     for up in UPSTREAM[stage]:
         done = runio.require_done(cfg.run_dir, up, needed_by=stage)
         upstream[up] = done["fingerprint"]
-    return runio.sha256_obj({"stage": stage, "config": _slice(cfg, stage), "upstream": upstream})
+    # The package version is part of it: a release that labels, trains or scores differently redoes the work.
+    return runio.sha256_obj({"stage": stage, "version": __version__, "config": _slice(cfg, stage),
+                             "upstream": upstream})
 
 
 def run_stage(cfg: Config, stage: str, *, force: bool = False) -> dict:

@@ -71,3 +71,23 @@ def test_missing_input_file_is_named(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(DistillError, match="nope.jsonl does not exist"):
         load_config([f"recipe.inputs={missing}"])
+
+
+def test_a_recipe_outside_the_package_is_found_by_name(tmp_path, monkeypatch):
+    import shutil
+
+    from conftest import RECIPE_DIR
+
+    folder = tmp_path / "my_recipes"
+    folder.mkdir()
+    shutil.copytree(RECIPE_DIR, folder / "my_tickets")
+    text = (RECIPE_DIR.parent / "support_tickets.yaml").read_text().replace("name: support_tickets", "name: my_tickets")
+    (folder / "my_tickets.yaml").write_text(text)
+    cfg = load_config(["recipe=my_tickets", f"recipe_dir={folder}", f"run_dir={tmp_path / 'run'}"])
+    assert cfg.recipe.name == "my_tickets" and cfg.recipe.dir == folder / "my_tickets"
+    assert cfg.recipe_file("inputs") == folder / "my_tickets" / "inputs.jsonl"
+    # ./recipes in the working directory is searched by default
+    monkeypatch.chdir(tmp_path)
+    folder.rename(tmp_path / "recipes")
+    cfg = load_config(["recipe=my_tickets", f"run_dir={tmp_path / 'run'}"])
+    assert cfg.recipe.dir == tmp_path / "recipes" / "my_tickets"
