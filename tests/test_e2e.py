@@ -36,7 +36,7 @@ def test_smoke_run_on_embedded_models_then_rerun_is_free(tmp_path):
         assert runio.read_done(run_dir, stage) is not None, stage
 
     generate = runio.read_done(run_dir, "generate")["summary"]
-    assert generate["labelled"] + sum(generate["rejected"].values()) == 48
+    assert generate["labelled"] + sum(generate["rejected"].values()) == 40
     assert generate["labelled"] > 0 and generate["teacher_vs_gold"]["n"] == generate["labelled"]
     rows = _ledger_rows(run_dir)
     assert rows == generate["new_ledger_rows"] > 0
