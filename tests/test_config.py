@@ -64,7 +64,7 @@ def test_all_bad_values_reported_at_once():
 
 def test_api_key_in_place_of_env_name_is_refused():
     with pytest.raises(DistillError, match="NAME of an environment variable"):
-        load_config(["teacher=openai", "teacher.api_key_env=sk-abcdefghijklmnopqrstuvwxyz0123"])
+        load_config(["teacher=openai", "teacher.api_key_env=sk-dummykeyabcdefghijklmnopqrstu"])
 
 
 def test_missing_input_file_is_named(tmp_path):
