@@ -84,6 +84,9 @@ def _dispatch(command: str, overrides: list[str]) -> int:
     cfg = config.load_config(overrides)
     if command == "ledger":
         return _ledger(cfg)
+    if command not in ("run", "generate") and not Path(cfg.run_dir).is_dir():
+        raise DistillError(f"run dir {cfg.run_dir} does not exist; `{command}` works on an existing run "
+                           f"(start one with `python -m distill run` or `generate`)")
     _setup_logging(cfg.run_dir)
     from distill import pipeline
 

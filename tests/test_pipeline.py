@@ -130,3 +130,35 @@ def test_api_key_never_reaches_the_run_dir(tmp_path, monkeypatch, fake_answer):
         if file.is_file():
             assert secret.encode() not in file.read_bytes(), file
     assert "DISTILL_TEST_KEY" in (tmp_path / "run" / paths.CONFIG_YAML).read_text()
+
+
+def test_score_method_labels_by_logprobs_and_stops_at_the_budget(tmp_path, gold_by_text):
+    def answer(messages: list[dict]) -> str:  # a one-token answer for the field the system prompt asks for
+        gold = gold_by_text[messages[-1]["content"]]
+        return gold["category"] if "the category only" in messages[0]["content"] else gold["priority"]
+
+    with FakeTeacher(answer) as teacher:
+        cfg = load_config(tiny_overrides(tmp_path / "run", teacher.base_url, "teacher.method=score",
+                                         "generate.limit=6", "teacher.concurrency=1"))
+        pipeline.run(cfg, stages=("generate",))
+        assert len(teacher.calls) == 12  # two fields x six inputs, one token each
+        assert all(c["max_tokens"] == 1 and c["top_logprobs"] == 20 for c in teacher.calls)
+        rows = [json.loads(line) for s in paths.SPLITS
+                for line in paths.split_path(tmp_path / "run", s).read_text().splitlines()]
+        assert len(rows) == 6 and all(r["provenance"]["confidence"] for r in rows)
+
+        # $1 per prompt token: the first call alone exceeds a $1 budget, so the run stops cleanly after it.
+        pricey = load_config(tiny_overrides(tmp_path / "pricey", teacher.base_url, "teacher.method=score",
+                                            "generate.limit=6", "teacher.concurrency=1", "generate.budget_usd=1",
+                                            "teacher.price.input_per_1m=1000000"))
+        before = len(teacher.calls)
+        with pytest.raises(DistillError, match="budget cap"):
+            pipeline.run(pricey, stages=("generate",))
+        assert len(teacher.calls) - before == 1
+
+
+def test_a_stage_on_a_missing_run_dir_says_so_and_creates_nothing(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert main(["evaluate", f"run_dir={missing}"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not missing.exists()

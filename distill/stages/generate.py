@@ -93,7 +93,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         with teacher_endpoint(cfg, out_dir) as base_url:
             client = TeacherClient(cfg.teacher, base_url, task.schema, ledger, cfg.generate.max_attempts)
             if cfg.teacher.method == "score":
-                outcomes = asyncio.run(_score_all(client, task, examples, cfg.teacher.calibrate))
+                outcomes = asyncio.run(_score_all(client, task, examples, cfg.teacher.calibrate,
+                                                  cfg.generate.budget_usd))
             else:
                 outcomes = asyncio.run(_label_all(client, task, examples, cfg.generate.budget_usd))
         ledger_summary = ledger.summary()
@@ -180,7 +181,8 @@ async def _label_all(client, task: Task, examples: list[Example], budget: float 
     return results
 
 
-async def _score_all(client, task: Task, examples: list[Example], calibrate: bool) -> list:
+async def _score_all(client, task: Task, examples: list[Example], calibrate: bool,
+                     budget: float | None = None) -> list:
     """Score every allowed value of every field by first-token log-probs, field by field (so a server's prompt
     cache keeps the shared prefix), then calibrate each field over all inputs and pick the best value."""
     import numpy as np
@@ -192,9 +194,16 @@ async def _score_all(client, task: Task, examples: list[Example], calibrate: boo
     fields = task.schema.fields
     per_field: dict[str, list] = {}
     bar = tqdm(total=len(examples) * len(fields), desc="teacher (score)", unit="call", leave=False)
+    admit = asyncio.Semaphore(client.tcfg.concurrency)
+    spent = 0.0
 
     async def one(ex: Example, field: str):
-        outcome = await client.top_logprobs(field_messages(task, ex.text, field))
+        nonlocal spent
+        async with admit:
+            if budget is not None and spent >= budget:
+                return None
+            outcome = await client.top_logprobs(field_messages(task, ex.text, field))
+        spent += outcome.cost_usd
         bar.update(1)
         return outcome
 
@@ -208,7 +217,7 @@ async def _score_all(client, task: Task, examples: list[Example], calibrate: boo
     labels, confidence = {}, {}
     for field in fields:
         values = task.schema.enums[field]
-        ok = [i for i, o in enumerate(per_field[field]) if o.answer is not None]
+        ok = [i for i, o in enumerate(per_field[field]) if o is not None and o.answer is not None]
         if not ok:
             continue
         matrix = np.array([value_scores(per_field[field][i].answer["top"], values) for i in ok])
@@ -221,6 +230,9 @@ async def _score_all(client, task: Task, examples: list[Example], calibrate: boo
     results = []
     for i in range(len(examples)):
         outs = [per_field[f][i] for f in fields]
+        if any(o is None for o in outs):  # not asked: the budget ran out first
+            results.append(None)
+            continue
         paid = sum(o.paid_calls for o in outs)
         cost = sum(o.cost_usd for o in outs)
         failed = next((o.reason for o in outs if o.answer is None), None)

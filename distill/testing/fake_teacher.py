@@ -64,10 +64,14 @@ class FakeTeacher:
                     return
                 text = fake.answer_fn(body["messages"])
                 prompt_tokens = sum(len(m["content"]) for m in body["messages"]) // 4
+                logprobs = None
+                if body.get("logprobs"):  # one answer token, certain of itself
+                    logprobs = {"content": [{"token": text, "logprob": -0.01, "bytes": None,
+                                             "top_logprobs": [{"token": text, "logprob": -0.01, "bytes": None}]}]}
                 self._send(200, {
                     "id": f"chatcmpl-{len(fake.calls)}", "object": "chat.completion", "created": 0,
                     "model": body.get("model", "fake"),
-                    "choices": [{"index": 0, "finish_reason": "stop",
+                    "choices": [{"index": 0, "finish_reason": "stop", "logprobs": logprobs,
                                  "message": {"role": "assistant", "content": text}}],
                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(text) // 4,
                               "total_tokens": prompt_tokens + len(text) // 4},
