@@ -44,20 +44,29 @@ def cached_gguf_base(scfg: StudentConfig, cache_dir: Path) -> Path:
     if (target / "config.json").exists():
         return target
     log.info("dequantizing %s to fp32 safetensors once (cached in %s)", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # transformers refuses to save a GGUF-loaded model while its GGUF quantizer is attached.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+
+    def build(tmp: Path) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses to save a GGUF-loaded model while its GGUF quantizer is attached.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        runio.write_json(tmp / "distill_source.json", {"gguf": str(gguf), "gguf_sha256": runio.sha256_file(gguf)})
+
+    _build_once(target, build)
+    return target
+
+
+def _build_once(target: Path, build) -> None:
+    """Build a cache folder in a temp sibling and rename it into place, so a half-built one is never used."""
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    runio.write_json(tmp / "distill_source.json", {"gguf": str(gguf), "gguf_sha256": runio.sha256_file(gguf)})
+    build(tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
-    return target
 
 
 def load_tokenizer(cfg: Config):
@@ -80,11 +89,8 @@ def cached_gguf_tokenizer(scfg: StudentConfig, cache_dir: Path) -> Path:
     target = Path(cache_dir) / "tokenizers" / f"{gguf.stem}-{_file_key(gguf)}"
     if (target / "tokenizer_config.json").exists():
         return target
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    _build_once(target, lambda tmp: AutoTokenizer.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp))
     return target
 
 

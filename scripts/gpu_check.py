@@ -105,7 +105,6 @@ def run_mode(name: str, args, dtype, quantize: bool) -> dict:
         achieved = 4 * n_params * tokens / median / 1e12
         result.update({"gpu": gpu, "achieved_tflops": round(achieved, 1),
                        "mfu": round(achieved / peak, 3) if peak else None})
-    del model, opt
     return result
 
 

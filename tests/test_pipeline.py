@@ -11,7 +11,6 @@ from conftest import tiny_overrides
 from distill import DistillError, paths, runio
 from distill.__main__ import main
 from distill.config import load_config
-from distill.pipeline import GateFailed
 from distill import pipeline
 from distill.testing.fake_teacher import FakeTeacher
 

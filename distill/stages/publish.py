@@ -7,7 +7,6 @@ Everything is built in a staging folder and moved into publish/ only when comple
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
@@ -81,7 +80,8 @@ def merge_adapter(cfg: Config, run_dir: Path, hf_dir: Path) -> str:
     merged.save_pretrained(hf_dir, safe_serialization=True)
     tokenizer.save_pretrained(hf_dir)
     del merged, model, base
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return eot
 
 
@@ -203,7 +203,7 @@ def render_card(cfg: Config, generate: dict, train: dict, evaluation: dict, arti
               "- The student copies the teacher, including its mistakes: compare the teacher's accuracy vs gold.",
               "- Scores hold for inputs like the held-out split; route other traffic to the teacher.", "",
               "## Lineage",
-              f"- dataset: " + ", ".join(f"{s} {h[:16]}" for s, h in generate["data_sha256"].items()),
+              "- dataset: " + ", ".join(f"{s} {h[:16]}" for s, h in generate["data_sha256"].items()),
               f"- adapter: {train['adapter_sha256'][:16]}",
               f"- evaluation: results.json {results_sha[:16]}"]
     lines += [f"- `{name}`: sha256 {sha}" for name, sha in files.items()]

@@ -98,7 +98,8 @@ class TeacherClient:
             if cached is not None:
                 answer, _ = self.schema.parse(cached["response"])
                 return Outcome(answer, None, key, attempt, paid, cache_hit=True, cost_usd=spent)
-            text, usage, finish, latency = await self._call(request)
+            choice, usage, latency = await self._call(request)
+            text, finish = choice.message.content, choice.finish_reason
             paid += 1
             prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
             details = getattr(usage, "prompt_tokens_details", None)
@@ -133,7 +134,7 @@ class TeacherClient:
         cached = self.ledger.get(key)
         if cached is not None:
             return Outcome({"top": json.loads(cached["response"])}, None, key, 0, 0, cache_hit=True)
-        _, usage, _, latency, choice = await self._call(request, full=True)
+        choice, usage, latency = await self._call(request)
         prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
         completion_tokens = getattr(usage, "completion_tokens", 0) or 0
         cost = self.cost(prompt_tokens, 0, completion_tokens)
@@ -149,7 +150,8 @@ class TeacherClient:
                                    cost_usd=cost, latency_s=latency)
         return Outcome({"top": top}, None, key, 0, 1, cost_usd=cost)
 
-    async def _call(self, request: dict, full: bool = False):
+    async def _call(self, request: dict):
+        """Send one chat-completions request; returns (first choice, usage, latency in s)."""
         body = {k: v for k, v in request.items() if k not in ("response_format", "extra_body") or v is not None}
         async with self.semaphore:
             started = time.perf_counter()
@@ -168,10 +170,7 @@ class TeacherClient:
                 raise DistillError(f"the teacher at {self.base_url} answered HTTP {exc.status_code}: "
                                    f"{self.scrub(str(exc.message))[:200]}") from None
             latency = time.perf_counter() - started
-        choice = resp.choices[0]
-        if full:
-            return choice.message.content, resp.usage, choice.finish_reason, latency, choice
-        return choice.message.content, resp.usage, choice.finish_reason, latency
+        return resp.choices[0], resp.usage, latency
 
     async def close(self) -> None:
         await self.client.close()
