@@ -85,6 +85,7 @@ class Example:
     id: str
     text: str
     gold: dict | None = None
+    trusted: dict | None = None  # a label supplied with the input: used as is, the teacher is not asked
 
 
 @dataclass
@@ -135,14 +136,18 @@ class Task:
         return shots
 
     def load_inputs(self, limit: int | None = None) -> InputReport:
-        """Read the recipe's inputs. Bad lines are skipped and counted; the run goes on."""
+        """Read the recipe's inputs (JSONL, CSV, Parquet, or a ``datasets`` folder saved with ``save_to_disk``).
+
+        Bad rows are skipped and counted; the run goes on. A row carrying a valid trusted label in
+        ``recipe.label_field`` keeps it and never goes to the teacher.
+        """
         report = InputReport()
         path = self.cfg.recipe_file("inputs")
         if not path.exists():
             raise DistillError(f"input file {path} does not exist (recipe {self.recipe.name!r}, key recipe.inputs)")
         seen: set[str] = set()
         r = self.recipe
-        for no, obj, err in runio.iter_jsonl_lenient(path):
+        for no, obj, err in iter_records(path):
             where = f"{path.name}:{no}"
             if err:
                 report.skip(err, where)
@@ -151,27 +156,34 @@ class Task:
             if not isinstance(text, str) or not text.strip():
                 report.skip(f"no text in field {r.text_field!r}", where)
                 continue
-            ex_id = str(obj.get(r.id_field, f"line{no}"))
+            ex_id = str(obj.get(r.id_field) if obj.get(r.id_field) is not None else f"line{no}")
             if ex_id in seen:
                 report.skip("duplicate id", where)
                 continue
-            gold = obj.get(r.gold_field) if r.gold_field else None
+            gold = _maybe_json(obj.get(r.gold_field)) if r.gold_field else None
             if gold is not None and self.schema.errors(gold):
                 log.warning("input %s: gold label breaks the output schema; kept without gold", where)
                 report.bad_gold += 1
                 gold = None
+            trusted = _maybe_json(obj.get(r.label_field)) if r.label_field else None
+            if trusted is not None and self.schema.errors(trusted):
+                report.skip(f"trusted label in {r.label_field!r} breaks the output schema", where)
+                continue
             seen.add(ex_id)
-            report.examples.append(Example(ex_id, text, gold))
+            report.examples.append(Example(ex_id, text, gold, trusted))
         if not report.examples:
             raise DistillError(f"no usable inputs in {path} (skipped: {report.skipped or 'file is empty'})")
         if limit is not None:
             report.examples = report.examples[:limit]
         return report
 
-    def teacher_messages(self, text: str) -> list[dict]:
-        """Instructions, then the few-shot turns, then the input: static text first so servers reuse the prefix."""
+    def teacher_messages(self, text: str, shots: list[tuple[str, dict]] | None = None) -> list[dict]:
+        """Instructions, then the few-shot turns, then the input: static text first so servers reuse the prefix.
+
+        ``shots`` replaces the recipe's fixed few-shot set (``generate.few_shot=nearest`` picks them per input).
+        """
         messages = [{"role": "system", "content": self.teacher_system}]
-        for shot_text, label in self.few_shot:
+        for shot_text, label in self.few_shot if shots is None else shots:
             messages.append({"role": "user", "content": shot_text})
             messages.append({"role": "assistant", "content": dump_answer(label)})
         messages.append({"role": "user", "content": text})
@@ -179,6 +191,56 @@ class Task:
 
     def student_messages(self, text: str) -> list[dict]:
         return [{"role": "system", "content": self.student_system}, {"role": "user", "content": text}]
+
+
+def _maybe_json(value: Any) -> Any:
+    """Label columns in CSV / Parquet often hold the JSON object as text."""
+    if isinstance(value, str) and value.strip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    if value is not None and not isinstance(value, dict):
+        try:  # pandas / pyarrow NaN for a missing cell
+            if value != value:
+                return None
+        except Exception:
+            pass
+    return value
+
+
+def iter_records(path: Path):
+    """(row number, record, error) for every row of a JSONL, CSV or Parquet file or a ``datasets`` folder."""
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        try:
+            from datasets import DatasetDict, load_from_disk
+
+            data = load_from_disk(str(path))
+        except Exception as exc:
+            raise DistillError(f"{path} is a folder but not a dataset saved with datasets' save_to_disk "
+                               f"({type(exc).__name__}); point recipe.inputs at a JSONL, CSV or Parquet file") from None
+        if isinstance(data, DatasetDict):
+            splits = list(data.keys())
+            raise DistillError(f"{path} holds a DatasetDict with splits {splits}; save one split "
+                               f"(dataset['{splits[0]}'].save_to_disk(...)) and point recipe.inputs at it")
+        for no, row in enumerate(data, 1):
+            yield no, dict(row), None
+        return
+    if suffix in (".csv", ".tsv"):
+        import csv
+
+        with path.open(newline="", encoding="utf-8") as fh:
+            for no, row in enumerate(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","), 2):
+                yield no, {k: (v if v != "" else None) for k, v in row.items()}, None
+        return
+    if suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        for no, row in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield no, row, None
+        return
+    yield from runio.iter_jsonl_lenient(path)
 
 
 def load_split(run_dir: Path, split: str) -> list[dict]:

@@ -1,6 +1,11 @@
 """generate: the teacher labels the recipe's inputs -> generate/data/{train,val,test}.jsonl + ledger.sqlite.
 
     python -m distill generate recipe=support_tickets run_dir=DIR [teacher=openai] [generate.dry_run=true]
+
+Order of work: read inputs (or have the teacher synthesize them), redact PII if asked, drop exact and near
+duplicates, estimate the cost of what the ledger does not already hold (and stop there on a dry run), then label
+with the teacher under the budget cap, and split without leakage. Everything paid for is in the ledger the moment it
+validated, so a crash or a budget stop loses nothing.
 """
 
 from __future__ import annotations
@@ -13,43 +18,99 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from distill import DistillError, paths, runio
+from distill import DistillError, dataqa, paths, runio
 from distill.config import Config
-from distill.ledger import Ledger
+from distill.ledger import Ledger, request_key
 from distill.task import Example, Task
 
 log = logging.getLogger("distill")
+
+assign_split = dataqa.assign_split  # kept importable from here: the split rule belongs to generate's contract
 
 
 class DryRunStop(DistillError):
     """generate.dry_run=true: the estimate was printed and nothing was paid."""
 
 
-def assign_split(text: str, fractions: dict[str, float], seed: int) -> str:
-    """Deterministic split from a hash of the normalised text: identical texts always share a split."""
-    norm = " ".join(text.lower().split())
-    u = int(runio.sha256_text(f"{seed}:{norm}")[:12], 16) / float(1 << 48)
-    edge = 0.0
-    for split in paths.SPLITS:
-        edge += fractions[split]
-        if u < edge:
-            return split
-    return paths.SPLITS[-1]
+def resolve_method(cfg: Config, task: Task) -> str:
+    """``teacher.method=auto``: score when every field has a fixed value set, generate otherwise."""
+    method = cfg.teacher.method
+    free = [f for f in task.schema.fields if f not in task.schema.enums]
+    if method == "auto":
+        method = "generate" if free else "score"
+    if method == "score" and free:
+        raise DistillError(f"teacher.method=score needs a fixed set of values (enum) for every field; "
+                           f"{', '.join(free)} have none. Use teacher.method=generate (or auto) for this recipe")
+    if method == "score" and cfg.generate.self_consistency > 1:
+        raise DistillError("generate.self_consistency > 1 needs teacher.method=generate (score already gives a "
+                           "confidence per field)")
+    if cfg.generate.mode == "batch" and (method != "generate" or cfg.teacher.kind != "openai"):
+        raise DistillError("generate.mode=batch needs an OpenAI-compatible Batch API (teacher=openai) and "
+                           "teacher.method=generate")
+    return method
 
 
-def estimate_cost(cfg: Config, task: Task, examples: list[Example]) -> dict:
-    """Rough pre-run estimate (4 characters per token) for the calls not yet in the ledger."""
-    chars = sum(len(m["content"]) for ex in examples for m in task.teacher_messages(ex.text))
-    prompt_tokens = chars / 4
-    completion_tokens = len(examples) * cfg.teacher.max_tokens / 2
+class Budget:
+    """The hard cap on spend: a request is admitted only if what is spent, what is in flight (at its estimated
+    price) and its own estimate fit under the cap; when they do not, it waits for in-flight requests to settle
+    before deciding, so the run neither overshoots nor stops early by more than about one request."""
+
+    def __init__(self, cap: float | None):
+        self.cap = cap
+        self.spent = 0.0
+        self.reserved = 0.0
+        self.stopped = False
+        self._cond = asyncio.Condition()
+
+    async def admit(self, estimate: float) -> bool:
+        if self.cap is None:
+            return True
+        async with self._cond:
+            while not self.stopped:
+                if self.spent + self.reserved + estimate <= self.cap:
+                    self.reserved += estimate
+                    return True
+                if self.reserved == 0:
+                    self.stopped = True
+                    break
+                await self._cond.wait()
+            return False
+
+    async def settle(self, estimate: float, actual: float) -> None:
+        async with self._cond:
+            self.spent += actual
+            if self.cap is not None:
+                self.reserved = max(0.0, self.reserved - estimate)
+            self._cond.notify_all()
+
+
+def chat_request(cfg: Config, task: Task, messages: list[dict]) -> dict:
+    """The attempt-0 request exactly as the client builds it (for estimates and ledger look-ups)."""
+    from distill.teacher.client import build_chat_request
+
+    return build_chat_request(cfg.teacher, task.schema, messages, 0, None)
+
+
+def estimate_cost(cfg: Config, task: Task, examples: list[Example], requests: list[dict] | None = None,
+                  ledger: Ledger | None = None) -> dict:
+    """Pre-run estimate (4 characters per token, half the completion budget used) of the calls the ledger does
+    not already hold."""
+    requests = requests if requests is not None else [
+        {"messages": task.teacher_messages(ex.text), "max_tokens": cfg.teacher.max_tokens} for ex in examples]
+    todo = [r for r in requests if ledger is None or ledger.get(request_key(r)) is None]
+    prompt_tokens = sum(len(m["content"]) for r in todo for m in r["messages"]) / 4
+    completion_tokens = sum(r.get("max_tokens", cfg.teacher.max_tokens) for r in todo) / 2
     p = cfg.teacher.price
     usd = (prompt_tokens * p.input_per_1m + completion_tokens * p.output_per_1m) / 1e6
-    return {"requests": len(examples), "prompt_tokens": int(prompt_tokens),
-            "completion_tokens": int(completion_tokens), "usd": round(usd, 4)}
+    usd *= cfg.generate.self_consistency
+    if cfg.generate.mode == "batch":
+        usd *= p.batch_discount
+    return {"requests": len(todo) * cfg.generate.self_consistency, "already_paid": len(requests) - len(todo),
+            "prompt_tokens": int(prompt_tokens), "completion_tokens": int(completion_tokens), "usd": round(usd, 4)}
 
 
 @contextlib.contextmanager
-def teacher_endpoint(cfg: Config, log_dir: Path):
+def teacher_endpoint(cfg: Config, log_dir: Path, logits_all: bool = False):
     """Yield the teacher's base URL, starting (and always stopping) the llama.cpp server for teacher=local."""
     if cfg.teacher.kind != "llama_cpp":
         yield cfg.teacher.base_url
@@ -59,10 +120,32 @@ def teacher_endpoint(cfg: Config, log_dir: Path):
     model = Path(cfg.teacher.model_path) if cfg.teacher.model_path else embedded_gguf()
     server = LlamaCppServer(model, alias=cfg.teacher.model or "teacher", n_ctx=cfg.teacher.n_ctx or 4096,
                             n_threads=cfg.teacher.n_threads, log_path=log_dir / "teacher_server.log",
-                            startup_timeout_s=cfg.teacher.startup_timeout_s or 120,
-                            logits_all=cfg.teacher.method == "score")
+                            startup_timeout_s=cfg.teacher.startup_timeout_s or 120, logits_all=logits_all)
     with server:
         yield server.base_url
+
+
+def prepare(cfg: Config, task: Task, examples: list[Example]) -> tuple[list[Example], list[str], dict]:
+    """PII redaction and duplicate removal. Returns (kept examples, the text that decides each one's split, QA
+    report): members of a near-duplicate group all take their group's first text, so they share a split."""
+    qa: dict = {"pii_redacted": {}, "exact_duplicates": 0, "near_duplicates": 0}
+    if cfg.generate.redact_pii:
+        totals: Counter = Counter()
+        for ex in examples:
+            ex.text, counts = dataqa.redact(ex.text)
+            totals.update(counts)
+        qa["pii_redacted"] = dict(totals)
+    d = cfg.generate.dedup
+    groups = dataqa.duplicate_groups([ex.text for ex in examples], d.threshold, d.num_perm, cfg.seed)
+    norms = [dataqa.normalise(ex.text) for ex in examples]
+    dupes = [i for i, g in enumerate(groups) if g != i]
+    qa["exact_duplicates"] = sum(norms[i] == norms[groups[i]] for i in dupes)
+    qa["near_duplicates"] = len(dupes) - qa["exact_duplicates"]
+    qa["removed_ids"] = [examples[i].id for i in dupes][:200] if d.enabled else []
+    if not d.enabled:
+        return examples, [examples[g].text for g in groups], qa
+    keep = [i for i, g in enumerate(groups) if g == i]
+    return [examples[i] for i in keep], [examples[i].text for i in keep], qa
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
@@ -70,55 +153,87 @@ def run(cfg: Config, run_dir: Path) -> dict:
 
     out_dir = paths.stage_dir(run_dir, "generate")
     task = Task(cfg)
-    inputs = task.load_inputs(cfg.generate.limit)
-    examples = inputs.examples
-    fractions = cfg.generate.split.model_dump()
+    method = resolve_method(cfg, task)
     ledger_file = Path(cfg.generate.shared_ledger) if cfg.generate.shared_ledger else paths.ledger_path(run_dir)
+    skipped: dict = {}
+    bad_gold = 0
+    if cfg.generate.source == "label":
+        inputs = task.load_inputs(cfg.generate.limit)
+        examples, skipped, bad_gold = inputs.examples, inputs.skipped, inputs.bad_gold
+    else:
+        examples = []  # written by the teacher below, once the endpoint is up
+    fractions = cfg.generate.split.model_dump()
 
-    estimate = estimate_cost(cfg, task, examples)
-    log.info("generate: %d inputs (%s skipped), teacher %s; estimate before ledger hits: ~%d prompt tokens, "
-             "~$%.4f", len(examples), sum(inputs.skipped.values()), cfg.teacher.model, estimate["prompt_tokens"],
-             estimate["usd"])
-    if cfg.generate.dry_run:
-        raise DryRunStop(f"dry run: {estimate['requests']} requests, ~{estimate['prompt_tokens']} prompt tokens, "
-                         f"~${estimate['usd']:.4f} at teacher {cfg.teacher.model}; nothing was sent")
-
-    if cfg.teacher.method == "score":
-        free = [f for f in task.schema.fields if f not in task.schema.enums]
-        if free:
-            raise DistillError(f"teacher.method=score needs a fixed set of values (enum) for every field; "
-                               f"{', '.join(free)} have none. Use teacher.method=generate for this recipe")
     with Ledger(ledger_file) as ledger:
         before = ledger.count()
-        with teacher_endpoint(cfg, out_dir) as base_url:
-            client = TeacherClient(cfg.teacher, base_url, task.schema, ledger, cfg.generate.max_attempts)
-            if cfg.teacher.method == "score":
-                outcomes = asyncio.run(_score_all(client, task, examples, cfg.teacher.calibrate,
-                                                  cfg.generate.budget_usd))
+        with contextlib.ExitStack() as stack:
+            base_url = None
+
+            def endpoint() -> str:
+                nonlocal base_url
+                if base_url is None:
+                    base_url = stack.enter_context(teacher_endpoint(cfg, out_dir, logits_all=method == "score"))
+                return base_url
+
+            budget = Budget(cfg.generate.budget_usd)
+            synth_summary = None
+            if cfg.generate.source == "synthesize":
+                from distill.stages.synthesize import synthesize
+
+                examples, synth_summary = synthesize(cfg, task, ledger, endpoint, budget)
+
+            examples, split_keys, qa = prepare(cfg, task, examples)
+            shots = _choose_shots(cfg, task, examples)
+            trusted = [ex for ex in examples if ex.trusted is not None]
+            to_label = [ex for ex in examples if ex.trusted is None]
+            requests = _planned_requests(cfg, task, method, to_label, shots)
+            estimate = estimate_cost(cfg, task, to_label, requests, ledger)
+            log.info("generate: %d inputs (%d skipped, %d duplicates removed, %d with trusted labels), teacher %s "
+                     "(%s); %d requests already in the ledger; estimate for the rest: %d requests, ~%d prompt "
+                     "tokens, ~$%.4f", len(examples), sum(skipped.values()),
+                     qa["exact_duplicates"] + qa["near_duplicates"] if cfg.generate.dedup.enabled else 0,
+                     len(trusted), cfg.teacher.model, method, estimate["already_paid"], estimate["requests"],
+                     estimate["prompt_tokens"], estimate["usd"])
+            if cfg.generate.dry_run:
+                raise DryRunStop(f"dry run: {estimate['requests']} requests to send ({estimate['already_paid']} "
+                                 f"already in the ledger), ~{estimate['prompt_tokens']} prompt tokens, "
+                                 f"~${estimate['usd']:.4f} at teacher {cfg.teacher.model}; nothing was sent")
+
+            if to_label:
+                client = TeacherClient(cfg.teacher, endpoint(), task.schema, ledger, cfg.generate.max_attempts,
+                                       votes=cfg.generate.self_consistency,
+                                       min_vote_share=cfg.generate.min_vote_share)
+                labelled_outcomes = asyncio.run(_teach(client, cfg, task, method, to_label, requests, shots,
+                                                       budget))
+                transport = dict(client.transport_errors)
             else:
-                outcomes = asyncio.run(_label_all(client, task, examples, cfg.generate.budget_usd))
+                labelled_outcomes, transport = [], {}
         ledger_summary = ledger.summary()
-        hits = sum(o.cache_hit for o in outcomes if o is not None)
+        by_id = {ex.id: o for ex, o in zip(to_label, labelled_outcomes)}
+        outcomes = [by_id.get(ex.id) if ex.trusted is None else _trusted(ex) for ex in examples]
+        hits = sum(o.cache_hit for o in outcomes if o is not None and o.key != "trusted")
         ledger.record_hits(str(run_dir), hits)
         new_rows = ledger.count() - before
 
+    # Near-duplicates share their group's split: the group's first member decides for all.
     rows: dict[str, list[dict]] = {s: [] for s in paths.SPLITS}
     rejected, reasons = [], Counter()
     budget_skipped = 0
-    for ex, outcome in zip(examples, outcomes):
+    for ex, split_key, outcome in zip(examples, split_keys, outcomes):
         if outcome is None:
             budget_skipped += 1
             continue
         if outcome.answer is None:
             reasons[outcome.reason] += 1
-            rejected.append({"id": ex.id, "input": ex.text, "reason": outcome.reason})
+            rejected.append({"id": ex.id, "input": ex.text, "reason": outcome.reason, "request_key": outcome.key})
             continue
-        split = assign_split(ex.text, fractions, cfg.seed)
+        split = assign_split(split_key, fractions, cfg.seed)
         rows[split].append({"id": ex.id, "input": ex.text, "teacher": outcome.answer, "gold": ex.gold,
                             "split": split,
                             "provenance": {"request_key": outcome.key, "teacher_model": cfg.teacher.model,
-                                           "method": cfg.teacher.method, "attempt": outcome.attempt,
-                                           "cache_hit": outcome.cache_hit, "confidence": outcome.confidence}})
+                                           "method": "trusted" if ex.trusted is not None else method,
+                                           "attempt": outcome.attempt, "cache_hit": outcome.cache_hit,
+                                           "confidence": outcome.confidence}})
     for split, split_rows in rows.items():
         runio.write_jsonl(paths.split_path(run_dir, split), split_rows)
     runio.write_jsonl(out_dir / paths.REJECTED, rejected)
@@ -126,63 +241,127 @@ def run(cfg: Config, run_dir: Path) -> dict:
     labelled = [r for split_rows in rows.values() for r in split_rows]
     summary = {
         "inputs": len(examples),
-        "skipped_inputs": inputs.skipped,
-        "inputs_with_bad_gold": inputs.bad_gold,
+        "method": method,
+        "mode": cfg.generate.mode,
+        "source": cfg.generate.source,
+        "synthesis": synth_summary,
+        "skipped_inputs": skipped,
+        "inputs_with_bad_gold": bad_gold,
+        "trusted_labels": len(trusted),
+        "qa": {k: v for k, v in qa.items() if k != "removed_ids"},
         "labelled": len(labelled),
         "rejected": dict(reasons),
         "not_labelled_budget": budget_skipped,
         "splits": {s: len(r) for s, r in rows.items()},
         "teacher": {"model": cfg.teacher.model, "kind": cfg.teacher.kind},
+        "estimate": estimate,
         "paid_calls_this_run": sum(o.paid_calls for o in outcomes if o is not None),
         "new_ledger_rows": new_rows,
         "cache_hits_this_run": hits,
         "cost_usd_this_run": round(sum(o.cost_usd for o in outcomes if o is not None), 6),
+        "retried_transport_errors": transport,
         "ledger": ledger_summary,
         "label_distribution": _distribution(labelled, task),
         "teacher_vs_gold": teacher_vs_gold(labelled, task),
         "data_sha256": {s: runio.sha256_file(paths.split_path(run_dir, s)) for s in paths.SPLITS},
     }
+    runio.write_json(out_dir / "qa.json", {**qa, "label_distribution": summary["label_distribution"]})
     if budget_skipped:
-        raise DistillError(f"generate stopped at the budget cap ${cfg.generate.budget_usd}: {budget_skipped} inputs "
-                           f"not labelled; everything paid is kept in the ledger. Raise generate.budget_usd and rerun")
+        raise DistillError(f"generate stopped at the budget cap ${cfg.generate.budget_usd} after spending "
+                           f"${summary['cost_usd_this_run']:.4f}: {budget_skipped} inputs not labelled; everything "
+                           f"paid is kept in the ledger. Raise generate.budget_usd and rerun")
     if not labelled:
         raise DistillError(f"the teacher produced no valid answer for any of {len(examples)} inputs "
                            f"(rejected: {dict(reasons)}); check the prompt and teacher.structured_output")
-    log.info("generate: %d labelled, %d rejected %s, %d paid calls, %d ledger hits",
-             len(labelled), len(rejected), dict(reasons), summary["paid_calls_this_run"], hits)
+    log.info("generate: %d labelled, %d rejected %s, %d paid calls, %d ledger hits, $%.4f",
+             len(labelled), len(rejected), dict(reasons), summary["paid_calls_this_run"], hits,
+             summary["cost_usd_this_run"])
     return summary
 
 
-async def _label_all(client, task: Task, examples: list[Example], budget: float | None) -> list:
-    """Label every example with bounded concurrency; stop starting new ones once the budget is spent."""
-    results: list = [None] * len(examples)
-    spent = 0.0
-    bar = tqdm(total=len(examples), desc="teacher", unit="input", leave=False)
-
-    # Admit work only as fast as it can run, so the budget is checked against what was really spent.
-    admit = asyncio.Semaphore(client.tcfg.concurrency)
-
-    async def one(i: int, ex: Example) -> None:
-        nonlocal spent
-        async with admit:
-            if budget is not None and spent >= budget:
-                return
-            outcome = await client.label(task.teacher_messages(ex.text))
-        spent += outcome.cost_usd
-        results[i] = outcome
-        bar.update(1)
-        bar.set_postfix(spent=f"${spent:.4f}")
+async def _teach(client, cfg: Config, task: Task, method: str, examples: list[Example], requests: list[dict],
+                 shots, budget: Budget) -> list:
+    """All teacher traffic of one run in one event loop (the client's connection pool lives in it)."""
+    from distill.teacher.client import probe
 
     try:
-        await asyncio.gather(*(one(i, ex) for i, ex in enumerate(examples)))
+        await probe(client)
+        if cfg.generate.mode == "batch":
+            from distill.teacher.batch import label_batch
+
+            return await label_batch(client, cfg, [r["messages"] for r in requests], budget)
+        if method == "score":
+            return await _score_all(client, task, examples, shots, cfg.teacher.calibrate, budget)
+        return await _label_all(client, [r["messages"] for r in requests], budget)
+    finally:
+        await client.close()
+
+
+def _trusted(ex: Example):
+    from distill.teacher.client import Outcome
+
+    return Outcome(ex.trusted, None, "trusted", 0, 0)
+
+
+def _choose_shots(cfg: Config, task: Task, examples: list[Example]) -> list | None:
+    """Per-input few-shot sets (``generate.few_shot=nearest``), or None for the recipe's fixed set."""
+    if cfg.generate.few_shot == "fixed" or not examples:
+        return None
+    if not task.few_shot:
+        raise DistillError(f"generate.few_shot=nearest needs labelled seeds: recipe {task.recipe.name!r} has no "
+                           f"few_shot file")
+    from distill.embed import nearest
+
+    pool = [text for text, _ in task.few_shot]
+    order = nearest([ex.text for ex in examples], pool, cfg.generate.few_shot_k)
+    return [[task.few_shot[j] for j in idx] for idx in order]
+
+
+def _planned_requests(cfg: Config, task: Task, method: str, examples: list[Example], shots) -> list[dict]:
+    """The attempt-0 requests this run would send, in input order (per field for the score method)."""
+    from distill.teacher.client import build_chat_request, build_score_request
+    from distill.teacher.scoring import field_messages
+
+    out = []
+    for i, ex in enumerate(examples):
+        mine = shots[i] if shots is not None else None
+        if method == "score":
+            out += [build_score_request(cfg.teacher, field_messages(task, ex.text, f, mine))
+                    for f in task.schema.fields]
+        else:
+            out.append(build_chat_request(cfg.teacher, task.schema, task.teacher_messages(ex.text, mine), 0,
+                                          None if cfg.generate.self_consistency == 1 else 0))
+    return out
+
+
+async def _label_all(client, messages: list[list[dict]], budget: Budget) -> list:
+    """Label every input with bounded concurrency under the budget; an input not admitted stays None."""
+    results: list = [None] * len(messages)
+    bar = tqdm(total=len(messages), desc="teacher", unit="input", leave=False)
+    admit = asyncio.Semaphore(client.tcfg.concurrency)
+
+    async def one(i: int) -> None:
+        async with admit:
+            estimate = client.max_cost(messages[i]) / client.max_attempts
+            if client.fatal or not await budget.admit(estimate):
+                return
+            outcome = None
+            try:
+                outcome = await client.label(messages[i])
+            finally:
+                await budget.settle(estimate, outcome.cost_usd if outcome else 0.0)
+        results[i] = outcome
+        bar.update(1)
+        bar.set_postfix(spent=f"${budget.spent:.4f}")
+
+    try:
+        await asyncio.gather(*(one(i) for i in range(len(messages))))
     finally:
         bar.close()
-        await client.close()
     return results
 
 
-async def _score_all(client, task: Task, examples: list[Example], calibrate: bool,
-                     budget: float | None = None) -> list:
+async def _score_all(client, task: Task, examples: list[Example], shots, calibrate: bool, budget: Budget) -> list:
     """Score every allowed value of every field by first-token log-probs, field by field (so a server's prompt
     cache keeps the shared prefix), then calibrate each field over all inputs and pick the best value."""
     import numpy as np
@@ -195,24 +374,27 @@ async def _score_all(client, task: Task, examples: list[Example], calibrate: boo
     per_field: dict[str, list] = {}
     bar = tqdm(total=len(examples) * len(fields), desc="teacher (score)", unit="call", leave=False)
     admit = asyncio.Semaphore(client.tcfg.concurrency)
-    spent = 0.0
 
-    async def one(ex: Example, field: str):
-        nonlocal spent
+    async def one(i: int, field: str):
+        messages = field_messages(task, examples[i].text, field, shots[i] if shots is not None else None)
         async with admit:
-            if budget is not None and spent >= budget:
+            estimate = client.cost(sum(len(m["content"]) for m in messages) // 3 + 16, 0, 1)
+            if client.fatal or not await budget.admit(estimate):
                 return None
-            outcome = await client.top_logprobs(field_messages(task, ex.text, field))
-        spent += outcome.cost_usd
+            outcome = None
+            try:
+                outcome = await client.top_logprobs(messages)
+            finally:
+                await budget.settle(estimate, outcome.cost_usd if outcome else 0.0)
         bar.update(1)
+        bar.set_postfix(spent=f"${budget.spent:.4f}")
         return outcome
 
     try:
         for field in fields:
-            per_field[field] = await asyncio.gather(*(one(ex, field) for ex in examples))
+            per_field[field] = await asyncio.gather(*(one(i, field) for i in range(len(examples))))
     finally:
         bar.close()
-        await client.close()
 
     labels, confidence = {}, {}
     for field in fields:
@@ -251,7 +433,7 @@ def _distribution(rows: list[dict], task: Task) -> dict:
 
 def teacher_vs_gold(rows: list[dict], task: Task) -> dict:
     """The teacher's own accuracy against gold labels, per field and for the whole object."""
-    scored = [r for r in rows if r.get("gold")]
+    scored = [r for r in rows if r.get("gold") and r["provenance"]["method"] != "trusted"]
     if not scored:
         return {"n": 0}
     out = {"n": len(scored)}
@@ -259,3 +441,4 @@ def teacher_vs_gold(rows: list[dict], task: Task) -> dict:
         out[field] = round(sum(r["teacher"].get(field) == r["gold"].get(field) for r in scored) / len(scored), 4)
     out["exact"] = round(sum(r["teacher"] == r["gold"] for r in scored) / len(scored), 4)
     return out
+

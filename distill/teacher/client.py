@@ -3,18 +3,28 @@
 Every request is keyed by the sha256 of its canonical form and looked up in the ledger before it is sent, so a call
 that was paid for once is never paid again. Answers are validated against the task schema; a bad answer is retried
 with a fresh sample (a new key) up to ``generate.max_attempts``, then rejected with its reason.
+
+Transport: exactly one retry layer, this one (the SDK's own ``max_retries`` is 0). Only 408, 409, 429, 5xx, timeouts
+and connection errors are retried, with exponential backoff and jitter (tenacity), never sooner than the server's
+``Retry-After`` / ``retry-after-ms``; a wait longer than ``teacher.max_wait_s`` fails the request explicitly. 400 ends
+that one request; 401, 403 and 404 end the run (every later call would fail the same way). Requests and tokens per
+minute are limited client-side with ``aiolimiter``; ``teacher.concurrency`` bounds the requests in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import openai
+from aiolimiter import AsyncLimiter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from distill import DistillError
 from distill.config import TeacherConfig
@@ -24,6 +34,8 @@ from distill.task import OutputSchema
 log = logging.getLogger("distill")
 
 NO_KEY = "not-needed"
+RETRYABLE_STATUS = frozenset({408, 409, 429})
+FATAL_STATUS = {401: "rejected the API key", 403: "refused access (HTTP 403)", 404: "does not serve the model"}
 
 
 def resolve_api_key(tcfg: TeacherConfig) -> str:
@@ -48,67 +60,190 @@ class Outcome:
     paid_calls: int = 0
     cache_hit: bool = False
     cost_usd: float = 0.0
-    confidence: dict | None = None  # per-field probability of the chosen value (teacher.method=score)
+    confidence: dict | None = None  # per-field probability of the chosen value (score) or vote share (votes)
+
+
+class RequestFailed(Exception):
+    """One request failed for good (retries spent, a 400, a Retry-After past max_wait_s); the run goes on."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def retry_after_s(exc: BaseException) -> float | None:
+    """Seconds the server asked us to wait (``retry-after-ms``, ``Retry-After`` in seconds or as an HTTP date)."""
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value) if value else None
+        return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+def is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in RETRYABLE_STATUS or exc.status_code >= 500
+    return isinstance(exc, _MalformedResponse)
+
+
+class _MalformedResponse(Exception):
+    """A 200 whose body is not a chat completion (truncated or garbled in transit): resent like a 5xx."""
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(exc, openai.APIConnectionError):
+        return "connection_error"
+    if isinstance(exc, openai.APIStatusError):
+        return f"http_{exc.status_code}"
+    if isinstance(exc, _MalformedResponse):
+        return "malformed_response"
+    return type(exc).__name__
+
+
+class _Wait:
+    """Exponential backoff with full jitter, but never shorter than the server's Retry-After."""
+
+    def __init__(self, initial: float, cap: float):
+        self.backoff = wait_exponential_jitter(multiplier=initial, max=cap, jitter=initial)
+
+    def __call__(self, state: RetryCallState) -> float:
+        backoff = self.backoff(state)
+        asked = retry_after_s(state.outcome.exception()) if state.outcome else None
+        if asked is None:
+            return backoff
+        return asked + min(backoff, 1.0) * 0.1 + 0.01  # a little after the server's time, never before
+
+
+def build_chat_request(tcfg: TeacherConfig, schema: OutputSchema, messages: list[dict], attempt: int,
+                       sample: int | None) -> dict:
+    """The canonical request; its hash is the ledger key. Attempt 0 is greedy; later attempts and votes sample.
+
+    ``sample`` (self-consistency) is part of the key, so the k votes are k distinct paid calls, each paid once.
+    """
+    sampled = attempt > 0 or sample is not None
+    request = {"model": tcfg.model, "messages": messages, "max_tokens": tcfg.max_tokens,
+               "temperature": max(tcfg.temperature, 0.7) if sampled else tcfg.temperature,
+               "response_format": schema.response_format(tcfg.structured_output)}
+    if extra := schema.extra_body(tcfg.structured_output):
+        request["extra_body"] = extra
+    seed = (sample or 0) * 1000 + attempt
+    if seed:
+        request["seed"] = seed
+    return request
+
+
+def build_score_request(tcfg: TeacherConfig, messages: list[dict]) -> dict:
+    """A one-token request for the first answer token's top log-probs (``teacher.method=score``)."""
+    from distill.teacher.scoring import TOP_LOGPROBS
+
+    return {"model": tcfg.model, "messages": messages, "max_tokens": 1, "temperature": 0.0, "logprobs": True,
+            "top_logprobs": TOP_LOGPROBS}
 
 
 class TeacherClient:
     def __init__(self, tcfg: TeacherConfig, base_url: str, schema: OutputSchema, ledger: Ledger,
-                 max_attempts: int = 3):
+                 max_attempts: int = 3, *, votes: int = 1, min_vote_share: float = 0.0):
         self.tcfg = tcfg
         self.base_url = base_url
         self.schema = schema
         self.ledger = ledger
         self.max_attempts = max_attempts
+        self.votes = votes
+        self.min_vote_share = min_vote_share
         self._key = resolve_api_key(tcfg)
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=self._key, timeout=tcfg.timeout_s,
-                                         max_retries=tcfg.max_retries)
+                                         max_retries=0)
         self.semaphore = asyncio.Semaphore(tcfg.concurrency)
+        self.rpm = AsyncLimiter(tcfg.rpm, 60) if tcfg.rpm else None
+        self.tpm = AsyncLimiter(tcfg.tpm, 60) if tcfg.tpm else None
+        self.transport_errors: Counter = Counter()  # retried errors by reason, for the summary
+        self.fatal = False  # set once a call proved that no call can succeed (401/403/404): send nothing more
 
     def scrub(self, text: str) -> str:
         """Remove the API key from any text before it is logged or stored."""
         return text.replace(self._key, "***") if self._key != NO_KEY else text
 
-    def build_request(self, messages: list[dict], attempt: int) -> dict:
-        """The canonical request; its hash is the ledger key. Attempt 0 is greedy; later attempts sample."""
-        t = self.tcfg
-        request = {"model": t.model, "messages": messages, "max_tokens": t.max_tokens,
-                   "temperature": t.temperature if attempt == 0 else max(t.temperature, 0.7),
-                   "response_format": self.schema.response_format(t.structured_output)}
-        if extra := self.schema.extra_body(t.structured_output):
-            request["extra_body"] = extra
-        if attempt:
-            request["seed"] = attempt
-        return request
+    def build_request(self, messages: list[dict], attempt: int, sample: int | None = None) -> dict:
+        return build_chat_request(self.tcfg, self.schema, messages, attempt, sample)
 
-    def cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int) -> float:
+    def cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int, batch: bool = False) -> float:
         p = self.tcfg.price
-        return ((prompt_tokens - cached_tokens) * p.input_per_1m + cached_tokens * p.cached_input_per_1m
-                + completion_tokens * p.output_per_1m) / 1e6
+        usd = ((prompt_tokens - cached_tokens) * p.input_per_1m + cached_tokens * p.cached_input_per_1m
+               + completion_tokens * p.output_per_1m) / 1e6
+        return usd * p.batch_discount if batch else usd
+
+    def max_cost(self, messages: list[dict]) -> float:
+        """An upper bound on one request's price (3 characters per token, every completion token used)."""
+        chars = sum(len(m["content"]) for m in messages)
+        return self.cost(chars // 3 + 16, 0, self.tcfg.max_tokens) * self.votes * self.max_attempts
+
+    # -- labelling ------------------------------------------------------------------------------------------------
 
     async def label(self, messages: list[dict]) -> Outcome:
-        """Label one input: ledger first, then the teacher, validating every answer."""
+        """Label one input: one answer, or the majority of ``votes`` sampled answers (self-consistency)."""
+        if self.votes == 1:
+            return await self._label_one(messages, None)
+        outcomes = [await self._label_one(messages, k) for k in range(self.votes)]
+        paid = sum(o.paid_calls for o in outcomes)
+        cost = sum(o.cost_usd for o in outcomes)
+        valid = [o for o in outcomes if o.answer is not None]
+        first_key = outcomes[0].key
+        if not valid:
+            return Outcome(None, outcomes[-1].reason, first_key, 0, paid, cost_usd=cost)
+        tally = Counter(json.dumps(o.answer, sort_keys=True) for o in valid)
+        winner, count = tally.most_common(1)[0]
+        share = count / self.votes
+        cache_hit = all(o.cache_hit for o in outcomes)
+        if share < self.min_vote_share:
+            return Outcome(None, "low_vote_share", first_key, 0, paid, cache_hit=cache_hit, cost_usd=cost)
+        answer = json.loads(winner)
+        return Outcome(answer, None, first_key, 0, paid, cache_hit=cache_hit, cost_usd=cost,
+                       confidence={"vote_share": round(share, 4)})
+
+    async def _label_one(self, messages: list[dict], sample: int | None) -> Outcome:
+        """Ledger first, then the teacher, validating every answer; a bad answer is retried as a fresh sample."""
         reason = "no_attempt"
         paid = 0
         spent = 0.0
         key = None
         for attempt in range(self.max_attempts):
-            request = self.build_request(messages, attempt)
+            request = self.build_request(messages, attempt, sample)
             key = request_key(request)
             cached = self.ledger.get(key)
             if cached is not None:
                 answer, _ = self.schema.parse(cached["response"])
                 return Outcome(answer, None, key, attempt, paid, cache_hit=True, cost_usd=spent)
-            choice, usage, latency = await self._call(request)
+            try:
+                choice, usage, latency = await self._call(request)
+            except RequestFailed as exc:
+                self.ledger.record_failure(key, exc.reason, self.scrub(exc.detail)[:200])
+                return Outcome(None, exc.reason, key, attempt, paid, cost_usd=spent)
             text, finish = choice.message.content, choice.finish_reason
             paid += 1
-            prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
-            details = getattr(usage, "prompt_tokens_details", None)
-            cached_tokens = (getattr(details, "cached_tokens", 0) or 0) if details else 0
-            completion_tokens = getattr(usage, "completion_tokens", 0) or 0
+            prompt_tokens, cached_tokens, completion_tokens = _usage(usage)
             cost = self.cost(prompt_tokens, cached_tokens, completion_tokens)
             spent += cost
             answer, reason = self.schema.parse(text)
-            if finish == "length":
+            if getattr(choice.message, "refusal", None):
+                answer, reason = None, "refusal"
+            elif finish == "length":
                 answer, reason = None, "finish_length"
             elif finish == "content_filter":
                 answer, reason = None, "content_filter"
@@ -126,18 +261,18 @@ class TeacherClient:
 
         ``Outcome.answer`` is ``{"top": [[token, logprob], ...]}`` on success.
         """
-        from distill.teacher.scoring import TOP_LOGPROBS
-
-        request = {"model": self.tcfg.model, "messages": messages, "max_tokens": 1, "temperature": 0.0,
-                   "logprobs": True, "top_logprobs": TOP_LOGPROBS}
+        request = build_score_request(self.tcfg, messages)
         key = request_key(request)
         cached = self.ledger.get(key)
         if cached is not None:
             return Outcome({"top": json.loads(cached["response"])}, None, key, 0, 0, cache_hit=True)
-        choice, usage, latency = await self._call(request)
-        prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
-        completion_tokens = getattr(usage, "completion_tokens", 0) or 0
-        cost = self.cost(prompt_tokens, 0, completion_tokens)
+        try:
+            choice, usage, latency = await self._call(request)
+        except RequestFailed as exc:
+            self.ledger.record_failure(key, exc.reason, self.scrub(exc.detail)[:200])
+            return Outcome(None, exc.reason, key, 0, 0)
+        prompt_tokens, cached_tokens, completion_tokens = _usage(usage)
+        cost = self.cost(prompt_tokens, cached_tokens, completion_tokens)
         content = getattr(choice.logprobs, "content", None) if choice.logprobs else None
         if not content or not content[0].top_logprobs:
             self.ledger.record_failure(key, "no_logprobs", "server returned no top_logprobs",
@@ -150,27 +285,84 @@ class TeacherClient:
                                    cost_usd=cost, latency_s=latency)
         return Outcome({"top": top}, None, key, 0, 1, cost_usd=cost)
 
+    # -- transport ------------------------------------------------------------------------------------------------
+
+    def _retry_allowed(self, exc: BaseException) -> bool:
+        if not is_retryable(exc):
+            return False
+        asked = retry_after_s(exc)
+        return asked is None or asked <= self.tcfg.max_wait_s
+
+    def _count(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        if exc is not None:
+            self.transport_errors[_reason(exc)] += 1
+
     async def _call(self, request: dict):
-        """Send one chat-completions request; returns (first choice, usage, latency in s)."""
+        """Send one chat-completions request with retries; returns (first choice, usage, latency in s).
+
+        Raises RequestFailed when this one request cannot succeed, DistillError when no request can.
+        """
         body = {k: v for k, v in request.items() if k not in ("response_format", "extra_body") or v is not None}
+        retrying = AsyncRetrying(stop=stop_after_attempt(self.tcfg.max_retries + 1),
+                                 wait=_Wait(self.tcfg.backoff_initial_s, self.tcfg.backoff_max_s),
+                                 retry=retry_if_exception(self._retry_allowed), after=self._count, reraise=True)
+        try:
+            return await retrying(self._send, body)
+        except openai.APIStatusError as exc:
+            if exc.status_code in FATAL_STATUS:
+                self.fatal = True
+                what = FATAL_STATUS[exc.status_code]
+                hint = {401: f" from ${self.tcfg.api_key_env}", 404: f" {self.tcfg.model!r}; set teacher.model"}
+                raise DistillError(f"the teacher at {self.base_url} {what}{hint.get(exc.status_code, '')} "
+                                   f"(HTTP {exc.status_code})") from None
+            asked = retry_after_s(exc)
+            if asked is not None and asked > self.tcfg.max_wait_s:
+                raise RequestFailed("retry_after_too_long",
+                                    f"HTTP {exc.status_code} asked to wait {asked:.0f} s, over teacher.max_wait_s="
+                                    f"{self.tcfg.max_wait_s:.0f}") from None
+            raise RequestFailed(_reason(exc), self.scrub(str(exc.message))) from None
+        except (openai.APIConnectionError, _MalformedResponse) as exc:
+            raise RequestFailed(_reason(exc), f"{type(exc).__name__} from {self.base_url}") from None
+
+    async def _send(self, body: dict):
+        if self.rpm:
+            await self.rpm.acquire()
+        if self.tpm:
+            chars = sum(len(m.get("content") or "") for m in body["messages"])
+            await self.tpm.acquire(min(self.tcfg.tpm, chars / 4 + body.get("max_tokens", 0)))
         async with self.semaphore:
             started = time.perf_counter()
             try:
                 resp = await self.client.chat.completions.create(**body)
-            except openai.APIConnectionError as exc:
-                raise DistillError(f"cannot reach the teacher at {self.base_url} ({type(exc).__name__}); is the "
-                                   f"server running and teacher.base_url right?") from None
-            except openai.AuthenticationError:
-                raise DistillError(f"the teacher at {self.base_url} rejected the API key from "
-                                   f"${self.tcfg.api_key_env} (HTTP 401)") from None
-            except openai.NotFoundError:
-                raise DistillError(f"the teacher at {self.base_url} does not serve model {self.tcfg.model!r} "
-                                   f"(HTTP 404); set teacher.model") from None
-            except openai.APIStatusError as exc:
-                raise DistillError(f"the teacher at {self.base_url} answered HTTP {exc.status_code}: "
-                                   f"{self.scrub(str(exc.message))[:200]}") from None
+            except (json.JSONDecodeError, openai.APIResponseValidationError) as exc:
+                raise _MalformedResponse(str(exc)[:100]) from None
             latency = time.perf_counter() - started
+        if not getattr(resp, "choices", None):
+            raise _MalformedResponse("no choices in the response")
         return resp.choices[0], resp.usage, latency
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def _usage(usage) -> tuple[int, int, int]:
+    prompt_tokens = getattr(usage, "prompt_tokens", 0) or 0
+    details = getattr(usage, "prompt_tokens_details", None)
+    cached_tokens = (getattr(details, "cached_tokens", 0) or 0) if details else 0
+    completion_tokens = getattr(usage, "completion_tokens", 0) or 0
+    return prompt_tokens, cached_tokens, completion_tokens
+
+
+async def probe(client: TeacherClient) -> None:
+    """Fail fast with one clear line when the teacher cannot be reached at all (before any input is processed)."""
+    try:
+        await client.client.models.list(timeout=min(client.tcfg.timeout_s, 10))
+    except openai.APIConnectionError:
+        raise DistillError(f"cannot reach the teacher at {client.base_url}; is the server running and "
+                           f"teacher.base_url right?") from None
+    except openai.APIStatusError as exc:
+        if exc.status_code in (401, 403):
+            raise DistillError(f"the teacher at {client.base_url} {FATAL_STATUS[exc.status_code]} from "
+                               f"${client.tcfg.api_key_env} (HTTP {exc.status_code})") from None
+        # Some compatible servers have no /models route: the real calls will tell.

@@ -21,13 +21,13 @@ from distill.task import Task
 TOP_LOGPROBS = 20
 
 
-def field_messages(task: Task, text: str, field: str) -> list[dict]:
+def field_messages(task: Task, text: str, field: str, shots: list[tuple[str, dict]] | None = None) -> list[dict]:
     """Instructions + few-shot turns answering only ``field``, then the input: static text first."""
     values = task.schema.enums[field]
     system = (f"{task.teacher_system}\n\nFor this request answer with the {field} only, exactly one of: "
               f"{', '.join(values)}.")
     messages = [{"role": "system", "content": system}]
-    for shot_text, label in task.few_shot:
+    for shot_text, label in task.few_shot if shots is None else shots:
         messages.append({"role": "user", "content": shot_text})
         messages.append({"role": "assistant", "content": str(label[field])})
     messages.append({"role": "user", "content": text})

@@ -1,0 +1,225 @@
+"""The generate stage against a fault-injecting teacher: exact counts of paid calls, retries, rejections, budget."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import RECIPE_DIR, tiny_overrides
+from distill import DistillError, paths, pipeline
+from distill.__main__ import main
+from distill.config import load_config
+from distill.testing.fake_teacher import FakeTeacher
+
+pytestmark = pytest.mark.integration
+
+CATEGORIES = ["billing", "refund_return", "shipping_delivery", "account_access", "technical_issue",
+              "product_question", "cancellation", "feedback"]
+PRIORITIES = ["low", "medium", "high", "urgent"]
+WORDS = ("order parcel invoice refund login password screen crash charge twice card cancel plan upgrade "
+         "delivery courier damaged missing broken slow app update error account locked email receipt "
+         "subscription renewal discount coupon return label warehouse tracking number weekend urgent").split()
+
+
+def label_of(text: str) -> dict:
+    """The fake teacher's deterministic answer for a text."""
+    h = sum(map(ord, text))
+    return {"category": CATEGORIES[h % 8], "priority": PRIORITIES[(h // 8) % 4]}
+
+
+def answer(messages: list[dict]) -> str:
+    return json.dumps(label_of(messages[-1]["content"]))
+
+
+def make_recipe(root: Path, n: int, *, rows: list[dict] | None = None, inputs_name: str = "inputs.jsonl",
+                extra_yaml: str = "") -> Path:
+    """A copy of support_tickets in ``root`` with ``n`` distinct random tickets (or the given rows)."""
+    shutil.copytree(RECIPE_DIR, root / "support_tickets")
+    (root / "support_tickets" / "inputs.jsonl").unlink()
+    rng = random.Random(n)
+    if rows is None:
+        rows = [{"id": f"t{i}", "text": f"Ticket {i}: " + " ".join(rng.choice(WORDS) for _ in range(14))}
+                for i in range(n)]
+    if inputs_name.endswith(".jsonl"):
+        (root / "support_tickets" / inputs_name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    yaml_text = (RECIPE_DIR.parent / "support_tickets.yaml").read_text()
+    yaml_text = yaml_text.replace("inputs: inputs.jsonl", f"inputs: {inputs_name}") + extra_yaml
+    (root / "support_tickets.yaml").write_text(yaml_text)
+    return root
+
+
+def overrides(tmp_path: Path, base_url: str, recipe_dir: Path, *extra: str) -> list[str]:
+    return tiny_overrides(tmp_path / "run", base_url, f"recipe_dir={recipe_dir}", "generate.limit=null", *extra)
+
+
+def dataset_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for s in paths.SPLITS
+            for line in paths.split_path(run_dir, s).read_text().splitlines()]
+
+
+def test_chaos_every_input_lands_once_and_nothing_is_paid_twice(tmp_path):
+    recipe_dir = make_recipe(tmp_path / "recipes", 2000)
+    faults = {"429": 0.30, "500": 0.05, "hang": 0.02, "reset": 0.01}
+    with FakeTeacher(answer, faults=faults, retry_after_s=1.0, hang_s=2.5, seed=7) as teacher:
+        cfg = load_config(overrides(tmp_path, teacher.base_url, recipe_dir, "teacher.concurrency=64",
+                                    "teacher.timeout_s=1.5", "teacher.max_retries=14",
+                                    "teacher.backoff_initial_s=0.05", "teacher.backoff_max_s=0.5"))
+        summary = pipeline.run(cfg, stages=("generate",))["generate"]
+        deadline = time.monotonic() + 10
+        while teacher.open_connections and time.monotonic() < deadline:  # hung handlers finish their sleep
+            time.sleep(0.1)
+        open_left = teacher.open_connections
+    run_dir = tmp_path / "run"
+    rows = dataset_rows(run_dir)
+    rejected = [json.loads(x) for x in (run_dir / "generate" / paths.REJECTED).read_text().splitlines()]
+    landed = Counter([r["id"] for r in rows] + [r["id"] for r in rejected])
+    assert len(landed) == 2000 and set(landed.values()) == {1}
+    # every fault really happened, and was retried rather than lost
+    assert all(teacher.events[k] > 0 for k in faults), teacher.events
+    assert max(teacher.paid.values()) == 1
+    assert sum(teacher.paid.values()) == len(rows) == summary["ledger"]["successful_calls"]
+    assert teacher.early_retries == 0
+    assert open_left == 0
+    assert all(r["teacher"] == label_of(r["input"]) for r in rows)
+    retried = summary["retried_transport_errors"]
+    assert retried.get("http_429", 0) == teacher.events["429"]
+    assert retried.get("http_500", 0) == teacher.events["500"]
+
+
+def test_kill_9_mid_run_then_rerun_pays_each_request_once(tmp_path):
+    with FakeTeacher(answer, latency_s=0.03) as teacher:
+        args = tiny_overrides(tmp_path / "run", teacher.base_url, "generate.limit=240", "teacher.concurrency=4")
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        proc = subprocess.Popen([sys.executable, "-m", "distill", "generate", *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ledger = paths.ledger_path(tmp_path / "run")
+        deadline = time.monotonic() + 120
+        rows_at_kill = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ledger.exists():
+                try:
+                    with sqlite3.connect(ledger, timeout=1) as db:
+                        rows_at_kill = db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
+                except sqlite3.OperationalError:
+                    rows_at_kill = 0
+                if rows_at_kill >= 110:
+                    break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL and 110 <= rows_at_kill < 240
+        paid_first = sum(teacher.paid.values())
+
+        with sqlite3.connect(ledger) as db:  # no torn rows: the file is consistent and every answer parses
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            kept = db.execute("SELECT response FROM calls").fetchall()
+            assert all(json.loads(r[0]) for r in kept)
+        summary = pipeline.run(load_config(args), stages=("generate",))["generate"]
+    unique = 240
+    assert summary["cache_hits_this_run"] == len(kept)
+    assert unique <= sum(teacher.paid.values()) <= unique + 4  # at most the 4 in flight at the kill paid twice
+    assert paid_first - len(kept) <= 4
+    assert max(teacher.paid.values()) <= 2
+    assert len(dataset_rows(tmp_path / "run")) == unique
+
+
+def test_malformed_answers_are_rejected_counted_and_never_kept(tmp_path):
+    faults = {"invalid_json": 0.15, "schema": 0.15, "refusal": 0.15, "length": 0.15, "malformed_body": 0.1}
+    with FakeTeacher(answer, faults=faults, seed=3) as teacher:
+        cfg = load_config(tiny_overrides(tmp_path / "run", teacher.base_url, "generate.limit=120",
+                                         "generate.max_attempts=2", "teacher.backoff_initial_s=0.01"))
+        summary = pipeline.run(cfg, stages=("generate",))["generate"]
+    rows = dataset_rows(tmp_path / "run")
+    assert rows and all(r["teacher"] == label_of(r["input"]) for r in rows)
+    failures = summary["ledger"]["failures"]
+    assert failures == {"finish_length": teacher.events["length"], "invalid_json": teacher.events["invalid_json"],
+                        "refusal": teacher.events["refusal"], "schema_violation": teacher.events["schema"]}
+    assert summary["retried_transport_errors"]["malformed_response"] == teacher.events["malformed_body"]
+    assert sum(summary["rejected"].values()) + len(rows) == 120
+    assert set(summary["rejected"]) <= {"finish_length", "invalid_json", "refusal", "schema_violation"}
+
+
+def test_budget_stops_within_one_request_and_a_higher_cap_repays_nothing(tmp_path):
+    with FakeTeacher(answer) as teacher:
+        # $1 per 1k prompt tokens: each call costs about $0.20 here.
+        price = "teacher.price.input_per_1m=1000"
+        cfg = load_config(tiny_overrides(tmp_path / "run", teacher.base_url, "generate.limit=40",
+                                         "generate.budget_usd=3", price))
+        with pytest.raises(DistillError, match="budget cap"):
+            pipeline.run(cfg, stages=("generate",))
+        first_calls = len(teacher.calls)
+        with sqlite3.connect(paths.ledger_path(tmp_path / "run")) as db:
+            spent, biggest = db.execute("SELECT SUM(cost_usd), MAX(cost_usd) FROM calls").fetchone()
+        assert 0 < first_calls < 40
+        # A hard cap: never above it, and short of it by less than one request's upper-bound estimate
+        # (3 characters per token where the fake bills 4: 4/3 of the biggest call).
+        assert 3 - biggest * 4 / 3 - 0.05 <= spent <= 3
+
+        more = load_config(tiny_overrides(tmp_path / "run", teacher.base_url, "generate.limit=40",
+                                          "generate.budget_usd=100", price))
+        summary = pipeline.run(more, stages=("generate",))["generate"]
+    assert max(teacher.paid.values()) == 1 and len(teacher.calls) == 40
+    assert summary["cache_hits_this_run"] == first_calls and summary["paid_calls_this_run"] == 40 - first_calls
+
+
+def test_secret_canary_never_reaches_files_or_logs(tmp_path, monkeypatch, capsys, caplog):
+    secret = "sk-canary-" + os.urandom(12).hex()
+    monkeypatch.setenv("DISTILL_TEST_KEY", secret)
+    with FakeTeacher(answer, api_key="fake-the-right-key") as teacher:
+        args = tiny_overrides(tmp_path / "run", teacher.base_url, "teacher.api_key_env=DISTILL_TEST_KEY",
+                              "generate.limit=4")
+        code = main(["generate", *args])
+    assert code == 2
+    out = capsys.readouterr()
+    assert "rejected the API key" in out.err
+    for text in (out.out, out.err, caplog.text):
+        assert secret not in text
+    files = [f for f in (tmp_path / "run").rglob("*") if f.is_file()]
+    assert files  # config.yaml and the log at least
+    for file in files:
+        assert secret.encode() not in file.read_bytes(), file
+
+
+def test_transport_rules(tmp_path):
+    # 400: that request fails at once (no retry), the input is rejected with the reason, the run goes on.
+    with FakeTeacher(answer, status=400) as teacher:
+        cfg = load_config(tiny_overrides(tmp_path / "a", teacher.base_url, "generate.limit=3"))
+        with pytest.raises(DistillError, match="no valid answer"):
+            pipeline.run(cfg, stages=("generate",))
+        assert len(teacher.calls) == 3
+    # 404: the model is not served; the run ends with one clear line naming the model.
+    with FakeTeacher(answer, status=404) as teacher:
+        cfg = load_config(tiny_overrides(tmp_path / "b", teacher.base_url, "generate.limit=3",
+                                         "teacher.concurrency=1"))
+        with pytest.raises(DistillError, match="does not serve the model 'fake-teacher'"):
+            pipeline.run(cfg, stages=("generate",))
+        assert len(teacher.calls) == 1
+    # A Retry-After beyond teacher.max_wait_s fails explicitly instead of sleeping.
+    with FakeTeacher(answer, faults={"429": 1.0}, retry_after_s=3600) as teacher:
+        cfg = load_config(tiny_overrides(tmp_path / "c", teacher.base_url, "generate.limit=2",
+                                         "teacher.max_wait_s=60"))
+        started = time.monotonic()
+        with pytest.raises(DistillError, match="no valid answer"):
+            pipeline.run(cfg, stages=("generate",))
+        assert time.monotonic() - started < 30 and len(teacher.calls) == 2
+    rejected = (tmp_path / "c" / "generate" / paths.REJECTED).read_text()
+    assert rejected.count("retry_after_too_long") == 2
+    # retry-after-ms is honoured (and preferred over Retry-After): no request comes back early.
+    with FakeTeacher(answer, faults={"429": 0.5}, retry_after_s=5, retry_after_ms=300, seed=1) as teacher:
+        cfg = load_config(tiny_overrides(tmp_path / "d", teacher.base_url, "generate.limit=10",
+                                         "teacher.max_retries=20", "teacher.backoff_initial_s=0.01"))
+        started = time.monotonic()
+        pipeline.run(cfg, stages=("generate",))
+        assert teacher.events["429"] > 0 and teacher.early_retries == 0
+        assert time.monotonic() - started < 20  # it waited 0.3 s per 429, not 5 s
