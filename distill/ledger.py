@@ -39,6 +39,14 @@ CREATE TABLE IF NOT EXISTS failures (
     cost_usd REAL NOT NULL DEFAULT 0,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS batches (
+    submission TEXT PRIMARY KEY,    -- sha256 of the sorted request keys in the batch
+    batch_id TEXT,                  -- null between upload and the create call's answer
+    input_file_id TEXT,
+    n INTEGER NOT NULL,
+    status TEXT NOT NULL,           -- uploaded | submitted | done
+    created_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS hits (
     run TEXT PRIMARY KEY,
     count INTEGER NOT NULL
@@ -100,6 +108,34 @@ class Ledger:
         self.db.execute("INSERT INTO hits VALUES (?, ?) ON CONFLICT(run) DO UPDATE SET count = count + ?",
                         (run, count, count))
 
+    def last_failure(self, key: str) -> str | None:
+        row = self.db.execute("SELECT reason FROM failures WHERE key = ? ORDER BY id DESC LIMIT 1", (key,)).fetchone()
+        return row[0] if row else None
+
+    def cost_of(self, key: str) -> float:
+        """Dollars paid for one request key: its success row, or its failed answers."""
+        ok = self.db.execute("SELECT cost_usd FROM calls WHERE key = ?", (key,)).fetchone()
+        failed = self.db.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM failures WHERE key = ?", (key,)).fetchone()
+        return (ok[0] if ok else 0.0) + failed[0]
+
+    def batch(self, submission: str) -> dict | None:
+        row = self.db.execute("SELECT batch_id, input_file_id, status FROM batches WHERE submission = ?",
+                              (submission,)).fetchone()
+        return None if row is None else {"batch_id": row[0], "input_file_id": row[1], "status": row[2]}
+
+    def open_batches(self) -> list[tuple[str, str | None]]:
+        """(submission, batch_id) of batches submitted and not yet joined: a restarted run polls these."""
+        return self.db.execute("SELECT submission, batch_id FROM batches WHERE status != 'done' "
+                               "ORDER BY created_at").fetchall()
+
+    def record_batch(self, submission: str, *, n: int = 0, input_file_id: str | None = None,
+                     batch_id: str | None = None, status: str) -> None:
+        self.db.execute(
+            "INSERT INTO batches (submission, batch_id, input_file_id, n, status, created_at) VALUES (?,?,?,?,?,?) "
+            "ON CONFLICT(submission) DO UPDATE SET batch_id = COALESCE(excluded.batch_id, batch_id), "
+            "input_file_id = COALESCE(excluded.input_file_id, input_file_id), status = excluded.status",
+            (submission, batch_id, input_file_id, n, status, time.time()))
+
     def count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
 
@@ -112,6 +148,7 @@ class Ledger:
         fail_rows = self.db.execute("SELECT reason, COUNT(*), COALESCE(SUM(cost_usd),0) FROM failures "
                                     "GROUP BY reason ORDER BY reason").fetchall()
         hits = self.db.execute("SELECT COALESCE(SUM(count),0) FROM hits").fetchone()[0]
+        batches = self.db.execute("SELECT COUNT(*) FROM batches").fetchone()[0]
         fail_cost = sum(r[2] for r in fail_rows)
         return {
             "successful_calls": calls,
@@ -122,4 +159,5 @@ class Ledger:
             "mean_latency_s": round(latency, 4),
             "cache_hits": hits,
             "failures": {r[0]: r[1] for r in fail_rows},
+            "batches": batches,
         }

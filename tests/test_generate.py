@@ -223,3 +223,199 @@ def test_transport_rules(tmp_path):
         pipeline.run(cfg, stages=("generate",))
         assert teacher.events["429"] > 0 and teacher.early_retries == 0
         assert time.monotonic() - started < 20  # it waited 0.3 s per 429, not 5 s
+
+
+def _batch_args(tmp_path: Path, url: str, *extra: str) -> list[str]:
+    return tiny_overrides(tmp_path / "run", url, "generate.limit=60", "generate.mode=batch",
+                          "generate.batch.poll_interval_s=0.1", "teacher.backoff_initial_s=0.01", *extra)
+
+
+def test_batch_kill_between_submit_and_poll_creates_one_batch(tmp_path):
+    with FakeTeacher(answer, batch_hold=True) as teacher:
+        args = _batch_args(tmp_path, teacher.base_url)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+        proc = subprocess.Popen([sys.executable, "-m", "distill", "generate", *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while teacher.batch_creations == 0 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.5)  # polling now
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert teacher.batch_creations == 1 and proc.returncode == -signal.SIGKILL
+        teacher.batch_release.set()
+        summary = pipeline.run(load_config(args), stages=("generate",))["generate"]
+    assert teacher.batch_creations == 1 and summary["batches_created_this_run"] == 0
+    rows = dataset_rows(tmp_path / "run")
+    assert len(rows) == 60 and sum(r["teacher"] != label_of(r["input"]) for r in rows) == 0
+    assert max(teacher.paid.values()) == 1 and len(teacher.paid) == 60
+    assert len(teacher.calls) == 0  # nothing went through the online endpoint
+
+
+def test_batch_requeues_errored_lines_and_prices_at_the_batch_discount(tmp_path):
+    with FakeTeacher(answer, batch_error_rate=0.25, seed=11) as teacher:
+        summary = pipeline.run(load_config(_batch_args(tmp_path, teacher.base_url,
+                                                       "teacher.price.input_per_1m=1")), stages=("generate",))["generate"]
+    assert teacher.batch_creations == summary["batches_created_this_run"] >= 2
+    submissions = [b["metadata"]["distill_submission"] for b in teacher.batches.values()]
+    assert len(set(submissions)) == len(submissions)  # no submission was created twice
+    rows = dataset_rows(tmp_path / "run")
+    assert len(rows) == 60 and all(r["teacher"] == label_of(r["input"]) for r in rows)
+    with sqlite3.connect(paths.ledger_path(tmp_path / "run")) as db:
+        paid, prompt, completion = db.execute(
+            "SELECT SUM(cost_usd), SUM(prompt_tokens), SUM(completion_tokens) FROM calls").fetchone()
+    assert paid == pytest.approx((prompt * 1.0 + completion * 0.60) / 1e6 * 0.5)  # openai.yaml output price
+
+
+def test_synthesize_writes_over_the_grid_then_labels_in_separate_calls(tmp_path):
+    def teacher_fn(messages: list[dict]) -> str:
+        if "realistic customer-support tickets" in messages[0]["content"]:
+            attrs = messages[-1]["content"].splitlines()[0].split(": ", 1)[1]
+            return f"As a customer ({attrs}) I need help with my last order, please."
+        return answer(messages)
+
+    with FakeTeacher(teacher_fn) as teacher:
+        args = tiny_overrides(tmp_path / "run", teacher.base_url, "generate.source=synthesize",
+                              "generate.limit=12", "generate.dedup.enabled=false")
+        summary = pipeline.run(load_config(args), stages=("generate",))["generate"]
+        writes = [c for c in teacher.calls if "realistic customer-support" in c["messages"][0]["content"]]
+        labels = [c for c in teacher.calls if c not in writes]
+        assert len(writes) == 12 and len(labels) == 12
+        assert all("response_format" not in c for c in writes) and all("response_format" in c for c in labels)
+        assert summary["synthesis"]["written"] == 12 and summary["labelled"] == 12
+        assert len({c["messages"][-1]["content"].splitlines()[0] for c in writes}) == 12  # 12 distinct cells
+        # a rerun (new fingerprint: another split) writes and labels nothing again
+        before = len(teacher.calls)
+        pipeline.run(load_config([*args, "generate.split.train=0.6", "generate.split.val=0.2"]),
+                     stages=("generate",))
+        assert len(teacher.calls) == before
+
+
+def test_trusted_labels_and_input_formats(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"r{i}", "text": f"Ticket number {i}: " + " ".join(random.Random(i).choice(WORDS)
+                                                                     for _ in range(12))} for i in range(10)]
+    for r in rows[:4]:
+        r["label"] = json.dumps({"category": "feedback", "priority": "low"})
+    recipes = make_recipe(tmp_path / "recipes", 0, rows=rows, inputs_name="inputs.parquet",
+                          extra_yaml="label_field: label\n")
+    pq.write_table(pa.Table.from_pylist(rows), recipes / "support_tickets" / "inputs.parquet")
+    with FakeTeacher(answer) as teacher:
+        summary = pipeline.run(load_config(overrides(tmp_path, teacher.base_url, recipes)),
+                               stages=("generate",))["generate"]
+        assert len(teacher.calls) == 6 and summary["trusted_labels"] == 4
+    got = {r["id"]: r for r in dataset_rows(tmp_path / "run")}
+    assert all(got[f"r{i}"]["teacher"] == {"category": "feedback", "priority": "low"} for i in range(4))
+    assert all(got[f"r{i}"]["provenance"]["method"] == "trusted" for i in range(4))
+
+    # CSV and a datasets folder give the same inputs
+    import csv
+
+    from datasets import Dataset
+
+    from distill.task import iter_records
+
+    with (tmp_path / "in.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["id", "text", "label"])
+        w.writeheader()
+        w.writerows({"label": "", **r} for r in rows)
+    Dataset.from_list([{"label": None, **r} for r in rows]).save_to_disk(str(tmp_path / "ds"))
+    for source in (tmp_path / "in.csv", tmp_path / "ds"):
+        texts = [rec["text"] for _, rec, _ in iter_records(source)]
+        assert texts == [r["text"] for r in rows]
+
+
+def test_pii_is_redacted_before_the_teacher_sees_it_and_duplicates_are_not_paid(tmp_path):
+    base = "My parcel never arrived and the tracking page shows no update since last week at all"
+    rows = [{"id": "a", "text": base + ". Mail me at jane.doe@example.com or call +1 415 555 0134."},
+            {"id": "b", "text": base + "!"},                                    # near-duplicate of a
+            {"id": "c", "text": base.upper()},                                  # exact duplicate (normalised)
+            {"id": "d", "text": "I was charged with card 4111 1111 1111 1111 twice for one invoice."},
+            {"id": "e", "text": "How do I export my invoices as PDF files from the dashboard?"}]
+    recipes = make_recipe(tmp_path / "recipes", 0, rows=rows)
+    with FakeTeacher(answer) as teacher:
+        summary = pipeline.run(load_config(overrides(tmp_path, teacher.base_url, recipes, "generate.redact_pii=true",
+                                                     "generate.dedup.threshold=0.7")),
+                               stages=("generate",))["generate"]
+        sent = json.dumps(teacher.calls)
+    assert "jane.doe@example.com" not in sent and "4111" not in sent and "555 0134" not in sent
+    assert summary["qa"]["pii_redacted"] == {"email": 1, "phone": 1, "card": 1}
+    assert len(teacher.calls) == 3 and summary["qa"]["exact_duplicates"] == 1
+    assert summary["qa"]["near_duplicates"] == 1
+    kept = dataset_rows(tmp_path / "run")
+    assert sorted(r["id"] for r in kept) == ["a", "d", "e"] and "[EMAIL]" in next(
+        r["input"] for r in kept if r["id"] == "a")
+
+
+def test_near_duplicates_never_straddle_splits_when_kept(tmp_path):
+    from distill.dataqa import duplicate_groups
+
+    rng = random.Random(0)
+    texts = []
+    for g in range(40):
+        words = [rng.choice(WORDS) for _ in range(16)]
+        texts += [" ".join(words), " ".join(words) + " thanks", " ".join(words[:-1]) + " please"]
+    rows = [{"id": f"x{i}", "text": t} for i, t in enumerate(texts)]
+    recipes = make_recipe(tmp_path / "recipes", 0, rows=rows)
+    with FakeTeacher(answer) as teacher:
+        pipeline.run(load_config(overrides(tmp_path, teacher.base_url, recipes, "generate.dedup.enabled=false",
+                                           "generate.dedup.threshold=0.6")), stages=("generate",))
+    split_of = {r["input"]: r["split"] for r in dataset_rows(tmp_path / "run")}
+    groups = duplicate_groups(texts, 0.6, 128)
+    by_group: dict[int, set] = {}
+    for t, g in zip(texts, groups):
+        by_group.setdefault(g, set()).add(split_of[t])
+    assert len(by_group) <= 45 and all(len(s) == 1 for s in by_group.values())
+    assert len({s for v in by_group.values() for s in v}) == 3  # all three splits are used
+
+
+def test_self_consistency_keeps_the_majority_and_drops_low_vote_share(tmp_path):
+    flips: Counter = Counter()
+
+    def noisy(messages: list[dict]) -> str:
+        text = messages[-1]["content"]
+        flips[text] += 1
+        label = label_of(text)
+        if text.endswith("7") and flips[text] % 2 == 0:  # these inputs disagree with themselves
+            label = {"category": "feedback", "priority": "low"}
+        return json.dumps(label)
+
+    rows = [{"id": f"s{i}", "text": f"Case {i}: " + " ".join(random.Random(i).choice(WORDS) for _ in range(10))
+             + f" ref {i}"} for i in range(20)]
+    recipes = make_recipe(tmp_path / "recipes", 0, rows=rows)
+    with FakeTeacher(noisy) as teacher:
+        summary = pipeline.run(load_config(overrides(tmp_path, teacher.base_url, recipes,
+                                                     "generate.self_consistency=4",
+                                                     "generate.min_vote_share=0.75")), stages=("generate",))["generate"]
+        assert len(teacher.calls) == 80 and len({json.dumps(c, sort_keys=True) for c in teacher.calls}) == 80
+    kept = dataset_rows(tmp_path / "run")
+    assert summary["rejected"] == {"low_vote_share": 2}  # inputs 7 and 17 split 2:2
+    assert len(kept) == 18 and all(r["provenance"]["confidence"]["vote_share"] == 1.0 for r in kept)
+
+
+def test_nearest_few_shot_picks_similar_seeds(tmp_path):
+    from distill.task import Task
+
+    rows = [{"id": "n1", "text": "I was billed twice on my credit card for the same invoice this month."},
+            {"id": "n2", "text": "I cannot log in: the password reset email never arrives and my account is locked."}]
+    recipes = make_recipe(tmp_path / "recipes", 0, rows=rows)
+    with FakeTeacher(answer) as teacher:
+        cfg = load_config(overrides(tmp_path, teacher.base_url, recipes, "generate.few_shot=nearest",
+                                    "generate.few_shot_k=2"))
+        pipeline.run(cfg, stages=("generate",))
+        shots = {c["messages"][-1]["content"]: [m["content"] for m in c["messages"][1:-1:2]] for c in teacher.calls}
+    few = dict(Task(cfg).few_shot)
+    assert len(shots[rows[0]["text"]]) == 2
+    assert few[shots[rows[0]["text"]][-1]]["category"] == "billing"
+    assert few[shots[rows[1]["text"]][-1]]["category"] == "account_access"
+
+
+def test_requests_per_minute_limit_spaces_calls(tmp_path):
+    with FakeTeacher(answer) as teacher:
+        started = time.monotonic()
+        pipeline.run(load_config(tiny_overrides(tmp_path / "run", teacher.base_url, "generate.limit=6",
+                                                "teacher.rpm=120")), stages=("generate",))
+        elapsed = time.monotonic() - started
+    assert len(teacher.calls) == 6 and elapsed >= 1.9  # 120/min: 2 per second, so 6 calls span >= 2 s

@@ -44,9 +44,10 @@ def resolve_method(cfg: Config, task: Task) -> str:
     if method == "score" and cfg.generate.self_consistency > 1:
         raise DistillError("generate.self_consistency > 1 needs teacher.method=generate (score already gives a "
                            "confidence per field)")
-    if cfg.generate.mode == "batch" and (method != "generate" or cfg.teacher.kind != "openai"):
-        raise DistillError("generate.mode=batch needs an OpenAI-compatible Batch API (teacher=openai) and "
-                           "teacher.method=generate")
+    if cfg.generate.mode == "batch" and (method != "generate" or cfg.teacher.kind != "openai"
+                                         or cfg.generate.self_consistency > 1):
+        raise DistillError("generate.mode=batch needs an OpenAI-compatible Batch API (teacher=openai), "
+                           "teacher.method=generate and generate.self_consistency=1")
     return method
 
 
@@ -75,6 +76,16 @@ class Budget:
                     break
                 await self._cond.wait()
             return False
+
+    def try_admit(self, estimate: float) -> bool:
+        """Admit without waiting (a batch is assembled before anything in it is paid)."""
+        if self.cap is None:
+            return True
+        if not self.stopped and self.spent + self.reserved + estimate <= self.cap:
+            self.reserved += estimate
+            return True
+        self.stopped = True
+        return False
 
     async def settle(self, estimate: float, actual: float) -> None:
         async with self._cond:
@@ -139,7 +150,10 @@ def prepare(cfg: Config, task: Task, examples: list[Example]) -> tuple[list[Exam
     groups = dataqa.duplicate_groups([ex.text for ex in examples], d.threshold, d.num_perm, cfg.seed)
     norms = [dataqa.normalise(ex.text) for ex in examples]
     dupes = [i for i, g in enumerate(groups) if g != i]
-    qa["exact_duplicates"] = sum(norms[i] == norms[groups[i]] for i in dupes)
+    first_of = {}
+    for i, norm in enumerate(norms):
+        first_of.setdefault(norm, i)
+    qa["exact_duplicates"] = sum(first_of[norms[i]] != i for i in dupes)
     qa["near_duplicates"] = len(dupes) - qa["exact_duplicates"]
     qa["removed_ids"] = [examples[i].id for i in dupes][:200] if d.enabled else []
     if not d.enabled:
@@ -204,10 +218,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
                                        votes=cfg.generate.self_consistency,
                                        min_vote_share=cfg.generate.min_vote_share)
                 labelled_outcomes = asyncio.run(_teach(client, cfg, task, method, to_label, requests, shots,
-                                                       budget))
+                                                       budget, run_dir))
                 transport = dict(client.transport_errors)
+                batches_created = getattr(client, "batches_created", None)
             else:
-                labelled_outcomes, transport = [], {}
+                labelled_outcomes, transport, batches_created = [], {}, None
         ledger_summary = ledger.summary()
         by_id = {ex.id: o for ex, o in zip(to_label, labelled_outcomes)}
         outcomes = [by_id.get(ex.id) if ex.trusted is None else _trusted(ex) for ex in examples]
@@ -260,6 +275,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         "cache_hits_this_run": hits,
         "cost_usd_this_run": round(sum(o.cost_usd for o in outcomes if o is not None), 6),
         "retried_transport_errors": transport,
+        "batches_created_this_run": batches_created,
         "ledger": ledger_summary,
         "label_distribution": _distribution(labelled, task),
         "teacher_vs_gold": teacher_vs_gold(labelled, task),
@@ -280,7 +296,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
 
 
 async def _teach(client, cfg: Config, task: Task, method: str, examples: list[Example], requests: list[dict],
-                 shots, budget: Budget) -> list:
+                 shots, budget: Budget, run_dir: Path) -> list:
     """All teacher traffic of one run in one event loop (the client's connection pool lives in it)."""
     from distill.teacher.client import probe
 
@@ -289,7 +305,7 @@ async def _teach(client, cfg: Config, task: Task, method: str, examples: list[Ex
         if cfg.generate.mode == "batch":
             from distill.teacher.batch import label_batch
 
-            return await label_batch(client, cfg, [r["messages"] for r in requests], budget)
+            return await label_batch(client, cfg, [r["messages"] for r in requests], budget, run_dir)
         if method == "score":
             return await _score_all(client, task, examples, shots, cfg.teacher.calibrate, budget)
         return await _label_all(client, [r["messages"] for r in requests], budget)

@@ -171,8 +171,9 @@ class TeacherClient:
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=self._key, timeout=tcfg.timeout_s,
                                          max_retries=0)
         self.semaphore = asyncio.Semaphore(tcfg.concurrency)
-        self.rpm = AsyncLimiter(tcfg.rpm, 60) if tcfg.rpm else None
-        self.tpm = AsyncLimiter(tcfg.tpm, 60) if tcfg.tpm else None
+        # Per-second buckets (rpm/60 requests, tpm/60 tokens): steady spacing, no burst of a minute's worth at once.
+        self.rpm = _per_second(tcfg.rpm) if tcfg.rpm else None
+        self.tpm = _per_second(tcfg.tpm) if tcfg.tpm else None
         self.transport_errors: Counter = Counter()  # retried errors by reason, for the summary
         self.fatal = False  # set once a call proved that no call can succeed (401/403/404): send nothing more
 
@@ -217,18 +218,27 @@ class TeacherClient:
         return Outcome(answer, None, first_key, 0, paid, cache_hit=cache_hit, cost_usd=cost,
                        confidence={"vote_share": round(share, 4)})
 
-    async def _label_one(self, messages: list[dict], sample: int | None) -> Outcome:
+    async def write(self, messages: list[dict], sample: int) -> Outcome:
+        """Free text from the teacher (``generate.source=synthesize``), through the ledger; answer ``{"text": ...}``."""
+        return await self._label_one(messages, sample, parse=_parse_text, structured=False)
+
+    async def _label_one(self, messages: list[dict], sample: int | None, parse=None,
+                         structured: bool = True) -> Outcome:
         """Ledger first, then the teacher, validating every answer; a bad answer is retried as a fresh sample."""
+        parse = parse or self.schema.parse
         reason = "no_attempt"
         paid = 0
         spent = 0.0
         key = None
         for attempt in range(self.max_attempts):
             request = self.build_request(messages, attempt, sample)
+            if not structured:
+                request.pop("response_format", None)
+                request.pop("extra_body", None)
             key = request_key(request)
             cached = self.ledger.get(key)
             if cached is not None:
-                answer, _ = self.schema.parse(cached["response"])
+                answer, _ = parse(cached["response"])
                 return Outcome(answer, None, key, attempt, paid, cache_hit=True, cost_usd=spent)
             try:
                 choice, usage, latency = await self._call(request)
@@ -240,7 +250,7 @@ class TeacherClient:
             prompt_tokens, cached_tokens, completion_tokens = _usage(usage)
             cost = self.cost(prompt_tokens, cached_tokens, completion_tokens)
             spent += cost
-            answer, reason = self.schema.parse(text)
+            answer, reason = parse(text)
             if getattr(choice.message, "refusal", None):
                 answer, reason = None, "refusal"
             elif finish == "length":
@@ -304,11 +314,15 @@ class TeacherClient:
         Raises RequestFailed when this one request cannot succeed, DistillError when no request can.
         """
         body = {k: v for k, v in request.items() if k not in ("response_format", "extra_body") or v is not None}
+        return await self.retrying(self._send, body)
+
+    async def retrying(self, fn, *args, **kwargs):
+        """``await fn(*args, **kwargs)`` under the one retry layer (also used for the Batch API's calls)."""
         retrying = AsyncRetrying(stop=stop_after_attempt(self.tcfg.max_retries + 1),
                                  wait=_Wait(self.tcfg.backoff_initial_s, self.tcfg.backoff_max_s),
                                  retry=retry_if_exception(self._retry_allowed), after=self._count, reraise=True)
         try:
-            return await retrying(self._send, body)
+            return await retrying(fn, *args, **kwargs)
         except openai.APIStatusError as exc:
             if exc.status_code in FATAL_STATUS:
                 self.fatal = True
@@ -330,7 +344,7 @@ class TeacherClient:
             await self.rpm.acquire()
         if self.tpm:
             chars = sum(len(m.get("content") or "") for m in body["messages"])
-            await self.tpm.acquire(min(self.tcfg.tpm, chars / 4 + body.get("max_tokens", 0)))
+            await self.tpm.acquire(min(self.tpm.max_rate, chars / 4 + body.get("max_tokens", 0)))
         async with self.semaphore:
             started = time.perf_counter()
             try:
@@ -344,6 +358,18 @@ class TeacherClient:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def _per_second(per_minute: float) -> AsyncLimiter:
+    """A limiter holding ``per_minute`` on average: a bucket of per_minute/60 per second (at least 1 per period)."""
+    if per_minute >= 60:
+        return AsyncLimiter(per_minute / 60, 1)
+    return AsyncLimiter(1, 60 / per_minute)
+
+
+def _parse_text(text: str | None) -> tuple[dict | None, str | None]:
+    text = (text or "").strip().strip('"').strip()
+    return ({"text": text}, None) if len(text) >= 8 else (None, "empty")
 
 
 def _usage(usage) -> tuple[int, int, int]:

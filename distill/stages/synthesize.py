@@ -1,0 +1,127 @@
+"""``generate.source=synthesize``: the teacher writes new inputs from seed examples over a diversity grid.
+
+The recipe declares the grid (for example category x persona x tone) and how many inputs per cell; each input is one
+free-text call whose prompt names the cell's attributes and shows a few seed inputs, and is labelled afterwards in a
+separate call like any other input (so the label never leaks from the writing prompt). Written inputs live in the
+ledger like every other paid call: a rerun writes nothing again.
+
+    synthesis:
+      prompt: synth_prompt.md          # instructions for the writer (a file beside the recipe, or the text itself)
+      per_cell: 2
+      seeds: 3                         # seed inputs shown per call (from the recipe's few-shot file)
+      grid: {category: [...], persona: [...], tone: [...]}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from distill import DistillError, runio
+from distill.config import Config
+from distill.task import Example, Task
+
+log = logging.getLogger("distill")
+
+
+class SynthesisSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    per_cell: int = Field(1, ge=1)
+    seeds: int = Field(3, ge=0)
+    grid: dict[str, list[str]]
+
+
+def spec(cfg: Config) -> SynthesisSpec:
+    if not cfg.recipe.synthesis:
+        raise DistillError(f"generate.source=synthesize needs a synthesis section in recipe {cfg.recipe.name!r} "
+                           f"(prompt, grid, per_cell); see distill/stages/synthesize.py")
+    try:
+        out = SynthesisSpec(**cfg.recipe.synthesis)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise DistillError(f"recipe {cfg.recipe.name!r} synthesis.{'.'.join(map(str, err['loc']))}: "
+                           f"{err['msg']}") from None
+    if not out.grid or any(not v for v in out.grid.values()):
+        raise DistillError(f"recipe {cfg.recipe.name!r}: synthesis.grid needs at least one axis, each with values")
+    return out
+
+
+def plan(cfg: Config, task: Task) -> list[tuple[dict, int, list[dict]]]:
+    """(cell attributes, sample index, messages) for every input to write, in a fixed order."""
+    s = spec(cfg)
+    path = cfg.recipe.dir / s.prompt if cfg.recipe.dir and (cfg.recipe.dir / s.prompt).is_file() else None
+    instructions = path.read_text(encoding="utf-8").strip() if path else s.prompt.strip()
+    seeds = [text for text, _ in task.few_shot][: s.seeds]
+    axes = list(s.grid)
+    out = []
+    for values in itertools.product(*(s.grid[a] for a in axes)):
+        cell = dict(zip(axes, values))
+        lines = [f"Write one new input with these attributes: "
+                 + "; ".join(f"{k}: {v}" for k, v in cell.items()) + "."]
+        if seeds:
+            lines += ["", "Real inputs look like these:"] + [f"- {t}" for t in seeds]
+        lines += ["", "Answer with the new input's text only."]
+        messages = [{"role": "system", "content": instructions}, {"role": "user", "content": "\n".join(lines)}]
+        out += [(cell, k, messages) for k in range(s.per_cell)]
+    if cfg.generate.limit is not None:
+        out = out[: cfg.generate.limit]
+    return out
+
+
+def synthesize(cfg: Config, task: Task, ledger, endpoint, budget) -> tuple[list[Example], dict]:
+    """Have the teacher write the inputs; returns them as Examples (ids from the cell and sample) and a summary."""
+    from distill.teacher.client import TeacherClient
+
+    jobs = plan(cfg, task)
+    if cfg.generate.dry_run:  # the labelling estimate needs texts: estimate the writing calls and stop
+        from distill.stages.generate import DryRunStop
+
+        chars = sum(len(m["content"]) for _, _, msgs in jobs for m in msgs)
+        p = cfg.teacher.price
+        usd = (chars / 4 * p.input_per_1m + len(jobs) * cfg.teacher.max_tokens * p.output_per_1m) / 1e6
+        raise DryRunStop(f"dry run: {len(jobs)} inputs to write (~${usd:.4f}), then the same number to label; "
+                         f"nothing was sent")
+    tcfg = cfg.teacher.model_copy(update={"max_tokens": max(cfg.teacher.max_tokens, 160)})
+    client = TeacherClient(tcfg, endpoint(), task.schema, ledger, cfg.generate.max_attempts)
+
+    async def main():
+        sem = asyncio.Semaphore(tcfg.concurrency)
+
+        async def one(messages: list[dict], k: int):
+            async with sem:
+                estimate = client.max_cost(messages) / client.max_attempts
+                if not await budget.admit(estimate):
+                    return None
+                outcome = None
+                try:
+                    outcome = await client.write(messages, k)
+                finally:
+                    await budget.settle(estimate, outcome.cost_usd if outcome else 0.0)
+                return outcome
+
+        try:
+            return await asyncio.gather(*(one(msgs, k) for _, k, msgs in jobs))
+        finally:
+            await client.close()
+
+    outcomes = asyncio.run(main())
+    examples, failed = [], 0
+    for (cell, k, _), outcome in zip(jobs, outcomes):
+        if outcome is None or outcome.answer is None:
+            failed += 1
+            continue
+        ex_id = "syn-" + runio.sha256_obj([cell, k])[:12]
+        examples.append(Example(ex_id, outcome.answer["text"], None))
+    if not examples:
+        raise DistillError(f"the teacher wrote no usable input for any of {len(jobs)} grid cells; check "
+                           f"synthesis.prompt")
+    summary = {"cells": len({runio.sha256_obj(c) for c, _, _ in jobs}), "requested": len(jobs),
+               "written": len(examples), "failed": failed,
+               "cost_usd": round(sum(o.cost_usd for o in outcomes if o is not None), 6),
+               "cache_hits": sum(o.cache_hit for o in outcomes if o is not None)}
+    log.info("synthesize: %d inputs written over %d cells (%d failed)", len(examples), summary["cells"], failed)
+    return examples, summary
