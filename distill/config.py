@@ -37,6 +37,8 @@ class RecipeConfig(_Strict):
     text_field: str = "text"
     gold_field: str | None = "gold"
     few_shot: str | None = None
+    label_field: str | None = None   # a trusted label already on the input row: that row skips the teacher
+    synthesis: dict[str, Any] | None = None  # generate.source=synthesize: {prompt, grid: {axis: [values]}, per_cell}
     teacher_prompt: str
     student_prompt: str
     output_schema: dict[str, Any]
@@ -53,6 +55,7 @@ class Price(_Strict):
     input_per_1m: float = Field(0.0, ge=0)
     output_per_1m: float = Field(0.0, ge=0)
     cached_input_per_1m: float = Field(0.0, ge=0)
+    batch_discount: float = Field(0.5, ge=0, le=1)  # share of the price the Batch API charges
 
 
 class TeacherConfig(_Strict):
@@ -62,11 +65,16 @@ class TeacherConfig(_Strict):
     model_path: str | None = None
     api_key_env: str | None = None
     structured_output: Literal["json_schema", "llama_cpp", "guided_json", "none"]
-    method: Literal["generate", "score"] = "generate"
+    method: Literal["generate", "score", "auto"] = "generate"
     calibrate: bool = True
     concurrency: int = Field(4, ge=1, le=1024)
+    rpm: float | None = Field(None, gt=0)   # requests per minute (null = no limit)
+    tpm: float | None = Field(None, gt=0)   # prompt + completion tokens per minute (null = no limit)
     timeout_s: float = Field(60, gt=0)
-    max_retries: int = Field(2, ge=0)
+    max_retries: int = Field(2, ge=0)       # retries of one request after 408/409/429/5xx/timeouts/resets
+    backoff_initial_s: float = Field(0.5, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    max_wait_s: float = Field(600.0, ge=0)  # a Retry-After longer than this fails the request explicitly
     temperature: float = Field(0.0, ge=0)
     max_tokens: int = Field(64, ge=1)
     n_ctx: int | None = None
@@ -111,29 +119,93 @@ class TrainConfig(_Strict):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     save_steps: int = Field(ge=1)
-    eval_steps: int | None = None
+    eval_steps: int | None = Field(None, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1)
     threads: int | None = None
     bf16: bool = False
+    report_to: str = "none"
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_eval(self) -> "TrainConfig":
+        if self.early_stopping_patience is not None:
+            if self.eval_steps is None:
+                raise ValueError("train.early_stopping_patience needs train.eval_steps (validation loss every N steps)")
+            if self.save_steps % self.eval_steps:
+                raise ValueError(f"train.early_stopping_patience needs train.save_steps ({self.save_steps}) to be a "
+                                 f"multiple of train.eval_steps ({self.eval_steps}): the best checkpoint is kept")
+        return self
 
 
 class GateConfig(_Strict):
     min_agreement: float = Field(0.0, ge=0, le=1)
     max_invalid_rate: float = Field(1.0, ge=0, le=1)
+    min_accuracy: float | None = Field(None, ge=0, le=1)      # whole-answer accuracy vs gold (null = not gated)
+    min_field_agreement: dict[str, float] = {}                # per-field agreement floors, e.g. {priority: 0.9}
+    use_lower_bound: bool = False                             # gate on the CI's lower bound, not the point estimate
+    baseline_alpha: float = Field(0.05, gt=0, lt=1)           # McNemar p-value below which a drop is significant
+    max_drop: float | None = Field(None, ge=0, le=1)          # any drop larger than this fails, significant or not
+
+
+class EndpointConfig(_Strict):
+    base_url: str | None = None          # set: score this OpenAI-compatible server instead of the in-process student
+    model: str | None = None
+    api_key_env: str | None = None       # NAME of the environment variable holding the key
+    prompt: Literal["student", "teacher"] = "student"
+    structured_output: Literal["json_schema", "llama_cpp", "guided_json", "none"] = "none"
+    logprobs: bool = True
+    concurrency: int = Field(4, ge=1, le=1024)
+    timeout_s: float = Field(60, gt=0)
+    max_retries: int = Field(1, ge=0)
+
+
+class CostConfig(_Strict):
+    student_usd_per_hour: float = Field(0.10, ge=0)
+    train_usd_per_hour: float | None = Field(None, ge=0)
+    teacher_price: Price | None = None
+    reference_model: str = "gpt-4o-mini"
+    reference_price: Price = Price(input_per_1m=0.15, output_per_1m=0.60, cached_input_per_1m=0.075)
+    cached_input_share: float | None = Field(None, ge=0, le=1)
+
+
+class DecontamConfig(_Strict):
+    enabled: bool = True
+    threshold: float = Field(0.8, gt=0, le=1)
+    num_perm: int = Field(128, ge=16)
+    shingle_chars: int = Field(5, ge=1)
 
 
 class EvalConfig(_Strict):
     split: Literal["train", "val", "test"] = "test"
+    decode: Literal["scored", "free"] = "scored"
     batch_size: int = Field(8, ge=1)
     max_new_tokens: int = Field(48, ge=1)
     limit: int | None = Field(None, ge=1)
+    val_curve: bool = True
+    bootstrap_resamples: int = Field(1000, ge=100)
+    confidence_level: float = Field(0.95, gt=0, lt=1)
+    calibration_bins: int = Field(10, ge=2)
+    worst: int = Field(10, ge=0)
     gate: GateConfig = GateConfig()
     baseline: str | None = None
+    junit_xml: str | None = None
+    summary_md: str | None = None
+    endpoint: EndpointConfig = EndpointConfig()
+    cost: CostConfig = CostConfig()
+    decontam: DecontamConfig = DecontamConfig()
+
+
+GGUF_CONVERTER_TYPES = ("q8_0", "f16", "bf16", "f32")  # written by llama.cpp's convert_hf_to_gguf.py
+GGUF_QUANTIZER_TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q4_0")  # llama.cpp's quantizer, from an f16 GGUF
 
 
 class PublishConfig(_Strict):
-    gguf_types: list[Literal["q8_0", "f16", "bf16", "f32", "tq1_0", "tq2_0"]] = ["q8_0"]
+    gguf_types: list[Literal["q8_0", "f16", "bf16", "f32", "q4_k_m", "q5_k_m", "q6_k", "q4_0"]] = ["q8_0", "q4_k_m"]
+    nf4: bool = False
     verify_load: bool = True
-    target_agreement: float = Field(0.9, ge=0, le=1)
+    min_parity: float = Field(0.9, ge=0, le=1)
+    target_agreement: float = Field(0.98, ge=0, le=1)
+    min_route_items: int = Field(10, ge=1)
+    endpoint: str = "http://127.0.0.1:8080/v1"
     force: bool = False
 
 
@@ -149,6 +221,18 @@ class SplitConfig(_Strict):
         return self
 
 
+class DedupConfig(_Strict):
+    enabled: bool = True
+    threshold: float = Field(0.8, gt=0, le=1)  # estimated Jaccard similarity of word 3-grams
+    num_perm: int = Field(128, ge=16)
+
+
+class BatchConfig(_Strict):
+    poll_interval_s: float = Field(30.0, gt=0)
+    max_rounds: int = Field(3, ge=1)  # resubmissions of errored / expired lines
+    timeout_h: float = Field(26.0, gt=0)
+
+
 class GenerateConfig(_Strict):
     limit: int | None = Field(None, ge=1)
     split: SplitConfig
@@ -156,6 +240,15 @@ class GenerateConfig(_Strict):
     budget_usd: float | None = Field(None, ge=0)
     dry_run: bool = False
     shared_ledger: str | None = None
+    mode: Literal["online", "batch"] = "online"
+    source: Literal["label", "synthesize"] = "label"
+    few_shot: Literal["fixed", "nearest"] = "fixed"
+    few_shot_k: int = Field(4, ge=1)
+    self_consistency: int = Field(1, ge=1)
+    min_vote_share: float = Field(0.0, ge=0, le=1)
+    redact_pii: bool = False
+    dedup: DedupConfig = DedupConfig()
+    batch: BatchConfig = BatchConfig()
 
 
 class Config(_Strict):
@@ -210,10 +303,15 @@ def _override_value(overrides: list[str], key: str) -> str | None:
     return None
 
 
-def _searchpath_dir(recipe_folder: Path) -> str:
-    """Hydra finds group options under ``<searchpath>/recipe/``; expose a user folder there via a symlink."""
+USER_RECIPE = "user_recipe__"
+
+
+def _searchpath_dir(recipe_yaml: Path) -> str:
+    """Hydra finds group options under ``<searchpath>/recipe/``; expose a user's recipe there under an alias, so it
+    wins over a packaged recipe of the same name (Hydra searches the package first)."""
     base = Path(tempfile.mkdtemp(prefix="distill-recipes-"))
-    (base / "recipe").symlink_to(recipe_folder, target_is_directory=True)
+    (base / "recipe").mkdir()
+    (base / "recipe" / f"{USER_RECIPE}.yaml").symlink_to(recipe_yaml)
     return f"file://{base}"
 
 
@@ -236,7 +334,8 @@ def compose(overrides: list[str]) -> dict[str, Any]:
             f"(a recipe of your own is NAME.yaml + NAME/ in recipe_dir=DIR or ./recipes)")
     recipe_yaml = known[name]
     if recipe_yaml.parent != PACKAGE_RECIPES:
-        overrides.append(f"hydra.searchpath=[{_searchpath_dir(recipe_yaml.parent)}]")
+        overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "recipe"]
+        overrides += [f"recipe={USER_RECIPE}", f"hydra.searchpath=[{_searchpath_dir(recipe_yaml)}]"]
 
     GlobalHydra.instance().clear()
     try:
@@ -248,6 +347,9 @@ def compose(overrides: list[str]) -> dict[str, Any]:
     finally:
         GlobalHydra.instance().clear()
     raw["recipe"]["dir"] = str(recipe_yaml.parent / name)
+    if raw["recipe"].get("name") != name:  # a copied recipe whose name: line was not updated
+        raise DistillError(f"recipe file {recipe_yaml} says name: {raw['recipe'].get('name')!r}; set it to {name!r} "
+                           f"(a recipe's name is its file name)")
     return raw
 
 
@@ -289,7 +391,7 @@ def load_config(overrides: list[str] | None = None) -> Config:
         cfg.run_dir = Path("runs") / cfg.recipe.name / stamp
     cfg.run_dir = Path(cfg.run_dir).expanduser()
     inputs = cfg.recipe_file("inputs")
-    if not inputs.exists():
+    if not inputs.exists() and cfg.generate.source == "label":
         raise DistillError(f"recipe {cfg.recipe.name!r}: input file {inputs} does not exist "
                            f"(set recipe.inputs=PATH to a JSONL file)")
     return cfg

@@ -368,7 +368,7 @@ async def _label_all(client, messages: list[list[dict]], budget: Budget) -> list
                 await budget.settle(estimate, outcome.cost_usd if outcome else 0.0)
         results[i] = outcome
         bar.update(1)
-        bar.set_postfix(spent=f"${budget.spent:.4f}")
+        bar.set_postfix(spent=f"${budget.spent:.4f}", refresh=False)
 
     try:
         await asyncio.gather(*(one(i) for i in range(len(messages))))
@@ -403,7 +403,7 @@ async def _score_all(client, task: Task, examples: list[Example], shots, calibra
             finally:
                 await budget.settle(estimate, outcome.cost_usd if outcome else 0.0)
         bar.update(1)
-        bar.set_postfix(spent=f"${budget.spent:.4f}")
+        bar.set_postfix(spent=f"${budget.spent:.4f}", refresh=False)
         return outcome
 
     try:

@@ -18,7 +18,7 @@ import time
 
 from distill import DistillError, paths, runio
 from distill.ledger import request_key
-from distill.teacher.client import Outcome, RequestFailed, TeacherClient, _usage
+from distill.teacher.client import Outcome, RequestFailed, TeacherClient, _usage, namespace
 
 log = logging.getLogger("distill")
 
@@ -118,7 +118,7 @@ class BatchRunner:
         choice = (completion.get("choices") or [{}])[0]
         message = choice.get("message") or {}
         text, finish = message.get("content"), choice.get("finish_reason")
-        prompt_tokens, cached_tokens, completion_tokens = _usage(_Obj(completion.get("usage") or {}))
+        prompt_tokens, cached_tokens, completion_tokens = _usage(namespace(completion.get("usage") or {}))
         cost = self.client.cost(prompt_tokens, cached_tokens, completion_tokens, batch=True)
         answer, reason = self.client.schema.parse(text)
         if message.get("refusal"):
@@ -132,11 +132,6 @@ class BatchRunner:
         self.ledger.record_success(key, self.client.tcfg.model or "", body, text, prompt_tokens=prompt_tokens,
                                    cached_tokens=cached_tokens, completion_tokens=completion_tokens, cost_usd=cost)
         return True
-
-
-class _Obj:
-    def __init__(self, d: dict):
-        self.__dict__.update({k: _Obj(v) if isinstance(v, dict) else v for k, v in d.items()})
 
 
 async def label_batch(client: TeacherClient, cfg, messages: list[list[dict]], budget, run_dir) -> list:

@@ -1,0 +1,65 @@
+"""Shared by the benchmark commands: machine description, medians, and the dated rows appended to BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+from datetime import date
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kb = int(next(x for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")).split()[1])
+        mem = f", {kb / 2**20:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} CPU cores ({cpu}){mem}"
+
+
+def summary(values: list[float]) -> tuple[float, float, float]:
+    """(median, min, max)."""
+    return statistics.median(values), min(values), max(values)
+
+
+def command() -> str:
+    return "python " + " ".join([Path(sys.argv[0]).relative_to(REPO).as_posix()
+                                 if Path(sys.argv[0]).resolve().is_relative_to(REPO) else sys.argv[0], *sys.argv[1:]])
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def append(section: str, text: str, record: bool = True) -> None:
+    """Append a dated block under ``## <section>`` in BENCHMARKS.md (the section is created when missing)."""
+    if not record:
+        return
+    block = f"\n{date.today().isoformat()}, {machine()}, `{command()}`:\n\n{text}\n"
+    md = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
+    heading = f"## {section}"
+    if heading not in md:
+        md = md.rstrip("\n") + f"\n\n{heading}\n"
+        md += block
+    else:
+        start = md.index(heading)
+        nxt = md.find("\n## ", start + len(heading))
+        end = len(md) if nxt == -1 else nxt
+        md = md[:end].rstrip("\n") + "\n" + block + md[end:]
+    BENCHMARKS_MD.write_text(md)

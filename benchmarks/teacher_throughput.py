@@ -1,0 +1,133 @@
+"""Teacher throughput and re-run cost: distill's client against the ideal and against the obvious alternative.
+
+    python benchmarks/teacher_throughput.py [--requests 5000] [--concurrency 64] [--latency 0.1] [--runs 3]
+
+A loopback OpenAI-compatible server (distill's fake teacher, in its own process) answers every request after a fixed
+latency. Measured in this process, side by side, median of ``--runs``:
+  - distill: the generate stage's labelling loop (ledger look-up, retry layer, schema validation, ledger write);
+  - baseline: ``asyncio.gather`` over the ``openai`` async client behind a semaphore (no ledger, no validation);
+  - re-run: distill again over the same ledger: paid calls (must be 0) and wall time.
+Ideal wall time = requests x latency / concurrency. Client CPU per request = process CPU time / requests.
+Prints the table last and appends it to BENCHMARKS.md (``--no-record`` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import append, summary, table  # noqa: E402
+
+SERVER = """
+import json, sys, time
+from distill.testing.fake_teacher import FakeTeacher
+answer = lambda m: json.dumps({"category": "billing", "priority": "low"})
+with FakeTeacher(answer, latency_s=float(sys.argv[1])) as t:
+    print(t.base_url, flush=True)
+    sys.stdin.read()
+    print(json.dumps({"calls": len(t.calls)}), flush=True)
+"""
+
+
+def distill_run(base_url: str, ledger_path: Path, messages: list, concurrency: int) -> dict:
+    from distill.config import load_config
+    from distill.ledger import Ledger
+    from distill.stages.generate import Budget, _label_all
+    from distill.task import Task
+    from distill.teacher.client import TeacherClient
+
+    cfg = load_config(["teacher=openai", f"teacher.base_url={base_url}", "teacher.model=fake-teacher",
+                       "teacher.api_key_env=null", f"teacher.concurrency={concurrency}", "run_dir=/tmp/unused"])
+    task = Task(cfg)
+    with Ledger(ledger_path) as ledger:
+        client = TeacherClient(cfg.teacher, base_url, task.schema, ledger, 3)
+
+        async def go():
+            try:
+                return await _label_all(client, messages, Budget(None))
+            finally:
+                await client.close()
+
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        outcomes = asyncio.run(go())
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return {"wall": wall, "cpu": cpu, "paid": sum(o.paid_calls for o in outcomes),
+            "ok": sum(o.answer is not None for o in outcomes)}
+
+
+def baseline_run(base_url: str, messages: list, concurrency: int) -> dict:
+    import openai
+
+    async def go():
+        client = openai.AsyncOpenAI(base_url=base_url, api_key="fake-key")
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(m):
+            async with sem:
+                r = await client.chat.completions.create(model="fake-teacher", messages=m, max_tokens=64)
+                return json.loads(r.choices[0].message.content)
+
+        try:
+            return await asyncio.gather(*(one(m) for m in messages))
+        finally:
+            await client.close()
+
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    answers = asyncio.run(go())
+    return {"wall": time.perf_counter() - wall0, "cpu": time.process_time() - cpu0, "paid": len(answers),
+            "ok": len(answers)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=5000)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--latency", type=float, default=0.1)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    args = ap.parse_args()
+
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(args.latency)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    base_url = server.stdout.readline().strip()
+    messages = [[{"role": "system", "content": "Classify the support ticket."},
+                 {"role": "user", "content": f"Ticket {i}: my invoice {i} shows a wrong amount"}]
+                for i in range(args.requests)]
+    ideal = args.requests * args.latency / args.concurrency
+    results: dict[str, list[dict]] = {"distill": [], "baseline": [], "rerun": []}
+    try:
+        for _ in range(args.runs):
+            with tempfile.TemporaryDirectory() as tmp:
+                ledger = Path(tmp) / "ledger.sqlite"
+                results["distill"].append(distill_run(base_url, ledger, messages, args.concurrency))
+                results["rerun"].append(distill_run(base_url, ledger, messages, args.concurrency))
+            results["baseline"].append(baseline_run(base_url, messages, args.concurrency))
+    finally:
+        server.stdin.close()
+        server.wait(timeout=30)
+
+    rows = []
+    for name, runs in results.items():
+        wall, lo, hi = summary([r["wall"] for r in runs])
+        cpu_ms = summary([1000 * r["cpu"] / args.requests for r in runs])[0]
+        paid = summary([r["paid"] for r in runs])[0]
+        ratio = f"{wall / ideal:.2f}x" if name != "rerun" else "n/a"
+        rows.append([name, f"{wall:.2f}", f"{lo:.2f}-{hi:.2f}", ratio, f"{cpu_ms:.2f}", int(paid)])
+    text = (f"{args.requests} requests, {args.latency * 1000:.0f} ms server latency, concurrency "
+            f"{args.concurrency}: ideal {ideal:.2f} s; median of {args.runs} runs.\n\n"
+            + table(["client", "wall s (median)", "min-max", "vs ideal", "client CPU ms/request", "paid calls"],
+                    rows))
+    append("Teacher throughput and re-run cost", text, record=not args.no_record)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
