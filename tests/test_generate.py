@@ -419,3 +419,28 @@ def test_requests_per_minute_limit_spaces_calls(tmp_path):
                                                 "teacher.rpm=120")), stages=("generate",))
         elapsed = time.monotonic() - started
     assert len(teacher.calls) == 6 and elapsed >= 1.9  # 120/min: 2 per second, so 6 calls span >= 2 s
+
+
+def test_tokens_per_minute_limit_holds_requests_back(tmp_path):
+    import asyncio
+
+    from distill.ledger import Ledger
+    from distill.task import Task
+    from distill.teacher.client import TeacherClient
+
+    with FakeTeacher(answer) as teacher:
+        cfg = load_config(tiny_overrides(tmp_path / "run", teacher.base_url, "teacher.tpm=1200",
+                                         "teacher.max_tokens=12", "teacher.concurrency=8"))
+        body = {"model": "fake-teacher", "max_tokens": 12, "messages": [{"role": "user", "content": "x" * 32}]}
+
+        async def go():  # 20 estimated tokens per request: 60 fit the minute's bucket, then 1 per second
+            client = TeacherClient(cfg.teacher, teacher.base_url, Task(cfg).schema, Ledger(tmp_path / "l.sqlite"))
+            try:
+                started = time.monotonic()
+                await asyncio.gather(*(client._call(body) for _ in range(63)))
+                return time.monotonic() - started
+            finally:
+                await client.close()
+
+        elapsed = asyncio.run(go())
+    assert len(teacher.calls) == 63 and 2.5 <= elapsed < 10

@@ -172,9 +172,10 @@ class TeacherClient:
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=self._key, timeout=tcfg.timeout_s,
                                          max_retries=0)
         self.semaphore = asyncio.Semaphore(tcfg.concurrency)
-        # Per-second buckets (rpm/60 requests, tpm/60 tokens): steady spacing, no burst of a minute's worth at once.
+        # Requests: a per-second bucket (rpm/60), steady spacing rather than a minute's worth at once. Tokens: a
+        # one-minute bucket (a request may need more than a second's share), charged an estimate before sending.
         self.rpm = _per_second(tcfg.rpm) if tcfg.rpm else None
-        self.tpm = _per_second(tcfg.tpm) if tcfg.tpm else None
+        self.tpm = AsyncLimiter(tcfg.tpm, 60) if tcfg.tpm else None
         self.transport_errors: Counter = Counter()  # retried errors by reason, for the summary
         self.fatal = False  # set once a call proved that no call can succeed (401/403/404): send nothing more
 
