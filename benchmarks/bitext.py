@@ -29,8 +29,11 @@ def load_rows(path: Path = DATA) -> list[dict]:
 SEED_POOL_PER_CLASS = 10  # carved out before the inputs, so inputs are the same whatever few-shot size is asked
 
 
-def prepare(root: Path, n_items: int, n_seeds_per_class: int = 1, seed: int = 0) -> Path:
-    """Write the recipe into ``root``; returns ``root`` (use it as recipe_dir)."""
+def prepare(root: Path, n_items: int, n_seeds_per_class: int = 1, seed: int = 0, n_test: int = 0) -> Path:
+    """Write the recipe into ``root``; returns ``root`` (use it as recipe_dir).
+
+    With ``n_test``, the first ``n_test`` inputs carry split=test (a fixed test set, ``recipe.split_field``) and the
+    rest train, with every tenth in val; ``generate.limit=n_test + n`` then labels a training budget of ``n``."""
     if not 0 <= n_seeds_per_class <= SEED_POOL_PER_CLASS:
         raise ValueError(f"n_seeds_per_class must be 0..{SEED_POOL_PER_CLASS}")
     rows = load_rows()
@@ -60,7 +63,13 @@ def prepare(root: Path, n_items: int, n_seeds_per_class: int = 1, seed: int = 0)
     shutil.copytree(RECIPES / "bitext_category", root / "bitext_category", dirs_exist_ok=True)
     with (root / "bitext_category" / "inputs.jsonl").open("w") as fh:
         for k, r in enumerate(inputs):
-            fh.write(json.dumps({"id": f"b{k}", "text": r["text"], "gold": {"category": r["category"]}}) + "\n")
+            row = {"id": f"b{k}", "text": r["text"], "gold": {"category": r["category"]}}
+            if n_test:
+                row["split"] = "test" if k < n_test else ("val" if (k - n_test) % 10 == 9 else "train")
+            fh.write(json.dumps(row) + "\n")
+    if n_test:
+        with (root / "bitext_category.yaml").open("a") as fh:
+            fh.write("split_field: split\n")
     with (root / "bitext_category" / "few_shot.jsonl").open("w") as fh:
         for r in seeds:
             fh.write(json.dumps({"text": r["text"], "label": {"category": r["category"]}}) + "\n")

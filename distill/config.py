@@ -38,6 +38,7 @@ class RecipeConfig(_Strict):
     gold_field: str | None = "gold"
     few_shot: str | None = None
     label_field: str | None = None   # a trusted label already on the input row: that row skips the teacher
+    split_field: str | None = None   # a row's own split (train/val/test), e.g. a fixed benchmark test set
     synthesis: dict[str, Any] | None = None  # generate.source=synthesize: {prompt, grid: {axis: [values]}, per_cell}
     teacher_prompt: str
     student_prompt: str

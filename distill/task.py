@@ -86,6 +86,7 @@ class Example:
     text: str
     gold: dict | None = None
     trusted: dict | None = None  # a label supplied with the input: used as is, the teacher is not asked
+    split: str | None = None     # a split fixed by the input file (recipe.split_field); else assigned by hash
 
 
 @dataclass
@@ -169,8 +170,12 @@ class Task:
             if trusted is not None and self.schema.errors(trusted):
                 report.skip(f"trusted label in {r.label_field!r} breaks the output schema", where)
                 continue
+            split = obj.get(r.split_field) if r.split_field else None
+            if split is not None and split not in ("train", "val", "test"):
+                report.skip(f"{r.split_field}={split!r} is not train, val or test", where)
+                continue
             seen.add(ex_id)
-            report.examples.append(Example(ex_id, text, gold, trusted))
+            report.examples.append(Example(ex_id, text, gold, trusted, split))
         if not report.examples:
             raise DistillError(f"no usable inputs in {path} (skipped: {report.skipped or 'file is empty'})")
         if limit is not None:

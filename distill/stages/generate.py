@@ -242,7 +242,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
             reasons[outcome.reason] += 1
             rejected.append({"id": ex.id, "input": ex.text, "reason": outcome.reason, "request_key": outcome.key})
             continue
-        split = assign_split(split_key, fractions, cfg.seed)
+        split = ex.split or assign_split(split_key, fractions, cfg.seed)
         rows[split].append({"id": ex.id, "input": ex.text, "teacher": outcome.answer, "gold": ex.gold,
                             "split": split,
                             "provenance": {"request_key": outcome.key, "teacher_model": cfg.teacher.model,
