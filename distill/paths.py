@@ -5,7 +5,9 @@
   generate/DONE.json  generate/data/{train,val,test}.jsonl  generate/ledger.sqlite  generate/rejected.jsonl
   train/DONE.json     train/adapter/   train/checkpoints/   train/metrics.jsonl
   evaluate/DONE.json  evaluate/results.json  evaluate/report.md  evaluate/predictions.jsonl
-  publish/DONE.json   publish/routing.yaml  publish/MODEL_CARD.md  publish/model/
+                      evaluate/{junit.xml, summary.md, coverage.png, cost.png, confusion_<field>.png}
+  publish/DONE.json   publish/routing.yaml  publish/routing.schema.json  publish/litellm.yaml  publish/Modelfile
+                      publish/SERVING.md  publish/parity.json  publish/MODEL_CARD.md  publish/model/{hf,nf4,*.gguf}
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ DATA_DIR = "data"
 SPLITS = ("train", "val", "test")
 LEDGER = "ledger.sqlite"
 REJECTED = "rejected.jsonl"
+QA = "qa.json"                   # PII redaction counts, removed duplicates, label distribution
 
 # train
 ADAPTER_DIR = "adapter"
@@ -32,12 +35,27 @@ TRAIN_METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 REPORT = "report.md"
 PREDICTIONS = "predictions.jsonl"
+JUNIT_XML = "junit.xml"          # the gate as JUnit test cases, for CI job pages
+SUMMARY_MD = "summary.md"        # the gate as a short Markdown block ($GITHUB_STEP_SUMMARY)
+COVERAGE_PNG = "coverage.png"
+COST_PNG = "cost.png"
 
 # publish
 ROUTING = "routing.yaml"
+ROUTING_SCHEMA = "routing.schema.json"
+LITELLM = "litellm.yaml"
+MODELFILE = "Modelfile"
+SERVING = "SERVING.md"
+PARITY = "parity.json"
 MODEL_CARD = "MODEL_CARD.md"
 MODEL_DIR = "model"
 HF_DIR = "hf"
+NF4_DIR = "nf4"
+
+
+def confusion_png(field: str) -> str:
+    """``evaluate/confusion_<field>.png``: student vs teacher for one field with a fixed set of values."""
+    return f"confusion_{field}.png"
 
 
 def stage_dir(run_dir: Path, stage: str) -> Path:

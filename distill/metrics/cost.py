@@ -1,0 +1,133 @@
+"""The cost case: what 1,000 requests cost on the teacher and on the student, and when distillation pays off.
+
+Teacher figures are measured, not estimated: tokens and latency of the very calls that labelled this run's items,
+read from the ledger by their request keys. The student's come from the throughput measured by evaluate on the
+machine at hand, priced at ``eval.cost.student_usd_per_hour``. The one-off cost is the teacher spend on labelling
+plus the training time (train/DONE.json) at ``eval.cost.train_usd_per_hour``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+from distill.config import Config, Price
+
+
+def ledger_usage(ledger_file: Path, rows: list[dict]) -> list[dict]:
+    """Per labelled row: {"calls", "prompt_tokens", "cached_tokens", "completion_tokens", "latency_s"} summed
+    over the ledger calls named in its provenance (several for teacher.method=score). Rows whose calls are not in
+    the ledger (trusted labels, another ledger) are left out."""
+    if not Path(ledger_file).exists():
+        return []
+    keys_of = {r["id"]: [k for k in str((r.get("provenance") or {}).get("request_key") or "").split(",") if k]
+               for r in rows}
+    wanted = sorted({k for keys in keys_of.values() for k in keys})
+    found: dict[str, tuple] = {}
+    db = sqlite3.connect(f"file:{Path(ledger_file).resolve()}?mode=ro", uri=True)
+    try:
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i:i + 500]
+            query = ("SELECT key, prompt_tokens, cached_tokens, completion_tokens, latency_s FROM calls "
+                     f"WHERE key IN ({','.join('?' * len(chunk))})")
+            for key, *vals in db.execute(query, chunk):
+                found[key] = tuple(vals)
+    finally:
+        db.close()
+    usage = []
+    for keys in keys_of.values():
+        if not keys or any(k not in found for k in keys):
+            continue
+        vals = np.array([found[k] for k in keys], dtype=float).sum(axis=0)
+        usage.append({"calls": len(keys), "prompt_tokens": vals[0], "cached_tokens": vals[1],
+                      "completion_tokens": vals[2], "latency_s": vals[3]})
+    return usage
+
+
+def _usd(price: Price, prompt: float, cached: float, completion: float) -> float:
+    return ((prompt - cached) * price.input_per_1m + cached * price.cached_input_per_1m
+            + completion * price.output_per_1m) / 1e6
+
+
+def _free(price: Price) -> bool:
+    return not (price.input_per_1m or price.output_per_1m or price.cached_input_per_1m)
+
+
+def _break_even(one_off: float, teacher: float, student: float) -> int | None:
+    """Requests after which teacher spend exceeds one-off + student spend (None: the student never catches up)."""
+    if teacher <= student:
+        return None
+    return int(np.ceil(one_off / (teacher - student)))
+
+
+def cost_case(cfg: Config, usage: list[dict], items_per_s: float | None, student_latency: dict,
+              train_wall_s: float | None, static_prefix_share: float | None) -> dict:
+    """$ per 1,000 requests for the teacher (on demand, cached prefix, batch API) and the student, and the
+    break-even volume including the one-off distillation cost. See README ("results.json") for the keys."""
+    c = cfg.eval.cost
+    price, source = (c.teacher_price, "eval.cost.teacher_price") if c.teacher_price else (cfg.teacher.price,
+                                                                                           "teacher.price")
+    priced_as = cfg.teacher.model
+    if _free(price):
+        price, source, priced_as = c.reference_price, "eval.cost.reference_price", c.reference_model
+    n = len(usage)
+    mean = {k: (float(np.mean([u[k] for u in usage])) if n else 0.0)
+            for k in ("calls", "prompt_tokens", "cached_tokens", "completion_tokens")}
+    lat = [u["latency_s"] for u in usage]
+    measured_share = mean["cached_tokens"] / mean["prompt_tokens"] if mean["prompt_tokens"] else 0.0
+    if c.cached_input_share is not None:
+        share, share_source = c.cached_input_share, "eval.cost.cached_input_share"
+    elif measured_share > 0:
+        share, share_source = measured_share, "ledger"
+    else:
+        share, share_source = static_prefix_share or 0.0, "static prompt prefix"
+    on_demand = _usd(price, mean["prompt_tokens"], 0.0, mean["completion_tokens"])
+    cached = _usd(price, mean["prompt_tokens"], share * mean["prompt_tokens"], mean["completion_tokens"])
+    batch = on_demand * price.batch_discount
+
+    hourly = c.student_usd_per_hour
+    student = hourly / 3600.0 / items_per_s if items_per_s else None
+    train_rate = c.train_usd_per_hour if c.train_usd_per_hour is not None else hourly
+    teacher_spend = sum(_usd(price, u["prompt_tokens"], u["cached_tokens"], u["completion_tokens"]) for u in usage)
+    train_usd = (train_wall_s or 0.0) / 3600.0 * train_rate
+    one_off = teacher_spend + train_usd
+
+    def per_1k(x: float | None) -> float | None:
+        return None if x is None else round(1000 * x, 6)
+
+    def row(option: str, per_req: float | None, p50, p95) -> dict:
+        be = _break_even(one_off, per_req, student) if (per_req is not None and student is not None
+                                                        and option != "student") else None
+        return {"option": option, "usd_per_1k": per_1k(per_req), "latency_p50_s": p50, "latency_p95_s": p95,
+                "break_even_requests": be}
+
+    t50 = round(float(np.percentile(lat, 50)), 4) if lat else None
+    t95 = round(float(np.percentile(lat, 95)), 4) if lat else None
+    table = [row(f"teacher {priced_as} on demand", on_demand, t50, t95),
+             row(f"teacher {priced_as} cached prefix ({share:.0%} of input)", cached, t50, t95),
+             row(f"teacher {priced_as} batch API ({price.batch_discount:.0%} of price)", batch, None, None),
+             row(f"student {cfg.student.name} at ${hourly}/h", student, student_latency.get("p50"),
+                 student_latency.get("p95"))]
+    return {
+        "teacher": {"model": cfg.teacher.model, "priced_as": priced_as, "price_source": source,
+                    "price": price.model_dump(), "items_priced": n, "calls_per_item": round(mean["calls"], 3),
+                    "prompt_tokens_per_item": round(mean["prompt_tokens"], 1),
+                    "cached_prompt_tokens_per_item": round(mean["cached_tokens"], 1),
+                    "completion_tokens_per_item": round(mean["completion_tokens"], 1),
+                    "latency_p50_s": t50, "latency_p95_s": t95,
+                    "cached_input_share": round(share, 4), "cached_input_share_source": share_source},
+        "student": {"name": cfg.student.name, "usd_per_hour": hourly, "items_per_s": items_per_s,
+                    "latency_p50_s": student_latency.get("p50"), "latency_p95_s": student_latency.get("p95")},
+        "teacher_usd_per_1k": per_1k(on_demand),
+        "teacher_cached_usd_per_1k": per_1k(cached),
+        "teacher_batch_usd_per_1k": per_1k(batch),
+        "student_usd_per_1k": per_1k(student),
+        "one_off": {"teacher_usd": round(teacher_spend, 6), "train_s": train_wall_s, "train_usd_per_hour": train_rate,
+                    "train_usd": round(train_usd, 6), "total_usd": round(one_off, 6)},
+        "break_even_requests": {"on_demand": table[0]["break_even_requests"],
+                                "cached": table[1]["break_even_requests"],
+                                "batch": table[2]["break_even_requests"]},
+        "table": table,
+    }
