@@ -25,9 +25,12 @@ UPSTREAM = {"generate": (), "train": ("generate",), "evaluate": ("generate", "tr
 
 # Config each stage reads. Knobs that change how fast, not what, are left out (concurrency, timeouts, threads,
 # the loopback URL of a server distill starts itself), so turning them never invalidates finished work.
-_NOT_CONTENT = {"teacher": {"concurrency", "timeout_s", "max_retries", "startup_timeout_s", "n_threads"},
-                "train": {"threads"}, "generate": {"dry_run", "budget_usd", "shared_ledger"},
-                "eval": {"batch_size"}}
+_NOT_CONTENT = {"teacher": {"concurrency", "timeout_s", "max_retries", "startup_timeout_s", "n_threads", "rpm", "tpm",
+                            "backoff_initial_s", "backoff_max_s", "max_wait_s"},
+                "train": {"threads"},
+                "generate": {"dry_run", "budget_usd", "shared_ledger", "mode", "batch"},
+                "eval": {"batch_size", "junit_xml", "summary_md", "worst"}}
+_NOT_CONTENT_NESTED = {("eval", "endpoint"): {"concurrency", "timeout_s", "max_retries"}}
 
 
 class GateFailed(DistillError):
@@ -42,6 +45,9 @@ def _slice(cfg: Config, stage: str) -> dict:
     for group, drop in _NOT_CONTENT.items():
         if group in out:
             out[group] = {k: v for k, v in out[group].items() if k not in drop}
+    for (group, sub), drop in _NOT_CONTENT_NESTED.items():
+        if isinstance(out.get(group, {}).get(sub), dict):
+            out[group][sub] = {k: v for k, v in out[group][sub].items() if k not in drop}
     if stage == "generate":
         out["recipe"] = {k: v for k, v in out["recipe"].items() if k != "dir"}
         out["recipe_files"] = runio.sha256_tree(Path(cfg.recipe.dir))
