@@ -1,0 +1,286 @@
+"""The routing rule: which requests a gateway sends to the distilled student, and when it falls back to the teacher.
+
+    from distill.routing import load_rule, decide
+    rule = load_rule("runs/x/publish/routing.yaml")
+    decision = decide(rule, {"metadata": {"distill_task": "support_tickets"}}, answer, confidence)
+    decision.use_student   # False -> send the request to rule.fallback (the teacher)
+
+publish writes ``routing.yaml`` (schema version 1, below) and its JSON schema ``routing.schema.json``. The
+confidence threshold is chosen on evaluate's validation coverage/agreement curve: the threshold with the most
+coverage whose agreement with the teacher meets ``publish.target_agreement``; when none does, the route is disabled
+and every request goes to the teacher.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from distill import DistillError
+
+SCHEMA_VERSION = 1
+
+
+class RoutingRuleError(DistillError):
+    """A routing file that is missing, unreadable or breaks the schema."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Match(_Strict):
+    """How a gateway recognises a request of this task: a metadata tag, or a model name the client asks for."""
+
+    metadata: dict[str, str] = Field(default_factory=dict, description="request metadata that marks the task")
+    model_aliases: list[str] = Field(default_factory=list, description="client-facing model names of the task")
+
+    @model_validator(mode="after")
+    def _something_to_match(self) -> "Match":
+        if not self.metadata and not self.model_aliases:
+            raise ValueError("give at least one metadata tag or model alias, or no request can match the task")
+        return self
+
+
+class TaskSpec(_Strict):
+    id: str = Field(min_length=1, description="the recipe name")
+    description: str = ""
+    match: Match
+    output_schema: dict[str, Any] = Field(description="JSON schema of a valid answer")
+
+
+class StudentSpec(_Strict):
+    model: str = Field(min_length=1, description="model name the student is served under")
+    endpoint: str = Field(min_length=1, description="OpenAI-compatible base URL of the student")
+    artifacts: dict[str, str] = Field(description="artifact name -> path relative to the publish folder")
+    stop: list[str] = Field(min_length=1, description="end-of-turn strings the server must stop at")
+    max_tokens: int = Field(ge=1)
+    temperature: float = Field(0.0, ge=0)
+
+
+class FallbackSpec(_Strict):
+    model: str = Field(min_length=1, description="the teacher model requests fall back to")
+    endpoint: str | None = Field(None, description="its base URL (null: the gateway's default for the model)")
+    api_key_env: str | None = Field(None, description="NAME of the environment variable holding its key")
+
+
+class RouteSpec(_Strict):
+    enabled: bool
+    confidence_threshold: float | None = Field(None, ge=0, le=1,
+                                               description="keep the student's answer when confidence >= this")
+    target_agreement: float = Field(ge=0, le=1)
+    expected_coverage: float | None = Field(None, ge=0, le=1, description="share of requests the student keeps")
+    expected_agreement: float | None = Field(None, ge=0, le=1, description="agreement on the kept share")
+    on_invalid_answer: Literal["fallback"] = "fallback"
+    reason: str = Field(min_length=1, description="why the route is enabled or disabled")
+
+    @model_validator(mode="after")
+    def _enabled_needs_threshold(self) -> "RouteSpec":
+        if self.enabled and (self.confidence_threshold is None or self.expected_coverage is None):
+            raise ValueError("an enabled route needs confidence_threshold and expected_coverage")
+        return self
+
+
+class CostSpec(_Strict):
+    teacher_usd_per_1k: float | None = Field(None, ge=0)
+    student_usd_per_1k: float | None = Field(None, ge=0)
+    blended_usd_per_1k: float | None = Field(None, ge=0,
+                                             description="student on every request + teacher on the fallbacks")
+    saving_vs_teacher: float | None = Field(None, le=1, description="1 - blended / teacher")
+
+
+class CurvePoint(_Strict):
+    threshold: float = Field(ge=0, le=1)
+    coverage: float = Field(ge=0, le=1)
+    agreement: float | None = Field(None, ge=0, le=1)
+    n: int = Field(ge=0)
+
+
+class Evidence(_Strict):
+    results_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of evaluate/results.json")
+    curve: str = Field(description="the results.json curve the threshold was chosen on")
+    n_val: int | None = Field(None, ge=0, description="validation items behind the curve")
+    test_coverage: float | None = Field(None, ge=0, le=1, description="coverage at the threshold on the test split")
+    test_agreement: float | None = Field(None, ge=0, le=1, description="agreement at the threshold on the test split")
+
+
+class RoutingRule(_Strict):
+    """Schema of ``publish/routing.yaml``."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    task: TaskSpec
+    student: StudentSpec
+    fallback: FallbackSpec
+    route: RouteSpec
+    cost: CostSpec
+    evidence: Evidence
+    _validator: Any = PrivateAttr(None)
+
+    def answer_errors(self, answer: Any) -> list[str]:
+        """Why an answer breaks the task's output schema ([] when it is valid)."""
+        if self._validator is None:
+            import jsonschema
+
+            self._validator = jsonschema.Draft202012Validator(self.task.output_schema)
+        return [e.message for e in self._validator.iter_errors(answer)]
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON schema of routing.yaml (published beside it as routing.schema.json)."""
+    schema = RoutingRule.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = f"distill routing rule, schema version {SCHEMA_VERSION}"
+    return schema
+
+
+def validate_rule(data: Any, source: str = "routing rule") -> RoutingRule:
+    """A RoutingRule from parsed YAML/JSON; raises RoutingRuleError naming every bad field at once."""
+    if not isinstance(data, dict):
+        raise RoutingRuleError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RoutingRuleError(f"{source}: schema_version {version!r} is not supported (this distill reads "
+                               f"version {SCHEMA_VERSION}); re-run `python -m distill publish`")
+    try:
+        return RoutingRule.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "rule"
+            problems.append(f"{where}: {err['msg']}")
+        raise RoutingRuleError(f"{source} is invalid: " + "; ".join(problems)) from None
+
+
+def load_rule(path: str | Path) -> RoutingRule:
+    """Load and validate a routing.yaml. Raises RoutingRuleError with the file and the bad fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise RoutingRuleError(f"routing file {path} does not exist (publish writes publish/routing.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RoutingRuleError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
+    return validate_rule(data, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# choosing the threshold
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    threshold: float
+    coverage: float
+    agreement: float
+    n: int
+
+
+def choose_threshold(curve: list[dict], target: float, min_items: int = 1) -> ThresholdChoice | None:
+    """The confidence threshold with the most coverage whose agreement meets ``target``.
+
+    Args:
+        curve: points ``{"threshold", "coverage", "agreement", "n"}`` (evaluate's val_coverage_curve).
+        target: the agreement the kept share must reach (publish.target_agreement).
+        min_items: points resting on fewer kept items than this are not trusted.
+    Returns:
+        The choice, or None when no point qualifies (route the task to the teacher). Among points of equal
+        coverage the highest threshold wins: the same measured items, the more careful rule.
+    Raises:
+        DistillError: a malformed curve point.
+    """
+    points = []
+    for i, raw in enumerate(curve):
+        try:
+            points.append(CurvePoint.model_validate(raw))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise DistillError(f"coverage curve point {i} is malformed ({'.'.join(map(str, first['loc']))}: "
+                               f"{first['msg']}); re-run evaluate") from None
+    eligible = [p for p in points if p.n >= max(1, min_items) and p.agreement is not None and p.agreement >= target]
+    if not eligible:
+        return None
+    best = max(eligible, key=lambda p: (p.coverage, p.threshold))
+    return ThresholdChoice(best.threshold, best.coverage, best.agreement, best.n)
+
+
+def point_at(curve: list[dict], threshold: float) -> dict | None:
+    """The point of a curve that applies a threshold: the highest listed threshold not above it."""
+    below = [p for p in curve if p["threshold"] <= threshold + 1e-12]
+    return max(below, key=lambda p: p["threshold"]) if below else None
+
+
+def blended_cost(coverage: float | None, teacher_per_1k: float | None,
+                 student_per_1k: float | None) -> tuple[float | None, float | None]:
+    """(blended USD per 1,000 requests, saving vs the teacher alone).
+
+    The student answers every request of the task first; the teacher is paid again for the share it falls back on.
+    With no route (coverage None) every request goes to the teacher alone.
+    """
+    if teacher_per_1k is None:
+        return None, None
+    if coverage is None:
+        return teacher_per_1k, 0.0
+    if student_per_1k is None:
+        return None, None
+    blended = student_per_1k + (1.0 - coverage) * teacher_per_1k
+    saving = 1.0 - blended / teacher_per_1k if teacher_per_1k > 0 else None
+    return round(blended, 6), (round(saving, 4) if saving is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the decision a gateway makes per request
+
+
+@dataclass(frozen=True)
+class Decision:
+    use_student: bool
+    reason: Literal["confident", "not_this_task", "route_disabled", "invalid_answer", "no_confidence",
+                    "below_threshold"]
+
+    @property
+    def target(self) -> str:
+        return "student" if self.use_student else "teacher"
+
+
+def matches(rule: RoutingRule, request: dict) -> bool:
+    """Whether a request belongs to the rule's task: its metadata carries every tag, or it names a task alias."""
+    match = rule.task.match
+    metadata = request.get("metadata") or {}
+    if match.metadata and all(str(metadata.get(k)) == v for k, v in match.metadata.items()):
+        return True
+    return bool(match.model_aliases) and request.get("model") in match.model_aliases
+
+
+def decide(rule: RoutingRule, request: dict, answer: dict | str | None, confidence: float | None) -> Decision:
+    """Keep the student's answer or fall back to the teacher.
+
+    Args:
+        rule: a validated routing rule (load_rule).
+        request: the client's request, at least ``{"metadata": {...}}`` or ``{"model": ...}``.
+        answer: the student's answer, parsed (dict) or raw text; None when it produced nothing usable.
+        confidence: the student's confidence in its whole answer (0..1), None when unknown.
+    Returns:
+        Decision(use_student, reason). Only a matching request on an enabled route with a schema-valid answer
+        whose confidence reaches the threshold keeps the student's answer.
+    """
+    if not matches(rule, request):
+        return Decision(False, "not_this_task")
+    if not rule.route.enabled:
+        return Decision(False, "route_disabled")
+    if isinstance(answer, str):
+        try:
+            answer = json.loads(answer)
+        except json.JSONDecodeError:
+            answer = None
+    if answer is None or rule.answer_errors(answer):
+        return Decision(False, "invalid_answer")
+    if confidence is None:
+        return Decision(False, "no_confidence")
+    if confidence < rule.route.confidence_threshold:
+        return Decision(False, "below_threshold")
+    return Decision(True, "confident")

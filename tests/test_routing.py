@@ -1,0 +1,147 @@
+"""The routing rule: threshold choice on a known curve, the per-request decision, validation of routing files."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import yaml
+
+from distill import DistillError
+from distill.routing import (RoutingRule, RoutingRuleError, blended_cost, choose_threshold, decide, json_schema,
+                             load_rule, point_at, validate_rule)
+
+# A validation curve with a known answer: agreement rises with the threshold while coverage falls.
+CURVE = [
+    {"threshold": 0.0, "coverage": 1.0, "agreement": 0.80, "n": 100},
+    {"threshold": 0.5, "coverage": 0.90, "agreement": 0.90, "n": 90},
+    {"threshold": 0.7, "coverage": 0.70, "agreement": 0.97, "n": 70},
+    {"threshold": 0.8, "coverage": 0.60, "agreement": 0.98, "n": 60},
+    {"threshold": 0.85, "coverage": 0.60, "agreement": 0.98, "n": 60},
+    {"threshold": 0.9, "coverage": 0.40, "agreement": 1.0, "n": 40},
+    {"threshold": 0.99, "coverage": 0.05, "agreement": 1.0, "n": 5},
+]
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["category"],
+          "properties": {"category": {"type": "string", "enum": ["billing", "refund"]}}}
+
+
+def rule_dict(**route) -> dict:
+    choice = choose_threshold(CURVE, 0.98)
+    base_route = {"enabled": True, "confidence_threshold": choice.threshold, "target_agreement": 0.98,
+                  "expected_coverage": choice.coverage, "expected_agreement": choice.agreement,
+                  "reason": "chosen on the val curve"}
+    return {"schema_version": 1,
+            "task": {"id": "tickets", "match": {"metadata": {"distill_task": "tickets"}, "model_aliases": ["tickets"]},
+                     "output_schema": SCHEMA},
+            "student": {"model": "tickets-small", "endpoint": "http://127.0.0.1:8080/v1",
+                        "artifacts": {"gguf-q8_0": "model/t-q8_0.gguf"}, "stop": ["<|im_end|>"], "max_tokens": 32},
+            "fallback": {"model": "gpt-4o-mini", "endpoint": "https://api.openai.com/v1",
+                         "api_key_env": "OPENAI_API_KEY"},
+            "route": {**base_route, **route},
+            "cost": {"teacher_usd_per_1k": 0.2, "student_usd_per_1k": 0.02, "blended_usd_per_1k": 0.1,
+                     "saving_vs_teacher": 0.5},
+            "evidence": {"results_sha256": "a" * 64, "curve": "val_coverage_curve", "n_val": 100}}
+
+
+@pytest.mark.parametrize("target, expected", [
+    (0.98, (0.85, 0.60)),   # most coverage at >= 0.98; of the two equal-coverage points the stricter threshold
+    (0.97, (0.7, 0.70)),
+    (0.80, (0.0, 1.0)),     # everything qualifies: keep every answer
+    (1.0, (0.9, 0.40)),     # 0.99 also reaches 1.0 but covers less
+])
+def test_threshold_is_the_most_coverage_that_meets_the_target(target, expected):
+    choice = choose_threshold(CURVE, target)
+    assert (choice.threshold, choice.coverage) == expected
+    assert choice.agreement >= target
+
+
+def test_no_threshold_when_the_target_is_out_of_reach_or_the_evidence_thin():
+    assert choose_threshold(CURVE, 1.0, min_items=50) is None  # only the 40- and 5-item points reach 1.0
+    assert choose_threshold([{"threshold": 0.0, "coverage": 1.0, "agreement": None, "n": 0}], 0.5) is None
+    assert choose_threshold([], 0.5) is None
+    with pytest.raises(DistillError, match="point 0 is malformed.*coverage"):
+        choose_threshold([{"threshold": 0.1, "coverage": 2.0, "agreement": 0.9, "n": 3}], 0.5)
+
+
+def test_point_at_applies_a_threshold_to_another_curve():
+    assert point_at(CURVE, 0.86)["threshold"] == 0.85
+    assert point_at(CURVE, 0.7)["threshold"] == 0.7
+    assert point_at(CURVE[3:], 0.1) is None
+
+
+def test_blended_cost_pays_the_student_always_and_the_teacher_on_fallbacks():
+    assert blended_cost(0.6, 0.2, 0.02) == (pytest.approx(0.02 + 0.4 * 0.2), pytest.approx(1 - 0.1 / 0.2))
+    assert blended_cost(None, 0.2, 0.02) == (0.2, 0.0)  # route disabled: teacher only
+    assert blended_cost(0.6, None, 0.02) == (None, None)
+
+
+@pytest.mark.parametrize("request_, answer, confidence, keep, reason", [
+    ({"metadata": {"distill_task": "tickets"}}, {"category": "billing"}, 0.90, True, "confident"),
+    ({"model": "tickets"}, '{"category": "refund"}', 0.85, True, "confident"),  # at the threshold: kept
+    ({"metadata": {"distill_task": "tickets"}}, {"category": "billing"}, 0.84, False, "below_threshold"),
+    ({"metadata": {"distill_task": "tickets"}}, {"category": "billing"}, None, False, "no_confidence"),
+    ({"metadata": {"distill_task": "tickets"}}, {"category": "weather"}, 0.99, False, "invalid_answer"),
+    ({"metadata": {"distill_task": "tickets"}}, "not json {", 0.99, False, "invalid_answer"),
+    ({"metadata": {"distill_task": "tickets"}}, None, 0.99, False, "invalid_answer"),
+    ({"metadata": {"distill_task": "emails"}}, {"category": "billing"}, 0.99, False, "not_this_task"),
+    ({"model": "gpt-4o"}, {"category": "billing"}, 0.99, False, "not_this_task"),
+])
+def test_decide_on_the_threshold_chosen_from_the_curve(request_, answer, confidence, keep, reason):
+    rule = validate_rule(rule_dict())
+    assert rule.route.confidence_threshold == 0.85
+    decision = decide(rule, request_, answer, confidence)
+    assert (decision.use_student, decision.reason) == (keep, reason)
+    assert decision.target == ("student" if keep else "teacher")
+
+
+def test_a_disabled_route_always_falls_back():
+    rule = validate_rule(rule_dict(enabled=False, confidence_threshold=None, expected_coverage=None,
+                                   expected_agreement=None))
+    assert decide(rule, {"model": "tickets"}, {"category": "billing"}, 1.0).reason == "route_disabled"
+
+
+def test_load_rule_round_trip_and_json_schema(tmp_path):
+    path = tmp_path / "routing.yaml"
+    path.write_text(yaml.safe_dump(rule_dict()))
+    rule = load_rule(path)
+    assert isinstance(rule, RoutingRule) and rule.fallback.api_key_env == "OPENAI_API_KEY"
+    schema = json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**rule_dict(), "route": {**rule_dict()["route"], "confidence_threshold": 1.5}}, schema)
+    json.dumps(schema)  # serialisable as routing.schema.json
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["route"].update(confidence_threshold=1.5), r"route\.confidence_threshold: .*less than or equal to 1"),
+    (lambda d: d["route"].update(confidence_threshold=None), r"route: .*enabled route needs confidence_threshold"),
+    (lambda d: d["student"].pop("endpoint"), r"student\.endpoint: Field required"),
+    (lambda d: d["student"].update(stop=[]), r"student\.stop: "),
+    (lambda d: d["task"]["match"].update(metadata={}, model_aliases=[]), r"task\.match: .*at least one"),
+    (lambda d: d["evidence"].update(results_sha256="abc"), r"evidence\.results_sha256: "),
+    (lambda d: d.update(extra_key=1), r"extra_key: Extra inputs are not permitted"),
+    (lambda d: d.update(schema_version=7), r"schema_version 7 is not supported"),
+])
+def test_invalid_rules_are_rejected_naming_the_field(tmp_path, mutate, message):
+    data = rule_dict()
+    mutate(data)
+    path = tmp_path / "routing.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RoutingRuleError, match=message) as err:
+        load_rule(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_or_unparseable_file_says_so(tmp_path):
+    with pytest.raises(RoutingRuleError, match="does not exist"):
+        load_rule(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("route: [unclosed\n")
+    with pytest.raises(RoutingRuleError, match="not valid YAML"):
+        load_rule(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(RoutingRuleError, match="expected a mapping"):
+        load_rule(bad)
