@@ -47,6 +47,12 @@ CREATE TABLE IF NOT EXISTS batches (
     status TEXT NOT NULL,           -- uploaded | submitted | done
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS batch_lines (
+    submission TEXT NOT NULL,       -- the request bodies of a submission, so any run sharing the ledger can join it
+    key TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (submission, key)
+);
 CREATE TABLE IF NOT EXISTS hits (
     run TEXT PRIMARY KEY,
     count INTEGER NOT NULL
@@ -122,6 +128,18 @@ class Ledger:
         row = self.db.execute("SELECT batch_id, input_file_id, status FROM batches WHERE submission = ?",
                               (submission,)).fetchone()
         return None if row is None else {"batch_id": row[0], "input_file_id": row[1], "status": row[2]}
+
+    def record_batch_lines(self, submission: str, bodies: dict[str, dict]) -> None:
+        with self.db:  # one transaction: all lines or none
+            self.db.execute("BEGIN")
+            self.db.executemany("INSERT OR IGNORE INTO batch_lines VALUES (?,?,?)",
+                                [(submission, k, runio.canonical_json(b)) for k, b in bodies.items()])
+
+    def batch_lines(self, submission: str) -> dict[str, dict]:
+        import json
+
+        return {k: json.loads(b) for k, b in
+                self.db.execute("SELECT key, body FROM batch_lines WHERE submission = ?", (submission,))}
 
     def open_batches(self) -> list[tuple[str, str | None]]:
         """(submission, batch_id) of batches submitted and not yet joined: a restarted run polls these."""

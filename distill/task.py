@@ -39,6 +39,11 @@ class OutputSchema:
         """Fields with a fixed set of values (classification fields)."""
         return {k: v["enum"] for k, v in self.schema["properties"].items() if "enum" in v}
 
+    @cached_property
+    def sha256(self) -> str:
+        """Hash of the answer contract: part of every teacher request's ledger key."""
+        return runio.sha256_obj(self.schema)
+
     def errors(self, obj: Any) -> list[str]:
         return [e.message for e in self._validator.iter_errors(obj)]
 

@@ -22,6 +22,7 @@ from distill import DistillError, dataqa, paths, runio
 from distill.config import Config
 from distill.ledger import Ledger, request_key
 from distill.task import Example, Task
+from distill.teacher.budget import Budget
 
 log = logging.getLogger("distill")
 
@@ -49,50 +50,6 @@ def resolve_method(cfg: Config, task: Task) -> str:
         raise DistillError("generate.mode=batch needs an OpenAI-compatible Batch API (teacher=openai), "
                            "teacher.method=generate and generate.self_consistency=1")
     return method
-
-
-class Budget:
-    """The hard cap on spend: a request is admitted only if what is spent, what is in flight (at its estimated
-    price) and its own estimate fit under the cap; when they do not, it waits for in-flight requests to settle
-    before deciding, so the run neither overshoots nor stops early by more than about one request."""
-
-    def __init__(self, cap: float | None):
-        self.cap = cap
-        self.spent = 0.0
-        self.reserved = 0.0
-        self.stopped = False
-        self._cond = asyncio.Condition()
-
-    async def admit(self, estimate: float) -> bool:
-        if self.cap is None:
-            return True
-        async with self._cond:
-            while not self.stopped:
-                if self.spent + self.reserved + estimate <= self.cap:
-                    self.reserved += estimate
-                    return True
-                if self.reserved == 0:
-                    self.stopped = True
-                    break
-                await self._cond.wait()
-            return False
-
-    def try_admit(self, estimate: float) -> bool:
-        """Admit without waiting (a batch is assembled before anything in it is paid)."""
-        if self.cap is None:
-            return True
-        if not self.stopped and self.spent + self.reserved + estimate <= self.cap:
-            self.reserved += estimate
-            return True
-        self.stopped = True
-        return False
-
-    async def settle(self, estimate: float, actual: float) -> None:
-        async with self._cond:
-            self.spent += actual
-            if self.cap is not None:
-                self.reserved = max(0.0, self.reserved - estimate)
-            self._cond.notify_all()
 
 
 def chat_request(cfg: Config, task: Task, messages: list[dict]) -> dict:
@@ -163,7 +120,7 @@ def prepare(cfg: Config, task: Task, examples: list[Example]) -> tuple[list[Exam
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
-    from distill.teacher.client import TeacherClient
+    from distill.teacher.client import BUDGET, TeacherClient
 
     out_dir = paths.stage_dir(run_dir, "generate")
     task = Task(cfg)
@@ -189,7 +146,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                     base_url = stack.enter_context(teacher_endpoint(cfg, out_dir, logits_all=method == "score"))
                 return base_url
 
-            budget = Budget(cfg.generate.budget_usd)
+            budget = Budget(cfg.generate.budget_usd, ledger.summary()["cost_usd"])
             synth_summary = None
             if cfg.generate.source == "synthesize":
                 from distill.stages.synthesize import synthesize
@@ -216,9 +173,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
             if to_label:
                 client = TeacherClient(cfg.teacher, endpoint(), task.schema, ledger, cfg.generate.max_attempts,
                                        votes=cfg.generate.self_consistency,
-                                       min_vote_share=cfg.generate.min_vote_share)
+                                       min_vote_share=cfg.generate.min_vote_share, budget=budget)
                 labelled_outcomes = asyncio.run(_teach(client, cfg, task, method, to_label, requests, shots,
                                                        budget, run_dir))
+                labelled_outcomes = [None if o is not None and o.reason == BUDGET else o for o in labelled_outcomes]
                 transport = dict(client.transport_errors)
                 batches_created = getattr(client, "batches_created", None)
             else:
@@ -273,8 +231,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         "paid_calls_this_run": sum(o.paid_calls for o in outcomes if o is not None),
         "new_ledger_rows": new_rows,
         "cache_hits_this_run": hits,
-        "cost_usd_this_run": round(sum(o.cost_usd for o in outcomes if o is not None), 6),
-        "retried_transport_errors": transport,
+        "cost_usd_this_run": round(budget.spent_this_run, 6),
+        "transport_errors": transport,
         "batches_created_this_run": batches_created,
         "ledger": ledger_summary,
         "label_distribution": _distribution(labelled, task),
@@ -283,9 +241,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
     }
     runio.write_json(out_dir / "qa.json", {**qa, "label_distribution": summary["label_distribution"]})
     if budget_skipped:
-        raise DistillError(f"generate stopped at the budget cap ${cfg.generate.budget_usd} after spending "
-                           f"${summary['cost_usd_this_run']:.4f}: {budget_skipped} inputs not labelled; everything "
-                           f"paid is kept in the ledger. Raise generate.budget_usd and rerun")
+        raise DistillError(f"generate stopped at the budget cap ${cfg.generate.budget_usd} (the ledger holds "
+                           f"${budget.spent:.4f}, ${summary['cost_usd_this_run']:.4f} of it from this run): "
+                           f"{budget_skipped} inputs not labelled; everything paid is kept in the ledger. Raise "
+                           f"generate.budget_usd and rerun: only the difference is spent")
     if not labelled:
         raise DistillError(f"the teacher produced no valid answer for any of {len(examples)} inputs "
                            f"(rejected: {dict(reasons)}); check the prompt and teacher.structured_output")
@@ -351,24 +310,26 @@ def _planned_requests(cfg: Config, task: Task, method: str, examples: list[Examp
 
 
 async def _label_all(client, messages: list[list[dict]], budget: Budget) -> list:
-    """Label every input with bounded concurrency under the budget; an input not admitted stays None."""
+    """Label every input with bounded concurrency; every paid attempt is admitted by the budget inside the client."""
+    from distill.teacher.client import Outcome
+
     results: list = [None] * len(messages)
     bar = tqdm(total=len(messages), desc="teacher", unit="input", leave=False)
     admit = asyncio.Semaphore(client.tcfg.concurrency)
 
     async def one(i: int) -> None:
         async with admit:
-            estimate = client.max_cost(messages[i]) / client.max_attempts
-            if client.fatal or not await budget.admit(estimate):
+            if client.fatal:
                 return
-            outcome = None
             try:
-                outcome = await client.label(messages[i])
-            finally:
-                await budget.settle(estimate, outcome.cost_usd if outcome else 0.0)
-        results[i] = outcome
+                results[i] = await client.label(messages[i])
+            except DistillError:
+                raise
+            except Exception as exc:  # one odd answer must not cancel the calls in flight (already paid for)
+                log.warning("input %d: unexpected %s: %s", i, type(exc).__name__, client.scrub(str(exc))[:200])
+                results[i] = Outcome(None, f"client_error_{type(exc).__name__}", None, 0, 0)
         bar.update(1)
-        bar.set_postfix(spent=f"${budget.spent:.4f}", refresh=False)
+        bar.set_postfix(spent=f"${budget.spent_this_run:.4f}", refresh=False)
 
     try:
         await asyncio.gather(*(one(i) for i in range(len(messages))))
@@ -382,7 +343,7 @@ async def _score_all(client, task: Task, examples: list[Example], shots, calibra
     cache keeps the shared prefix), then calibrate each field over all inputs and pick the best value."""
     import numpy as np
 
-    from distill.teacher.client import Outcome
+    from distill.teacher.client import BUDGET, Outcome
     from distill.teacher.scoring import calibrate as calibrate_scores
     from distill.teacher.scoring import few_shot_log_prior, field_messages, value_scores
 
@@ -394,17 +355,12 @@ async def _score_all(client, task: Task, examples: list[Example], shots, calibra
     async def one(i: int, field: str):
         messages = field_messages(task, examples[i].text, field, shots[i] if shots is not None else None)
         async with admit:
-            estimate = client.cost(sum(len(m["content"]) for m in messages) // 3 + 16, 0, 1)
-            if client.fatal or not await budget.admit(estimate):
+            if client.fatal:
                 return None
-            outcome = None
-            try:
-                outcome = await client.top_logprobs(messages)
-            finally:
-                await budget.settle(estimate, outcome.cost_usd if outcome else 0.0)
+            outcome = await client.top_logprobs(messages)
         bar.update(1)
-        bar.set_postfix(spent=f"${budget.spent:.4f}", refresh=False)
-        return outcome
+        bar.set_postfix(spent=f"${budget.spent_this_run:.4f}", refresh=False)
+        return None if outcome.reason == BUDGET else outcome
 
     try:
         for field in fields:

@@ -74,7 +74,7 @@ def plan(cfg: Config, task: Task) -> list[tuple[dict, int, list[dict]]]:
 
 def synthesize(cfg: Config, task: Task, ledger, endpoint, budget) -> tuple[list[Example], dict]:
     """Have the teacher write the inputs; returns them as Examples (ids from the cell and sample) and a summary."""
-    from distill.teacher.client import TeacherClient
+    from distill.teacher.client import BUDGET, TeacherClient
 
     jobs = plan(cfg, task)
     if cfg.generate.dry_run:  # the labelling estimate needs texts: estimate the writing calls and stop
@@ -86,22 +86,18 @@ def synthesize(cfg: Config, task: Task, ledger, endpoint, budget) -> tuple[list[
         raise DryRunStop(f"dry run: {len(jobs)} inputs to write (~${usd:.4f}), then the same number to label; "
                          f"nothing was sent")
     tcfg = cfg.teacher.model_copy(update={"max_tokens": max(cfg.teacher.max_tokens, 160)})
-    client = TeacherClient(tcfg, endpoint(), task.schema, ledger, cfg.generate.max_attempts)
+    chars = sum(len(m["content"]) for _, _, msgs in jobs for m in msgs)
+    log.info("synthesize: %d inputs to write over the grid, ~%d prompt tokens (labelling is estimated after)",
+             len(jobs), chars // 4)
+    client = TeacherClient(tcfg, endpoint(), task.schema, ledger, cfg.generate.max_attempts, budget=budget)
 
     async def main():
         sem = asyncio.Semaphore(tcfg.concurrency)
 
         async def one(messages: list[dict], k: int):
             async with sem:
-                estimate = client.max_cost(messages) / client.max_attempts
-                if not await budget.admit(estimate):
-                    return None
-                outcome = None
-                try:
-                    outcome = await client.write(messages, k)
-                finally:
-                    await budget.settle(estimate, outcome.cost_usd if outcome else 0.0)
-                return outcome
+                outcome = await client.write(messages, k)
+            return None if outcome.reason == BUDGET else outcome
 
         try:
             return await asyncio.gather(*(one(msgs, k) for _, k, msgs in jobs))
@@ -109,9 +105,12 @@ def synthesize(cfg: Config, task: Task, ledger, endpoint, budget) -> tuple[list[
             await client.close()
 
     outcomes = asyncio.run(main())
-    examples, failed = [], 0
+    examples, failed, stopped = [], 0, 0
     for (cell, k, _), outcome in zip(jobs, outcomes):
-        if outcome is None or outcome.answer is None:
+        if outcome is None:
+            stopped += 1
+            continue
+        if outcome.answer is None:
             failed += 1
             continue
         ex_id = "syn-" + runio.sha256_obj([cell, k])[:12]
@@ -120,7 +119,7 @@ def synthesize(cfg: Config, task: Task, ledger, endpoint, budget) -> tuple[list[
         raise DistillError(f"the teacher wrote no usable input for any of {len(jobs)} grid cells; check "
                            f"synthesis.prompt")
     summary = {"cells": len({runio.sha256_obj(c) for c, _, _ in jobs}), "requested": len(jobs),
-               "written": len(examples), "failed": failed,
+               "written": len(examples), "failed": failed, "not_written_budget": stopped,
                "cost_usd": round(sum(o.cost_usd for o in outcomes if o is not None), 6),
                "cache_hits": sum(o.cache_hit for o in outcomes if o is not None)}
     log.info("synthesize: %d inputs written over %d cells (%d failed)", len(examples), summary["cells"], failed)

@@ -12,23 +12,23 @@ or expired lines go back to the queue.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
 
 from distill import DistillError, paths, runio
 from distill.ledger import request_key
-from distill.teacher.client import Outcome, RequestFailed, TeacherClient, _usage, namespace
+from distill.teacher.client import ANSWER_REASONS, Outcome, RequestFailed, TeacherClient, _usage, namespace
 
 log = logging.getLogger("distill")
 
-ANSWER_REASONS = {"empty", "invalid_json", "schema_violation", "refusal", "finish_length", "content_filter"}
 FINAL_STATUSES = {"completed", "failed", "expired", "cancelled"}
 ENDPOINT = "/v1/chat/completions"
 
 
 def _body(request: dict) -> dict:
-    body = {k: v for k, v in request.items() if k != "extra_body" and v is not None}
+    body = {k: v for k, v in request.items() if k != "extra_body" and not k.startswith("_") and v is not None}
     body.update(request.get("extra_body") or {})
     return body
 
@@ -49,12 +49,23 @@ class BatchRunner:
                                f"rerun to resume (submitted batches are polled, not resubmitted)") from None
 
     async def submit(self, requests: dict[str, dict]) -> str:
-        """Upload and create one batch for ``{key: request}``; returns its submission id."""
-        submission = runio.sha256_obj(sorted(requests))
-        if self.ledger.batch(submission) is None:
+        """Upload and create one batch for ``{key: request}``; returns its submission id.
+
+        The id is the hash of the keys and a round number: the same keys after a failed or expired batch make a
+        new submission, while a restarted process finds its own unfinished one.
+        """
+        keys = sorted(requests)
+        for round_no in itertools.count():
+            submission = runio.sha256_obj([keys, round_no])
+            rec = self.ledger.batch(submission)
+            if rec is None or rec["status"] != "done":
+                break
+        if rec is None:
+            bodies = {key: _body(req) for key, req in requests.items()}
+            self.ledger.record_batch_lines(submission, bodies)
             path = self.folder / f"{submission[:16]}.jsonl"
-            runio.write_jsonl(path, [{"custom_id": key, "method": "POST", "url": ENDPOINT, "body": _body(req)}
-                                     for key, req in requests.items()])
+            runio.write_jsonl(path, [{"custom_id": key, "method": "POST", "url": ENDPOINT, "body": body}
+                                     for key, body in bodies.items()])
             uploaded = await self._api(self.client.client.files.create, file=(path.name, path.read_bytes()),
                                        purpose="batch")
             self.ledger.record_batch(submission, n=len(requests), input_file_id=uploaded.id, status="uploaded")
@@ -95,9 +106,8 @@ class BatchRunner:
                 raise DistillError(f"batch {batch_id} still {batch.status} after {self.bcfg.timeout_h} h; rerun "
                                    f"later to keep polling it (nothing is resubmitted)")
             await asyncio.sleep(self.bcfg.poll_interval_s)
-        counts = {"ok": 0, "invalid": 0, "errored": 0}
-        path = self.folder / f"{submission[:16]}.jsonl"
-        bodies = {line["custom_id"]: line["body"] for line in runio.read_jsonl(path)} if path.exists() else {}
+        counts = {"ok": 0, "invalid": 0, "errored": 0, "already_joined": 0}
+        bodies = self.ledger.batch_lines(submission)
         if batch.output_file_id:
             content = await self._api(self.client.client.files.content, batch.output_file_id)
             for line in content.text.splitlines():
@@ -107,6 +117,9 @@ class BatchRunner:
                 key, response = item.get("custom_id"), item.get("response") or {}
                 if key not in bodies or response.get("status_code") != 200:
                     counts["errored"] += 1
+                    continue
+                if self.ledger.get(key) is not None or self.ledger.last_failure(key) in ANSWER_REASONS:
+                    counts["already_joined"] += 1  # a previous process joined it and died before marking done
                     continue
                 counts["ok" if self._join(key, bodies[key], response["body"]) else "invalid"] += 1
         counts["errored"] += (batch.request_counts.failed if batch.request_counts else 0)
@@ -164,7 +177,7 @@ async def label_batch(client: TeacherClient, cfg, messages: list[list[dict]], bu
                 continue
             key = request_key(request)
             if key not in todo:
-                estimate = client.max_cost(messages[i]) / max_attempts * client.tcfg.price.batch_discount
+                estimate = client.estimate(request) * client.tcfg.price.batch_discount
                 if not budget.try_admit(estimate):
                     stopped.add(i)
                     continue

@@ -14,6 +14,7 @@ minute are limited client-side with ``aiolimiter``; ``teacher.concurrency`` boun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import logging
@@ -64,6 +65,16 @@ class Outcome:
     confidence: dict | None = None  # per-field probability of the chosen value (score) or vote share (votes)
 
 
+BUDGET = "budget"  # Outcome.reason of an input the budget cap stopped before it was asked: not a rejection
+# Reasons that judge an answer the teacher gave: final for that request key (a new attempt is a new sample).
+ANSWER_REASONS = frozenset({"empty", "invalid_json", "schema_violation", "refusal", "finish_length",
+                            "content_filter"})
+
+
+class BudgetStop(Exception):
+    """The budget cap has no room for this request."""
+
+
 class RequestFailed(Exception):
     """One request failed for good (retries spent, a 400, a Retry-After past max_wait_s); the run goes on."""
 
@@ -90,8 +101,12 @@ def retry_after_s(exc: BaseException) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
-        when = email.utils.parsedate_to_datetime(value) if value else None
-        return max(0.0, when.timestamp() - time.time()) if when else None
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None  # unreadable: fall back to our own backoff
+    return max(0.0, when.timestamp() - time.time()) if when else None
 
 
 def is_retryable(exc: BaseException) -> bool:
@@ -144,6 +159,9 @@ def build_chat_request(tcfg: TeacherConfig, schema: OutputSchema, messages: list
                "response_format": schema.response_format(tcfg.structured_output)}
     if extra := schema.extra_body(tcfg.structured_output):
         request["extra_body"] = extra
+    # The answer contract is part of the key even when it is not sent (structured_output=none): an answer paid
+    # for under one schema is never served from the ledger under another. Keys starting with _ are not sent.
+    request["_schema"] = schema.sha256
     seed = (sample or 0) * 1000 + attempt
     if seed:
         request["seed"] = seed
@@ -160,7 +178,7 @@ def build_score_request(tcfg: TeacherConfig, messages: list[dict]) -> dict:
 
 class TeacherClient:
     def __init__(self, tcfg: TeacherConfig, base_url: str, schema: OutputSchema, ledger: Ledger,
-                 max_attempts: int = 3, *, votes: int = 1, min_vote_share: float = 0.0):
+                 max_attempts: int = 3, *, votes: int = 1, min_vote_share: float = 0.0, budget=None):
         self.tcfg = tcfg
         self.base_url = base_url
         self.schema = schema
@@ -178,6 +196,9 @@ class TeacherClient:
         self.tpm = AsyncLimiter(tcfg.tpm, 60) if tcfg.tpm else None
         self.transport_errors: Counter = Counter()  # retried errors by reason, for the summary
         self.fatal = False  # set once a call proved that no call can succeed (401/403/404): send nothing more
+        self.budget = budget  # distill.teacher.budget.Budget or None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._waiters: Counter = Counter()
 
     def scrub(self, text: str) -> str:
         """Remove the API key from any text before it is logged or stored."""
@@ -192,10 +213,6 @@ class TeacherClient:
                + completion_tokens * p.output_per_1m) / 1e6
         return usd * p.batch_discount if batch else usd
 
-    def max_cost(self, messages: list[dict]) -> float:
-        """An upper bound on one request's price (3 characters per token, every completion token used)."""
-        chars = sum(len(m["content"]) for m in messages)
-        return self.cost(chars // 3 + 16, 0, self.tcfg.max_tokens) * self.votes * self.max_attempts
 
     # -- labelling ------------------------------------------------------------------------------------------------
 
@@ -204,6 +221,8 @@ class TeacherClient:
         if self.votes == 1:
             return await self._label_one(messages, None)
         outcomes = [await self._label_one(messages, k) for k in range(self.votes)]
+        if any(o.reason == BUDGET for o in outcomes):
+            return next(o for o in outcomes if o.reason == BUDGET)
         paid = sum(o.paid_calls for o in outcomes)
         cost = sum(o.cost_usd for o in outcomes)
         valid = [o for o in outcomes if o.answer is not None]
@@ -226,7 +245,11 @@ class TeacherClient:
 
     async def _label_one(self, messages: list[dict], sample: int | None, parse=None,
                          structured: bool = True) -> Outcome:
-        """Ledger first, then the teacher, validating every answer; a bad answer is retried as a fresh sample."""
+        """Ledger first, then the teacher, validating every answer; a bad answer is retried as a fresh sample.
+
+        A request key whose answer was already rejected (in this or an earlier run) is never sent again: the next
+        attempt index is a fresh sample. Transport failures are not final: the next run retries them.
+        """
         parse = parse or self.schema.parse
         reason = "no_attempt"
         paid = 0
@@ -238,34 +261,42 @@ class TeacherClient:
                 request.pop("response_format", None)
                 request.pop("extra_body", None)
             key = request_key(request)
-            cached = self.ledger.get(key)
-            if cached is not None:
-                answer, _ = parse(cached["response"])
-                return Outcome(answer, None, key, attempt, paid, cache_hit=True, cost_usd=spent)
-            try:
-                choice, usage, latency = await self._call(request)
-            except RequestFailed as exc:
-                self.ledger.record_failure(key, exc.reason, self.scrub(exc.detail)[:200])
-                return Outcome(None, exc.reason, key, attempt, paid, cost_usd=spent)
-            text, finish = choice.message.content, choice.finish_reason
-            paid += 1
-            prompt_tokens, cached_tokens, completion_tokens = _usage(usage)
-            cost = self.cost(prompt_tokens, cached_tokens, completion_tokens)
-            spent += cost
-            answer, reason = parse(text)
-            if getattr(choice.message, "refusal", None):
-                answer, reason = None, "refusal"
-            elif finish == "length":
-                answer, reason = None, "finish_length"
-            elif finish == "content_filter":
-                answer, reason = None, "content_filter"
-            if answer is not None:
-                self.ledger.record_success(key, self.tcfg.model or "", request, text, prompt_tokens=prompt_tokens,
-                                           cached_tokens=cached_tokens, completion_tokens=completion_tokens,
-                                           cost_usd=cost, latency_s=latency)
-                return Outcome(answer, None, key, attempt, paid, cost_usd=spent)
-            self.ledger.record_failure(key, reason, (text or "")[:200], prompt_tokens=prompt_tokens,
-                                       completion_tokens=completion_tokens, cost_usd=cost)
+            async with self._exclusive(key):  # an identical request in flight: wait for it, then read the ledger
+                cached = self.ledger.get(key)
+                if cached is not None:
+                    answer, cached_reason = parse(cached["response"])
+                    if answer is not None:
+                        return Outcome(answer, None, key, attempt, paid, cache_hit=True, cost_usd=spent)
+                    reason = f"cached_{cached_reason}"
+                    continue
+                previous = self.ledger.last_failure(key)
+                if previous in ANSWER_REASONS:
+                    reason = previous
+                    continue
+                try:
+                    choice, tokens, latency, cost = await self._paid_call(request)
+                except BudgetStop:
+                    return Outcome(None, BUDGET, key, attempt, paid, cost_usd=spent)
+                except RequestFailed as exc:
+                    self.ledger.record_failure(key, exc.reason, self.scrub(exc.detail)[:200])
+                    return Outcome(None, exc.reason, key, attempt, paid, cost_usd=spent)
+                text, finish = choice.message.content, choice.finish_reason
+                paid += 1
+                spent += cost
+                answer, reason = parse(text)
+                if choice.message.refusal:
+                    answer, reason = None, "refusal"
+                elif finish == "length":
+                    answer, reason = None, "finish_length"
+                elif finish == "content_filter":
+                    answer, reason = None, "content_filter"
+                if answer is not None:
+                    self.ledger.record_success(key, self.tcfg.model or "", request, text, prompt_tokens=tokens[0],
+                                               cached_tokens=tokens[1], completion_tokens=tokens[2], cost_usd=cost,
+                                               latency_s=latency)
+                    return Outcome(answer, None, key, attempt, paid, cost_usd=spent)
+                self.ledger.record_failure(key, reason, (text or "")[:200], prompt_tokens=tokens[0],
+                                           completion_tokens=tokens[2], cost_usd=cost)
         return Outcome(None, reason, key, self.max_attempts - 1, paid, cost_usd=spent)
 
     async def top_logprobs(self, messages: list[dict]) -> Outcome:
@@ -275,27 +306,70 @@ class TeacherClient:
         """
         request = build_score_request(self.tcfg, messages)
         key = request_key(request)
-        cached = self.ledger.get(key)
-        if cached is not None:
-            return Outcome({"top": json.loads(cached["response"])}, None, key, 0, 0, cache_hit=True)
+        async with self._exclusive(key):
+            cached = self.ledger.get(key)
+            if cached is not None:
+                return Outcome({"top": json.loads(cached["response"])}, None, key, 0, 0, cache_hit=True)
+            if self.ledger.last_failure(key) == "no_logprobs":
+                return Outcome(None, "no_logprobs", key, 0, 0)
+            try:
+                choice, tokens, latency, cost = await self._paid_call(request)
+            except BudgetStop:
+                return Outcome(None, BUDGET, key, 0, 0)
+            except RequestFailed as exc:
+                self.ledger.record_failure(key, exc.reason, self.scrub(exc.detail)[:200])
+                return Outcome(None, exc.reason, key, 0, 0)
+            content = choice.logprobs.content if choice.logprobs else None
+            if not content or not content[0].top_logprobs:
+                self.ledger.record_failure(key, "no_logprobs", "server returned no top_logprobs",
+                                           prompt_tokens=tokens[0], completion_tokens=tokens[2], cost_usd=cost)
+                return Outcome(None, "no_logprobs", key, 0, 1, cost_usd=cost)
+            top = [[t.token, t.logprob] for t in content[0].top_logprobs]
+            self.ledger.record_success(key, self.tcfg.model or "", request, json.dumps(top),
+                                       prompt_tokens=tokens[0], completion_tokens=tokens[2], cost_usd=cost,
+                                       latency_s=latency)
+            return Outcome({"top": top}, None, key, 0, 1, cost_usd=cost)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, key: str):
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        self._waiters[key] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            self._waiters[key] -= 1
+            if not self._waiters[key]:
+                del self._waiters[key], self._locks[key]
+
+    def estimate(self, request: dict) -> float:
+        """An upper bound on one request's price: 3 characters per token, every completion token used."""
+        chars = sum(len(m.get("content") or "") for m in request["messages"])
+        return self.cost(chars // 3 + 16, 0, request.get("max_tokens") or self.tcfg.max_tokens)
+
+    async def _paid_call(self, request: dict):
+        """One request under the budget: admitted at its upper-bound price, settled at what it really cost.
+
+        Returns (choice, (prompt, cached, completion tokens), latency, cost). A response without ``usage`` is
+        charged its estimate, so a server that reports nothing cannot slip past the cap.
+        """
+        estimate = self.estimate(request)
+        if self.budget is not None and not await self.budget.admit(estimate):
+            raise BudgetStop
+        cost = 0.0
         try:
             choice, usage, latency = await self._call(request)
-        except RequestFailed as exc:
-            self.ledger.record_failure(key, exc.reason, self.scrub(exc.detail)[:200])
-            return Outcome(None, exc.reason, key, 0, 0)
-        prompt_tokens, cached_tokens, completion_tokens = _usage(usage)
-        cost = self.cost(prompt_tokens, cached_tokens, completion_tokens)
-        content = getattr(choice.logprobs, "content", None) if choice.logprobs else None
-        if not content or not content[0].top_logprobs:
-            self.ledger.record_failure(key, "no_logprobs", "server returned no top_logprobs",
-                                       prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                       cost_usd=cost)
-            return Outcome(None, "no_logprobs", key, 0, 1, cost_usd=cost)
-        top = [[t.token, t.logprob] for t in content[0].top_logprobs]
-        self.ledger.record_success(key, self.tcfg.model or "", request, json.dumps(top),
-                                   prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                   cost_usd=cost, latency_s=latency)
-        return Outcome({"top": top}, None, key, 0, 1, cost_usd=cost)
+            if usage:
+                tokens = _usage(usage)
+                cost = self.cost(*tokens)
+            else:
+                chars = sum(len(m.get("content") or "") for m in request["messages"])
+                tokens = (chars // 4, 0, len(choice.message.content or "") // 4 + 1)
+                cost = estimate
+            return choice, tokens, latency, cost
+        finally:
+            if self.budget is not None:
+                await self.budget.settle(estimate, cost)
 
     # -- transport ------------------------------------------------------------------------------------------------
 
@@ -315,7 +389,7 @@ class TeacherClient:
 
         Raises RequestFailed when this one request cannot succeed, DistillError when no request can.
         """
-        body = {k: v for k, v in request.items() if k != "extra_body" and v is not None}
+        body = {k: v for k, v in request.items() if k != "extra_body" and not k.startswith("_") and v is not None}
         body.update(request.get("extra_body") or {})
         return await self.retrying(self._send, body)
 
@@ -359,7 +433,8 @@ class TeacherClient:
             except (json.JSONDecodeError, UnicodeDecodeError, openai.APIResponseValidationError) as exc:
                 raise _MalformedResponse(str(exc)[:100]) from None
             latency = time.perf_counter() - started
-        if not isinstance(resp, _NS) or not resp.choices:
+        if (not isinstance(resp, _NS) or not isinstance(resp.choices, list) or not resp.choices
+                or not isinstance(resp.choices[0], _NS) or not isinstance(resp.choices[0].message, _NS)):
             raise _MalformedResponse("no choices in the response")
         return resp.choices[0], resp.usage, latency
 

@@ -33,7 +33,7 @@ from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-TRANSPORT_FAULTS = ("429", "500", "hang", "reset", "malformed_body")
+TRANSPORT_FAULTS = ("429", "408", "409", "500", "hang", "reset", "malformed_body")
 ANSWER_FAULTS = ("invalid_json", "schema", "refusal", "length")
 
 
@@ -52,9 +52,11 @@ class _Server(ThreadingHTTPServer):
 class FakeTeacher:
     def __init__(self, answer_fn: Callable[[list[dict]], str], *, api_key: str | None = None,
                  status: int = 200, error_body: str | dict | None = None, faults: dict[str, float] | None = None,
-                 retry_after_s: float = 1.0, retry_after_ms: float | None = None, hang_s: float = 3.0,
+                 retry_after_s: float = 1.0, retry_after_ms: float | None = None, retry_after_date: bool = False,
+                 hang_s: float = 3.0,
                  latency_s: float = 0.0, seed: int = 0, batch_error_rate: float = 0.0,
-                 batch_hold: bool = False):
+                 batch_hold: bool = False, batch_hold_create: bool = False, batch_expire_first: bool = False,
+                 check_key_on_models: bool = True):
         self.answer_fn = answer_fn
         self.api_key = api_key
         self.status = status
@@ -65,10 +67,14 @@ class FakeTeacher:
             raise ValueError(f"unknown faults {sorted(unknown)}")
         self.retry_after_s = retry_after_s
         self.retry_after_ms = retry_after_ms
+        self.retry_after_date = retry_after_date
         self.hang_s = hang_s
         self.latency_s = latency_s
+        self.seed = seed
         self.rng = random.Random(seed)
         self.calls: list[dict] = []
+        self.arrivals: list[float] = []     # time.monotonic() of every chat request
+        self._seen: Counter = Counter()     # occurrences of each request key so far
         self.events: Counter = Counter()     # what was served, by kind ("ok", "429", "invalid_json", ...)
         self.paid: Counter = Counter()       # well-formed 200 answers per request key
         self.early_retries = 0
@@ -83,6 +89,11 @@ class FakeTeacher:
         self.batch_release = threading.Event()
         if not batch_hold:
             self.batch_release.set()
+        self.batch_create_release = threading.Event()  # batch_hold_create: the batch exists, its id is not sent yet
+        if not batch_hold_create:
+            self.batch_create_release.set()
+        self.batch_expire_first = batch_expire_first
+        self.check_key_on_models = check_key_on_models
         self.server = _Server(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -90,9 +101,12 @@ class FakeTeacher:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
 
-    def _draw(self) -> str:
+    def _draw(self, key: str) -> str:
+        """The fault for the n-th arrival of a request key: the same whatever order threads run in."""
         with self._lock:
-            u = self.rng.random()
+            n = self._seen[key]
+            self._seen[key] += 1
+        u = random.Random(f"{self.seed}:{key}:{n}").random()
         edge = 0.0
         for kind in (*TRANSPORT_FAULTS, *ANSWER_FAULTS):
             edge += self.faults.get(kind, 0.0)
@@ -131,7 +145,10 @@ class FakeTeacher:
         self.batch_release.wait()
         lines = self.files[batch["input_file_id"]].decode().splitlines()
         out, err = [], []
-        for line in lines:
+        expire = self.batch_expire_first and batch["id"] == "batch_1"
+        for i, line in enumerate(lines):
+            if expire and i >= len(lines) // 2:  # the window closed: the rest were never run
+                break
             item = json.loads(line)
             with self._lock:
                 failed = self.rng.random() < self.batch_error_rate
@@ -150,7 +167,7 @@ class FakeTeacher:
             if err:
                 batch["error_file_id"] = self._store("\n".join(json.dumps(e) for e in err).encode())
             batch["request_counts"] = {"total": len(lines), "completed": len(out), "failed": len(err)}
-            batch["status"] = "completed"
+            batch["status"] = "expired" if expire else "completed"
             batch["completed_at"] = int(time.time())
 
     def _store(self, data: bytes) -> str:
@@ -201,7 +218,8 @@ class FakeTeacher:
                 return True
 
             def do_GET(self):
-                if not self._authorised():
+                path0 = self.path.split("?")[0].rstrip("/")
+                if (fake.check_key_on_models or not path0.endswith("/models")) and not self._authorised():
                     return
                 path = self.path.split("?")[0].rstrip("/")
                 if path.endswith("/models"):
@@ -222,23 +240,26 @@ class FakeTeacher:
                 length = int(self.headers.get("Content-Length", 0))
                 raw = self.rfile.read(length)
                 path = self.path.split("?")[0].rstrip("/")
+                chat = not (path.endswith("/files") or path.endswith("/batches"))
+                if chat:  # every chat request that reaches the server is recorded, authorised or not
+                    body = json.loads(raw or b"{}")
+                    key = body_key(body)
+                    now = time.monotonic()
+                    with fake._lock:
+                        fake.calls.append(body)
+                        fake.arrivals.append(now)
+                        if now < fake._not_before.get(key, 0.0):
+                            fake.early_retries += 1
                 if not self._authorised():
                     return
                 if path.endswith("/files"):
                     return self._upload(raw)
                 if path.endswith("/batches"):
                     return self._create_batch(json.loads(raw))
-                body = json.loads(raw or b"{}")
-                key = body_key(body)
-                now = time.monotonic()
-                with fake._lock:
-                    fake.calls.append(body)
-                    if now < fake._not_before.get(key, 0.0):
-                        fake.early_retries += 1
                 if fake.status != 200:
                     self._send(fake.status, fake.error_body or {"error": {"message": "injected failure"}})
                     return
-                kind = fake._draw()
+                kind = fake._draw(key)
                 with fake._lock:
                     fake.events[kind] += 1
                 if fake.latency_s:
@@ -246,12 +267,19 @@ class FakeTeacher:
                 if kind == "429":
                     headers = {"Retry-After": f"{fake.retry_after_s:g}"}
                     wait = fake.retry_after_s
+                    if fake.retry_after_date:  # the HTTP-date form, whole seconds: wait until that second
+                        import email.utils
+                        when = time.time() + fake.retry_after_s
+                        headers["Retry-After"] = email.utils.formatdate(when, usegmt=True)
+                        wait = int(when) - time.time()
                     if fake.retry_after_ms is not None:
                         headers["retry-after-ms"] = f"{fake.retry_after_ms:g}"
                         wait = fake.retry_after_ms / 1000
                     with fake._lock:
                         fake._not_before[key] = time.monotonic() + wait
                     self._send(429, {"error": {"message": "Rate limit reached", "type": "requests"}}, headers)
+                elif kind in ("408", "409"):
+                    self._send(int(kind), {"error": {"message": "try again", "type": "server_error"}})
                 elif kind == "500":
                     self._send(500, {"error": {"message": "The server had an error", "type": "server_error"}})
                 elif kind == "hang":
@@ -295,6 +323,7 @@ class FakeTeacher:
                              "request_counts": {"total": 0, "completed": 0, "failed": 0}}
                     fake.batches[batch_id] = batch
                 threading.Thread(target=fake._run_batch, args=(batch,), daemon=True).start()
+                fake.batch_create_release.wait()  # a client killed here never learns the id
                 self._send(200, batch)
 
         return Handler
@@ -305,6 +334,7 @@ class FakeTeacher:
 
     def __exit__(self, *exc: object) -> None:
         self.batch_release.set()
+        self.batch_create_release.set()
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
