@@ -37,8 +37,9 @@ def summary(values: list[float]) -> tuple[float, float, float]:
 
 
 def command() -> str:
-    return "python " + " ".join([Path(sys.argv[0]).relative_to(REPO).as_posix()
-                                 if Path(sys.argv[0]).resolve().is_relative_to(REPO) else sys.argv[0], *sys.argv[1:]])
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(REPO).as_posix() if script.is_relative_to(REPO) else script.name
+    return "python " + " ".join([shown, *sys.argv[1:]])
 
 
 def table(headers: list[str], rows: list[list]) -> str:

@@ -78,7 +78,17 @@ def load_tokenizer(cfg: Config):
         return AutoTokenizer.from_pretrained(cached_gguf_base(scfg, cfg.cache_dir))
     if scfg.source == "random":
         return AutoTokenizer.from_pretrained(cached_gguf_tokenizer(scfg, cfg.cache_dir))
-    return AutoTokenizer.from_pretrained(_hf_location(scfg), local_files_only=_offline())
+    location = _hf_location(scfg)
+    try:
+        return AutoTokenizer.from_pretrained(location, local_files_only=_offline())
+    except OSError as exc:
+        raise DistillError(_unreachable(scfg, location, exc)) from None
+
+
+def _unreachable(scfg: StudentConfig, location: str, exc: OSError) -> str:
+    return (f"cannot load student {scfg.name!r} from {location}: {str(exc).splitlines()[0]} (offline or not "
+            f"downloaded? fetch it once, e.g. `huggingface-cli download {scfg.hub_id or location} --local-dir DIR`, "
+            f"and set student.path=DIR)")
 
 
 def cached_gguf_tokenizer(scfg: StudentConfig, cache_dir: Path) -> Path:
@@ -137,8 +147,7 @@ def load_base(cfg: Config):
     try:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **kwargs)
     except OSError as exc:
-        raise DistillError(f"cannot load student {scfg.name!r} from {location}: {str(exc).splitlines()[0]} "
-                           f"(offline? download it once and set student.path=FOLDER)") from None
+        raise DistillError(_unreachable(scfg, location, exc)) from None
     return model, tokenizer
 
 

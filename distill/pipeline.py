@@ -27,7 +27,7 @@ UPSTREAM = {"generate": (), "train": ("generate",), "evaluate": ("generate", "tr
 # the loopback URL of a server distill starts itself), so turning them never invalidates finished work.
 _NOT_CONTENT = {"teacher": {"concurrency", "timeout_s", "max_retries", "startup_timeout_s", "n_threads", "rpm", "tpm",
                             "backoff_initial_s", "backoff_max_s", "max_wait_s"},
-                "train": {"threads"},
+                "train": {"threads", "report_to"},
                 "generate": {"dry_run", "budget_usd", "shared_ledger", "mode", "batch"},
                 "eval": {"batch_size", "junit_xml", "summary_md", "worst"}}
 _NOT_CONTENT_NESTED = {("eval", "endpoint"): {"concurrency", "timeout_s", "max_retries"}}

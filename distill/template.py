@@ -31,14 +31,34 @@ def end_of_turn(tokenizer) -> str:
     raise ValueError("the chat template puts no special token after an assistant turn and there is no EOS token")
 
 
-def encode_example(tokenizer, messages: list[dict], answer: str, max_len: int, eot: str | None = None) -> dict[str, list[int]]:
+def end_of_turn_id(tokenizer, eot: str | None = None) -> int:
+    """The single token id of the end-of-turn token; a ValueError if the tokenizer does not know it as one token."""
+    eot = eot or end_of_turn(tokenizer)
+    ids = tokenizer(eot, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"the end-of-turn token {eot!r} is not a single token of this tokenizer ({ids}); add it "
+                         f"as a special token")
+    return ids[0]
+
+
+def render_example(tokenizer, messages: list[dict], answer: str, eot: str | None = None) -> str:
+    """The text of one training example exactly as it is trained: the prompt, the answer, the end-of-turn token."""
+    return render_prompt(tokenizer, messages) + answer + (eot or end_of_turn(tokenizer))
+
+
+def encode_example(tokenizer, messages: list[dict], answer: str, max_len: int,
+                   eot: str | None = None) -> dict[str, list[int]]:
     """Token ids and labels of one training example: loss on the answer and its end-of-turn token only.
 
-    A prompt too long for ``max_len`` is cut from the left of the prompt, so the answer is always kept whole.
+    The prompt is tokenized on its own, exactly as evaluation and serving tokenize it, so the trained answer starts
+    where generation starts. A prompt too long for ``max_len`` is cut from the left, so the answer is kept whole.
+    Raises ValueError when the answer does not fit or the sequence would not end with the end-of-turn token.
     """
     eot = eot or end_of_turn(tokenizer)
     prompt_ids = tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
     answer_ids = tokenizer(answer + eot, add_special_tokens=False)["input_ids"]
+    if answer_ids[-1] != end_of_turn_id(tokenizer, eot):
+        raise ValueError(f"the answer does not tokenize to end with the end-of-turn token {eot!r}")
     room = max_len - len(answer_ids)
     if room < 8:
         raise ValueError(f"an answer of {len(answer_ids)} tokens does not fit student.max_seq_len={max_len}")

@@ -1,15 +1,20 @@
 """train: LoRA SFT of the student on the teacher's labels (TRL SFTTrainer + peft) -> train/adapter/.
 
     python -m distill train recipe=support_tickets run_dir=DIR [train.max_steps=100] [student=phi3_mini train=qlora]
+    accelerate launch --num_processes 2 -m distill train recipe=support_tickets run_dir=DIR     # data-parallel
 
-Loss is on the answer tokens and the end-of-turn token only (see distill.template). Checkpoints go to
-train/checkpoints/ every train.save_steps; re-running the stage resumes from the last complete one.
+Loss is on the answer tokens and the end-of-turn token only (see distill.template). Every train.save_steps a
+checkpoint (adapter safetensors, optimizer, scheduler, RNG, data position) goes to train/checkpoints/ and is sealed
+last by a record of its files and sizes; re-running the stage resumes from the newest sealed checkpoint of the same
+training config, and a half-written or corrupt one is skipped with a warning, never loaded. train/metrics.jsonl
+gets one row per step (loss, lr, tokens/s) and one per validation (eval_loss).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +27,14 @@ from distill.template import encode_example, end_of_turn
 
 log = logging.getLogger("distill")
 
+# Written last into a checkpoint folder: its training-config key and every file with its size. No seal, no resume.
+CHECKPOINT_SEAL = "distill_checkpoint.json"
+_NEEDED = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+# Keys of train/metrics.jsonl rows that depend on wall time, not on the training itself.
+TIMING_KEYS = ("elapsed_s", "tokens_per_s", "train_runtime", "train_samples_per_second", "train_steps_per_second",
+               "train_tokens_per_second", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+_DROPPED_KEYS = ("num_input_tokens_seen", "num_tokens", "eval_num_tokens")
+
 
 def build_dataset(rows: list[dict], task: Task, tokenizer, max_len: int):
     from datasets import Dataset
@@ -32,31 +45,193 @@ def build_dataset(rows: list[dict], task: Task, tokenizer, max_len: int):
     return Dataset.from_list(encoded)
 
 
-def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
-    """Newest checkpoint-N folder that holds everything a resume needs; half-written ones are skipped."""
-    needed = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt")
-    candidates = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])
-                        if p.name.split("-")[-1].isdigit() else -1, reverse=True)
-    for cand in candidates:
-        if all((cand / f).exists() and (cand / f).stat().st_size > 0 for f in needed):
-            try:
-                json.loads((cand / "trainer_state.json").read_text())
-            except json.JSONDecodeError:
-                log.warning("skipping checkpoint %s: trainer_state.json is corrupt", cand.name)
-                continue
-            return cand
-        log.warning("skipping incomplete checkpoint %s", cand.name)
+def resume_key(cfg: Config, run_dir: Path) -> str:
+    """What a checkpoint must have been trained with to be resumed: student, training config, seed and data."""
+    done = runio.read_done(run_dir, "generate") or {}
+    train = cfg.train.model_dump(mode="json")
+    for speed_only in ("threads", "report_to"):
+        train.pop(speed_only, None)
+    return runio.sha256_obj({"student": cfg.student.model_dump(mode="json"), "train": train, "seed": cfg.seed,
+                             "data": done.get("fingerprint")})[:16]
+
+
+def seal_checkpoint(folder: Path, step: int, key: str) -> None:
+    """Record every file of a finished checkpoint and its size, atomically, as the last write."""
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CHECKPOINT_SEAL}
+    runio.write_json(folder / CHECKPOINT_SEAL, {"step": step, "key": key, "files": files})
+
+
+def checkpoint_problem(folder: Path, key: str | None = None) -> str | None:
+    """Why a checkpoint folder must not be loaded, or None when it is complete (and, given ``key``, ours)."""
+    try:
+        seal = runio.read_json(folder / CHECKPOINT_SEAL)
+        files, step = dict(seal["files"]), int(seal["step"])
+    except FileNotFoundError:
+        return f"no {CHECKPOINT_SEAL} (the save was interrupted before it finished)"
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return f"its {CHECKPOINT_SEAL} is unreadable"
+    if key is not None and seal.get("key") != key:
+        return "it was trained with another config or data"
+    missing = [name for name in _NEEDED if name not in files]
+    if missing:
+        return f"it lacks {', '.join(missing)}"
+    for name, size in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes, {size} were written (truncated or overwritten)"
+    try:
+        state = runio.read_json(folder / "trainer_state.json")
+    except json.JSONDecodeError:
+        return "trainer_state.json is corrupt"
+    if state.get("global_step") != step:
+        return f"trainer_state.json is at step {state.get('global_step')}, the seal at step {step}"
     return None
+
+
+def _step_of(folder: Path) -> int:
+    tail = folder.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def last_complete_checkpoint(ckpt_dir: Path, key: str | None = None) -> Path | None:
+    """Newest sealed, intact checkpoint-N folder (of training config ``key`` if given); the rest get a warning."""
+    if not Path(ckpt_dir).is_dir():
+        return None
+    for cand in sorted(Path(ckpt_dir).glob("checkpoint-*"), key=_step_of, reverse=True):
+        problem = checkpoint_problem(cand, key)
+        if problem is None:
+            return cand
+        log.warning("skipping checkpoint %s: %s; it is not loaded", cand.name, problem)
+    return None
+
+
+def _prepare_resume(ckpt_dir: Path, metrics_file: Path, key: str) -> Path | None:
+    """Pick the resume point, delete checkpoints that cannot be resumed, and cut metrics rows written after it."""
+    resume = last_complete_checkpoint(ckpt_dir, key)
+    keep_step = _step_of(resume) if resume else 0
+    for cand in Path(ckpt_dir).glob("checkpoint-*") if ckpt_dir.is_dir() else []:
+        if cand != resume and (_step_of(cand) > keep_step or checkpoint_problem(cand, key) is not None):
+            # Unusable (half-written, corrupt, another config) or newer than the resume point: the trainer would
+            # write into it or rotate a good checkpoint out in its favour.
+            shutil.rmtree(cand, ignore_errors=True)
+    if resume is None:
+        metrics_file.unlink(missing_ok=True)
+    elif metrics_file.exists():
+        rows = runio.read_jsonl(metrics_file)
+        runio.write_jsonl(metrics_file, [r for r in rows if r.get("step", 0) <= keep_step])
+    return resume
+
+
+def _trainer_class():
+    """SFTTrainer whose batches group examples of similar length (less padding), in an order fixed per epoch.
+
+    transformers' length-grouped sampler draws its order from the global RNG when an epoch starts, which a resume
+    restores only later, so a run resumed after the first epoch would see other batches; seeding the order by
+    (seed, epoch) makes a resumed run train on exactly the batches an uninterrupted one does.
+    """
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+    from trl import SFTTrainer
+
+    class EpochSeededLengthSampler(LengthGroupedSampler):
+        def __init__(self, *args, seed: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.seed, self.epoch = seed, 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+    class Trainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            return EpochSeededLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                            lengths=[len(ids) for ids in dataset["input_ids"]],
+                                            seed=self.args.data_seed if self.args.data_seed is not None
+                                            else self.args.seed)
+
+    return Trainer
+
+
+def _check_report_to(report_to: str) -> None:
+    """A tracker named in train.report_to must be installed; say how, before any model is loaded."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    if report_to in ("none", "", "all"):
+        return
+    installed = get_available_reporting_integrations()
+    if report_to not in installed:
+        raise DistillError(f"train.report_to={report_to} is not an installed tracker (installed: "
+                           f"{', '.join(installed) or 'none'}); pip install {report_to}, or train.report_to=none")
+
+
+def _barrier() -> None:
+    """Wait for every training process (no-op in a single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _callbacks(metrics_file: Path, key: str):
+    from transformers import TrainerCallback
+
+    class MetricsLog(TrainerCallback):
+        """Append every logged step to train/metrics.jsonl: step, loss, lr, grad_norm, tokens/s (eval rows too)."""
+
+        def __init__(self):
+            self.started = self.last_time = time.perf_counter()
+            self.last_tokens = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero:
+                return
+            logs = dict(logs or {})
+            now, seen = time.perf_counter(), state.num_input_tokens_seen
+            row = {"step": state.global_step}
+            if "learning_rate" in logs:
+                row["lr"] = logs.pop("learning_rate")
+            # TRL's own token counters restart from zero on a resume; tokens_seen (transformers' state) does not.
+            row.update({k: v for k, v in logs.items() if k not in _DROPPED_KEYS})
+            if "train_loss" in logs:  # transformers averages over this session's steps only; use the whole run
+                losses = [h["loss"] for h in state.log_history if "loss" in h]
+                row["train_loss"] = sum(losses) / len(losses) if losses else None
+            if "loss" in logs:
+                if self.last_tokens is not None and now > self.last_time:
+                    row["tokens_per_s"] = round((seen - self.last_tokens) / (now - self.last_time), 1)
+                row["tokens_seen"] = seen
+                self.last_tokens, self.last_time = seen, now
+            row["elapsed_s"] = round(now - self.started, 3)
+            with open(metrics_file, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.last_tokens, self.last_time = state.num_input_tokens_seen, time.perf_counter()
+
+    class SealCheckpoints(TrainerCallback):
+        """Seal each checkpoint once every process has finished writing it."""
+
+        def on_save(self, args, state, control, **kwargs):
+            _barrier()
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and folder.is_dir():
+                seal_checkpoint(folder, state.global_step, key)
+
+    return [MetricsLog(), SealCheckpoints()]
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
     from peft import LoraConfig, get_peft_model
-    from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from transformers import EarlyStoppingCallback, set_seed
+    from trl import SFTConfig
 
     from distill.models import load_base
 
     out_dir = paths.stage_dir(run_dir, "train")
+    out_dir.mkdir(parents=True, exist_ok=True)
     tcfg, scfg = cfg.train, cfg.student
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
@@ -66,14 +241,20 @@ def run(cfg: Config, run_dir: Path) -> dict:
     if not train_rows:
         raise DistillError(f"the train split in {paths.split_path(run_dir, 'train')} is empty; label more inputs "
                            f"(generate.limit) or lower generate.split.test")
-
-    model, tokenizer = load_base(cfg)
     if tcfg.method == "qlora" and not scfg.load_in_4bit:
         raise DistillError("train=qlora needs a 4-bit base: set student.load_in_4bit=true (CUDA only)")
+    if tcfg.early_stopping_patience and not val_rows:
+        raise DistillError("train.early_stopping_patience needs a val split, and it is empty; raise "
+                           "generate.split.val or set train.early_stopping_patience=null")
+
+    _check_report_to(tcfg.report_to)
+
+    model, tokenizer = load_base(cfg)
     if scfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=scfg.gradient_checkpointing)
+    set_seed(cfg.seed)  # the adapter's initial weights
     lora = LoraConfig(r=tcfg.lora_r, lora_alpha=tcfg.lora_alpha, lora_dropout=tcfg.lora_dropout,
                       target_modules=list(scfg.target_modules), task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
@@ -86,6 +267,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     on_cuda = torch.cuda.is_available()
     if tcfg.bf16 and not on_cuda:
         log.warning("train.bf16 ignored: no CUDA device (bf16 matmuls are emulated on CPU and far slower)")
+    evaluating = bool(tcfg.eval_steps) and val_ds is not None
+    early_stopping = bool(tcfg.early_stopping_patience) and evaluating
     args = SFTConfig(
         output_dir=str(ckpt_dir),
         max_steps=tcfg.max_steps,
@@ -99,66 +282,82 @@ def run(cfg: Config, run_dir: Path) -> dict:
         logging_steps=1,
         save_steps=tcfg.save_steps,
         save_total_limit=2,
-        eval_strategy="steps" if (tcfg.eval_steps and val_ds is not None) else "no",
+        eval_strategy="steps" if evaluating else "no",
         eval_steps=tcfg.eval_steps,
+        load_best_model_at_end=early_stopping,
+        metric_for_best_model="eval_loss" if early_stopping else None,
+        greater_is_better=False if early_stopping else None,
         seed=cfg.seed,
         data_seed=cfg.seed,
         # SFTConfig defaults to bf16 + activation checkpointing; bf16 matmuls are emulated on most CPUs (~20x
         # slower), so both are set explicitly from our config.
         bf16=tcfg.bf16 and on_cuda,
-        train_sampling_strategy="group_by_length",  # batches of similar length: less padding on CPU
         use_cpu=not on_cuda,
         activation_checkpointing=scfg.gradient_checkpointing,
         max_length=scfg.max_seq_len,
-        report_to=[],
+        include_num_input_tokens_seen="non_padding",
+        report_to=[] if tcfg.report_to in ("none", "") else [tcfg.report_to],
         dataloader_num_workers=0,
+        ddp_find_unused_parameters=False,
         disable_tqdm=False,
         save_only_model=False,
     )
-
-    class MetricsLog(TrainerCallback):
-        """Append every logged step (loss, lr, tokens/s) to train/metrics.jsonl."""
-
-        def __init__(self):
-            self.started = time.perf_counter()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            row = {"step": state.global_step, **(logs or {})}
-            row["elapsed_s"] = round(time.perf_counter() - self.started, 3)
-            with open(metrics_file, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
-
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                         processing_class=tokenizer, callbacks=[MetricsLog()])
-    resume = last_complete_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
+    key = resume_key(cfg, run_dir)
+    if args.process_index == 0:
+        resume = _prepare_resume(ckpt_dir, metrics_file, key)
+    _barrier()
+    if args.process_index != 0:
+        resume = last_complete_checkpoint(ckpt_dir, key)
+    callbacks = _callbacks(metrics_file, key)
+    if early_stopping:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=tcfg.early_stopping_patience))
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                                   processing_class=tokenizer, callbacks=callbacks)
     if resume:
         log.info("resuming training from %s", resume.name)
-    else:
-        metrics_file.unlink(missing_ok=True)
-    tokens = sum(len(x) for x in train_ds["input_ids"])
+    log.info("training %s: %d examples, %d trainable of %d parameters, %d process(es)", scfg.name, len(train_ds),
+             trainable, total, args.world_size)
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     elapsed = time.perf_counter() - started
-    val_loss = trainer.evaluate()["eval_loss"] if val_ds is not None else None
+    session_tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
+    history = trainer.state.log_history
+    evals = [h for h in history if "eval_loss" in h]
+    if val_ds is None:
+        val_loss = None
+    elif evals and evals[-1]["step"] == trainer.state.global_step and not early_stopping:
+        val_loss = evals[-1]["eval_loss"]  # just measured at the last step
+    else:
+        val_loss = trainer.evaluate()["eval_loss"]  # the final (or, with early stopping, the best) adapter
 
+    # Evaluation, publishing and DONE.json belong to one process: the others stop here once the adapter is saved.
     adapter_dir = paths.adapter_path(run_dir)
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    mean_len = tokens / max(len(train_ds), 1)
-    seen_tokens = mean_len * tcfg.batch_size * tcfg.grad_accum * tcfg.max_steps
+    if trainer.is_world_process_zero():
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
+    _barrier()
+    if not trainer.is_world_process_zero():
+        raise SystemExit(0)
+
+    losses = [h["loss"] for h in history if "loss" in h]
     return {
         "steps": trainer.state.global_step,
         "resumed_from": resume.name if resume else None,
+        "stopped_early": trainer.state.global_step < tcfg.max_steps,
+        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if early_stopping
+        and trainer.state.best_model_checkpoint else None,
         "train_examples": len(train_ds),
         "val_examples": len(val_ds) if val_ds is not None else 0,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
-        "train_loss": result.training_loss,
+        "train_loss": sum(losses) / len(losses) if losses else None,
         "val_loss": val_loss,
+        "val_losses": [{"step": h["step"], "eval_loss": h["eval_loss"]} for h in evals],
         "trainable_params": trainable,
         "total_params": total,
-        "tokens_per_s": round(seen_tokens / elapsed, 1) if elapsed > 0 else None,
+        "tokens_seen": trainer.state.num_input_tokens_seen,
+        "tokens_per_s": round(session_tokens / elapsed, 1) if elapsed > 0 else None,
+        "processes": args.world_size,
         "device": "cuda" if on_cuda else "cpu",
         "threads": torch.get_num_threads(),
         "adapter_sha256": runio.sha256_tree(adapter_dir),

@@ -1,0 +1,273 @@
+"""The train stage: sealed checkpoints, resume after kill -9, validation + early stopping, two processes (gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, tiny_overrides
+
+from distill import DistillError, paths, pipeline, runio
+from distill.config import load_config
+from distill.stages import train
+from distill.testing.fake_teacher import FakeTeacher
+
+FAKE_URL = "http://127.0.0.1:9/v1"  # the train stage never calls the teacher; the config only needs a URL
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoint selection: a fast unit test per way a checkpoint can be broken
+
+
+def _fake_checkpoint(ckpt_dir: Path, step: int, key: str = "k") -> Path:
+    folder = ckpt_dir / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (folder / name).write_bytes(os.urandom(64))
+    runio.write_json(folder / "trainer_state.json", {"global_step": step, "log_history": []})
+    train.seal_checkpoint(folder, step, key)
+    return folder
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:10])
+
+
+BREAKAGES = {
+    "no seal (interrupted save)": lambda f: (f / train.CHECKPOINT_SEAL).unlink(),
+    "missing optimizer": lambda f: (f / "optimizer.pt").unlink(),
+    "empty adapter": lambda f: (f / "adapter_model.safetensors").write_bytes(b""),
+    "truncated optimizer": lambda f: _truncate(f / "optimizer.pt"),
+    "corrupt trainer state": lambda f: (f / "trainer_state.json").write_text('{"global_step": 4, "log_hi'),
+    "corrupt seal": lambda f: (f / train.CHECKPOINT_SEAL).write_text("{not json"),
+    "another training config": lambda f: train.seal_checkpoint(f, 4, "other"),
+}
+
+
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+def test_broken_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog, breakage):
+    _fake_checkpoint(tmp_path, 2)
+    newest = _fake_checkpoint(tmp_path, 4)
+    assert train.last_complete_checkpoint(tmp_path, "k") == newest
+    BREAKAGES[breakage](newest)
+    with caplog.at_level("WARNING", logger="distill"):
+        chosen = train.last_complete_checkpoint(tmp_path, "k")
+    assert chosen == tmp_path / "checkpoint-2"
+    assert any("skipping checkpoint checkpoint-4" in r.getMessage() for r in caplog.records)
+
+
+def test_no_intact_checkpoint_means_a_fresh_start(tmp_path, caplog):
+    (tmp_path / "checkpoint-3").mkdir()  # a save that died before writing anything
+    with caplog.at_level("WARNING", logger="distill"):
+        assert train.last_complete_checkpoint(tmp_path, "k") is None
+    assert "checkpoint-3" in caplog.text
+    assert train.last_complete_checkpoint(tmp_path / "absent", "k") is None
+
+
+def test_length_grouped_order_is_fixed_per_epoch_and_groups_lengths():
+    from datasets import Dataset
+
+    lengths = [5, 50, 6, 48, 7, 52, 8, 49] * 4
+    ds = Dataset.from_dict({"input_ids": [[1] * n for n in lengths]})
+    sampler = train._trainer_class()._get_train_sampler(
+        type("T", (), {"train_dataset": ds, "args": type("A", (), {"train_batch_size": 4,
+                                                                   "gradient_accumulation_steps": 1,
+                                                                   "data_seed": 3, "seed": 0})()})())
+    first = list(sampler)
+    assert sorted(first) == list(range(len(lengths))) and list(sampler) == first
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    sampler.set_epoch(0)
+    assert list(sampler) == first
+
+    def padding(order):
+        batches = [[lengths[i] for i in order[b:b + 4]] for b in range(0, len(order), 4)]
+        return sum(max(b) * len(b) - sum(b) for b in batches)
+
+    assert padding(first) < padding(list(range(len(lengths)))) / 2  # the dataset order mixes short and long
+
+
+def test_early_stopping_needs_validation_steps(tmp_path):
+    with pytest.raises(DistillError, match="early_stopping_patience needs train.eval_steps"):
+        load_config([f"run_dir={tmp_path}", "train.early_stopping_patience=2"])
+    with pytest.raises(DistillError, match="multiple of train.eval_steps"):
+        load_config([f"run_dir={tmp_path}", "train.early_stopping_patience=2", "train.eval_steps=3",
+                     "train.save_steps=4"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real training runs on the tiny random student
+
+
+@pytest.fixture(scope="module")
+def labelled_run(tmp_path_factory, gold_by_text):
+    """A run dir whose generate stage is done (fake teacher), copied by each test that trains."""
+    run_dir = tmp_path_factory.mktemp("labelled") / "run"
+
+    def answer(messages):
+        return json.dumps(gold_by_text.get(messages[-1]["content"], {"category": "feedback", "priority": "low"}))
+
+    with FakeTeacher(answer) as teacher:
+        pipeline.run(load_config(tiny_overrides(run_dir, teacher.base_url, "generate.limit=20")), ("generate",))
+    return run_dir
+
+
+def _copy(labelled_run: Path, dest: Path) -> Path:
+    shutil.copytree(labelled_run, dest)
+    return dest
+
+
+def _train_args(run_dir: Path, *extra: str) -> list[str]:
+    overrides = tiny_overrides(run_dir, FAKE_URL, "generate.limit=20", "train.threads=1", *extra)
+    return ["train", "recipe=support_tickets", *overrides]
+
+
+def _cli(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "distill", *args]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(paths.adapter_path(run_dir) / "adapter_model.safetensors")
+
+
+def _history(run_dir: Path) -> list[dict]:
+    rows = runio.read_jsonl(paths.stage_dir(run_dir, "train") / paths.TRAIN_METRICS)
+    return [{k: v for k, v in r.items() if k not in train.TIMING_KEYS} for r in rows]
+
+
+@pytest.mark.integration
+def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(labelled_run, tmp_path):
+    # 10 train examples at batch 4: 3 steps per epoch, so the resume from checkpoint 4 starts mid-way through the
+    # second epoch (data order, RNG and dropout must all be restored, not only the weights).
+    steps, kill_after = 8, 4
+    extra = (f"train.max_steps={steps}", "train.save_steps=2", "train.eval_steps=4", "train.lora_dropout=0.1")
+    whole = _copy(labelled_run, tmp_path / "whole")
+    subprocess.run(_cli(_train_args(whole, *extra)), env=_env(), check=True, capture_output=True, timeout=600)
+
+    killed = _copy(labelled_run, tmp_path / "killed")
+    seal = paths.stage_dir(killed, "train") / paths.CHECKPOINTS_DIR / f"checkpoint-{kill_after}" / train.CHECKPOINT_SEAL
+    proc = subprocess.Popen(_cli(_train_args(killed, *extra)), env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not seal.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "training finished before it could be killed"
+    assert runio.read_done(killed, "train") is None
+
+    # A newer checkpoint that was being written when the process died: present, but never loaded.
+    ckpt_dir = paths.stage_dir(killed, "train") / paths.CHECKPOINTS_DIR
+    half = ckpt_dir / f"checkpoint-{kill_after + 2}"
+    shutil.rmtree(half, ignore_errors=True)
+    shutil.copytree(ckpt_dir / f"checkpoint-{kill_after}", half)
+    _truncate(half / "optimizer.pt")
+
+    rerun = subprocess.run(_cli(_train_args(killed, *extra)), env=_env(), capture_output=True, text=True, check=False,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"skipping checkpoint checkpoint-{kill_after + 2}" in rerun.stderr
+    summary = runio.read_done(killed, "train")["summary"]
+    assert summary["resumed_from"] == f"checkpoint-{kill_after}" and summary["steps"] == steps
+
+    a, b = _adapter(whole), _adapter(killed)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=0)
+    assert any(t.abs().sum() > 0 for n, t in a.items() if "lora_B" in n)  # it trained: B starts at zero
+    history = _history(whole)
+    assert [r["step"] for r in history if "loss" in r] == list(range(1, steps + 1))
+    assert [r["step"] for r in history if "eval_loss" in r][:2] == [4, 8]
+    assert _history(killed) == history
+
+
+@pytest.mark.integration
+def test_validation_loss_metrics_and_early_stopping(labelled_run, tmp_path):
+    run_dir = _copy(labelled_run, tmp_path / "run")
+    # A learning rate this high makes the validation loss climb, so patience 1 stops the run early.
+    cfg = load_config(_train_args(run_dir, "train.max_steps=8", "train.eval_steps=2", "train.save_steps=2",
+                                  "train.early_stopping_patience=1", "train.lr=3.0", "train.warmup_ratio=0")[1:])
+    summary = pipeline.run_stage(cfg, "train")
+    rows = runio.read_jsonl(paths.stage_dir(run_dir, "train") / paths.TRAIN_METRICS)
+    step_rows = [r for r in rows if "loss" in r]
+    eval_rows = [r for r in rows if "eval_loss" in r]
+    assert summary["stopped_early"] and summary["steps"] < 8
+    assert [r["step"] for r in step_rows] == list(range(1, summary["steps"] + 1))
+    assert all({"lr", "loss", "tokens_seen"} <= r.keys() for r in step_rows)
+    assert all(r["tokens_per_s"] > 0 for r in step_rows[1:])
+    assert [r["step"] for r in eval_rows][: len(summary["val_losses"])] == \
+        [v["step"] for v in summary["val_losses"]]
+    best = min(summary["val_losses"], key=lambda v: v["eval_loss"])
+    assert summary["best_checkpoint"] == f"checkpoint-{best['step']}"
+    assert summary["val_loss"] == pytest.approx(best["eval_loss"], abs=1e-5)  # the kept adapter is the best one
+
+
+@pytest.mark.integration
+def test_two_processes_with_gloo_train_one_adapter(labelled_run, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import set_seed
+
+    from distill.models import load_base
+
+    run_dir = _copy(labelled_run, tmp_path / "run")
+    args = _train_args(run_dir, "train.max_steps=2", "train.save_steps=2")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "distill", *args]
+    env = {**_env(), "CUDA_VISIBLE_DEVICES": "", "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    summary = runio.read_done(run_dir, "train")["summary"]
+    assert summary["processes"] == 2 and summary["steps"] == 2
+    rows = runio.read_jsonl(paths.stage_dir(run_dir, "train") / paths.TRAIN_METRICS)
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]  # one writer: rank 0
+    ckpt = paths.stage_dir(run_dir, "train") / paths.CHECKPOINTS_DIR / "checkpoint-2"
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(runio.read_json(ckpt / train.CHECKPOINT_SEAL)["files"])
+
+    cfg = load_config(args[1:])
+    base, _ = load_base(cfg)
+    set_seed(cfg.seed)
+    initial = get_peft_model(base, LoraConfig(r=cfg.train.lora_r, lora_alpha=cfg.train.lora_alpha,
+                                              target_modules=list(cfg.student.target_modules),
+                                              task_type="CAUSAL_LM"))
+    init_state = {k: v.clone() for k, v in initial.state_dict().items() if "lora_" in k}
+    trained = PeftModel.from_pretrained(load_base(cfg)[0], paths.adapter_path(run_dir))
+    trained_state = {k: v for k, v in trained.state_dict().items() if "lora_" in k}
+    assert trained_state.keys() == init_state.keys() and init_state
+    assert any(not torch.equal(trained_state[k], init_state[k]) for k in init_state)
+
+
+def test_offline_hub_student_is_one_clear_error(tmp_path):
+    from distill.models import load_base
+
+    # A hub id that no cache holds: offline (conftest), loading it must fail with what to do, not a traceback.
+    cfg = load_config([f"run_dir={tmp_path}", "student=phi3_mini", "student.load_in_4bit=false",
+                       "student.hub_id=distill-tests/not-downloaded"])
+    with pytest.raises(DistillError, match=r"cannot load student 'phi3_mini' from distill-tests/not-downloaded"
+                                           r".*set student.path=DIR"):
+        load_base(cfg)
+
+
+def test_a_tracker_that_is_not_installed_is_named(monkeypatch):
+    from transformers import integrations
+
+    monkeypatch.setattr(integrations, "get_available_reporting_integrations", lambda: ["tensorboard"])
+    train._check_report_to("none")
+    train._check_report_to("tensorboard")
+    with pytest.raises(DistillError, match=r"train.report_to=wandb is not an installed tracker \(installed: "
+                                           r"tensorboard\); pip install wandb"):
+        train._check_report_to("wandb")
