@@ -1,11 +1,23 @@
 """Command line: python -m distill COMMAND [key=value ...]
 
-    python -m distill run recipe=support_tickets                     generate -> train -> evaluate -> publish
-    python -m distill run recipe=support_tickets profile=smoke run_dir=runs/smoke
-    python -m distill {generate,train,evaluate,publish} recipe=NAME run_dir=DIR
-    python -m distill recipes                                        known recipes, one line each
-    python -m distill config                                         options of every config group
-    python -m distill ledger run_dir=DIR                             teacher calls, tokens, dollars, failures
+Commands:
+    run        generate -> train -> evaluate -> publish; finished stages are skipped on a re-run
+    generate   the teacher labels the recipe's inputs -> dataset + ledger of every paid call
+    train      LoRA / QLoRA fine-tune of the student on the teacher's labels
+    evaluate   student vs teacher (and vs gold): agreement, confusion, coverage, cost, a pass/fail gate
+    publish    merged + quantized model, model card, routing rule for a gateway
+    recipes    known recipes with a one-line description (add recipe_dir=DIR to include a folder of your own)
+    config     the options of every config group, one line each; `config --resolved [overrides]` prints every
+               key of the composed config with its value
+    ledger     teacher calls, tokens, dollars and failures of a run (run_dir=DIR)
+
+Examples:
+    python -m distill run recipe=support_tickets                     the embedded demo (offline, CPU)
+    python -m distill run recipe=email_extraction profile=smoke run_dir=runs/emails
+    python -m distill run recipe=support_tickets teacher=openai teacher.model=gpt-4o-mini   (OPENAI_API_KEY set)
+    python -m distill run recipe=my_task recipe_dir=~/my_recipes     a recipe of your own (or ./recipes/)
+    python -m distill evaluate recipe=support_tickets run_dir=DIR eval.gate.min_agreement=0.8
+    python -m distill generate recipe=support_tickets run_dir=DIR generate.dry_run=true   the cost, nothing sent
 
 Overrides are Hydra overrides: group choices (teacher=openai, student=phi3_mini, profile=smoke) and keys
 (train.max_steps=100, teacher.base_url=http://..., eval.gate.min_agreement=0.8).
@@ -77,8 +89,19 @@ def _dispatch(command: str, overrides: list[str]) -> int:
             print(f"{name:24s} {desc}  [{yaml_file.parent}]")
         return 0
     if command == "config":
+        if "--resolved" in overrides:
+            import yaml
+
+            cfg = config.load_config([o for o in overrides if o != "--resolved"])
+            print(yaml.safe_dump(config.public_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+            return 0
+        recipes = config.list_recipes()
         for group, options in config.group_options().items():
-            print(f"{group:8s} {', '.join(options)}")
+            print(f"{group}:  (pick one with {group}=NAME)")
+            for name in options:
+                path = recipes[name] if group == "recipe" else config.CONF_DIR / group / f"{name}.yaml"
+                print(f"  {name:18s} {_option_line(path)}")
+        print("Every key and its value: python -m distill config --resolved [overrides]")
         return 0
 
     cfg = config.load_config(overrides)
@@ -103,6 +126,25 @@ def _dispatch(command: str, overrides: list[str]) -> int:
     if command == "evaluate":
         pipeline.check_gate(summary)
     return 0
+
+
+def _option_line(path: Path) -> str:
+    """One line about a config option: a recipe's description, else the first comment that is not a command."""
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    data = yaml.safe_load(text) or {}
+    if isinstance(data, dict) and data.get("description"):
+        return str(data["description"])
+    comments = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        comment = line.lstrip("# ").strip()
+        if comment and not comment.startswith(("python -m distill", "@package")):
+            comments.append(comment)
+    sentence = " ".join(comments).split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= 110 else sentence[:107].rsplit(" ", 1)[0] + " ..."
 
 
 def _ledger(cfg) -> int:

@@ -50,13 +50,51 @@ def test_smoke_run_on_embedded_models_then_rerun_is_free(tmp_path):
     assert 0.0 <= metrics["invalid_rate"] <= 1.0
     assert metrics["n_gold"] == metrics["n"] and 0.0 <= metrics["teacher_vs_gold"]["exact"] <= 1.0
     assert results["speed"]["items_per_s"] > 0
+    # every figure of the evaluation is in results.json (keys listed in README)
+    exact = metrics["agreement_ci"]["exact"]
+    assert exact["low"] <= exact["value"] <= exact["high"]
+    assert {"accuracy", "macro_f1", "per_class"} <= set(metrics["fields"]["category"]["vs_gold"])
+    assert set(results["confusion"]) == {"category", "priority"}
+    assert results["coverage_curve"][0]["coverage"] == 1.0 and results["val_coverage_curve"]
+    assert results["calibration"]["whole"]["ece"] is not None
+    cost = results["cost"]
+    assert cost["teacher_usd_per_1k"] > 0 and cost["student_usd_per_1k"] > 0 and cost["teacher"]["items_priced"] > 0
+    assert results["speed"]["latency_p95_s"] >= results["speed"]["latency_p50_s"] > 0
+    assert results["decontamination"]["n_checked"] == metrics["n"] + results["decontamination"]["n_excluded"]
+    assert results["gate"]["passed"] is True and len(results["per_item"]) == results["decontamination"]["n_checked"]
+    for name in ("report.md", "coverage.png", "cost.png", "confusion_category.png", paths.JUNIT_XML):
+        assert (run_dir / "evaluate" / name).stat().st_size > 0, name
 
     publish = runio.read_done(run_dir, "publish")["summary"]
-    (gguf_name,) = publish["artifacts"]
-    assert publish["checks"][gguf_name]["loads"] is True
-    assert (run_dir / "publish" / paths.MODEL_DIR / gguf_name).stat().st_size > 50e6  # a real 135M model
-    routing = (run_dir / "publish" / paths.ROUTING).read_text()
-    assert "results_sha256" in routing and "<|im_end|>" in routing
+    parity = runio.read_json(run_dir / "publish" / paths.PARITY)
+    (gguf_rel,) = [rel for rel in parity if rel.endswith("-q8_0.gguf")]
+    check = parity[gguf_rel]["stop_check"]
+    # The Q8_0 GGUF served by llama.cpp answers a ticket with schema-valid JSON and stops at <|im_end|>.
+    assert check["valid"] is True and check["finish_reason"] == "stop" and check["completion_tokens"] < 48, check
+    assert set(parity) >= {gguf_rel, f"{paths.MODEL_DIR}/{paths.HF_DIR}"}
+    assert all(0.0 <= res["parity"] <= 1.0 and res["n"] == metrics["n"] for res in parity.values())
+    assert parity[f"{paths.MODEL_DIR}/{paths.HF_DIR}"]["parity"] == 1.0  # merged = adapter on base, same answers
+    from distill.routing import load_rule
+
+    rule = load_rule(run_dir / "publish" / paths.ROUTING)
+    assert rule.student.stop == ["<|im_end|>"]
+    # Published exactly when it met publish.min_parity; then it is a real 135M model named in the rule.
+    gguf = run_dir / "publish" / gguf_rel
+    assert parity[gguf_rel]["published"] == (parity[gguf_rel]["parity"] >= 0.9) == gguf.exists()
+    assert (gguf_rel in rule.student.artifacts.values()) == gguf.exists()
+    if gguf.exists():
+        assert gguf.stat().st_size > 50e6 and publish["checks"][gguf.name]["loads"] is True
+    assert rule.evidence.results_sha256 == runio.sha256_file(run_dir / "evaluate" / paths.RESULTS)
+    import jsonschema
+    import yaml
+
+    jsonschema.validate(yaml.safe_load((run_dir / "publish" / paths.ROUTING).read_text()),
+                        runio.read_json(run_dir / "publish" / paths.ROUTING_SCHEMA))
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # litellm would fetch its price list
+    from litellm import Router
+
+    litellm_cfg = yaml.safe_load((run_dir / "publish" / paths.LITELLM).read_text())
+    Router(model_list=litellm_cfg["model_list"], **litellm_cfg["router_settings"])
 
     again = _distill("run", "recipe=support_tickets", "profile=smoke", f"run_dir={run_dir}")
     assert again.returncode == 0, again.stderr[-3000:]
@@ -91,3 +129,26 @@ def test_ctrl_c_during_generate_stops_the_teacher_server(tmp_path):
         assert sock.connect_ex(("127.0.0.1", port)) != 0, "the teacher server is still listening"
     assert runio.read_done(run_dir, "generate") is None
     assert paths.ledger_path(run_dir).exists()
+
+
+def test_email_extraction_recipe_runs_end_to_end_on_smoke(tmp_path):
+    """The second shipped recipe (free-text and enum fields) runs on the embedded models with no extra overrides."""
+    run_dir = tmp_path / "emails"
+    result = _distill("run", "recipe=email_extraction", "profile=smoke", f"run_dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in paths.STAGES:
+        assert runio.read_done(run_dir, stage) is not None, stage
+
+    generate = runio.read_done(run_dir, "generate")["summary"]
+    assert generate["method"] == "generate"  # free-text fields: the teacher writes JSON under the schema's grammar
+    assert generate["labelled"] > 0 and generate["splits"]["train"] > 0 and generate["splits"]["test"] > 0
+    assert generate["teacher_vs_gold"]["n"] == generate["labelled"]
+    fields = {"order_id", "product", "issue_type", "requested_action"}
+    rows = [r for s in paths.SPLITS for r in runio.read_jsonl(paths.split_path(run_dir, s))]
+    assert all(set(r["teacher"]) == fields and set(r["gold"]) == fields for r in rows)
+
+    results = runio.read_json(run_dir / "evaluate" / paths.RESULTS)
+    assert results["recipe"] == "email_extraction" and results["metrics"]["n"] > 0
+    assert set(results["metrics"]["agreement"]) >= fields
+    assert set(results["confusion"]) == {"issue_type", "requested_action"}
+    assert "email_extraction" in (run_dir / "publish" / paths.ROUTING).read_text()
