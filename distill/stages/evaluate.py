@@ -207,12 +207,39 @@ def _scored_batch(model, tokenizer, prompts: list[str], schema: OutputSchema, eo
                 answers[b][name] = values[int(best[b])]
                 fconf[b][name] = round(float(probs[b, best[b]]), 6)
         else:
-            for b, (value, c, why, text) in enumerate(_generate_values(model, tokenizer, prompt_ids, heads, eot,
-                                                                       max_new_tokens)):
-                answers[b][name] = value
-                fconf[b][name] = c
-                if why and not broken[b]:  # keep what the model really wrote where it went wrong
-                    broken[b], written[b] = why, heads[b] + text
+            # The JSON type is decided by scoring, not left to the model: a boolean or null is a scored literal,
+            # a string is forced to open with '"' and only its content is generated.
+            options = _literal_options(schema, name)
+            gen_rows = list(range(n))
+            prefix = '"' if options == ['"'] else ""
+            if len(options) > 1:
+                seqs, starts = [], []
+                for head in heads:
+                    head_ids = _ids(tokenizer, head)
+                    for opt in options:
+                        full = _ids(tokenizer, head + opt)
+                        seqs.append(full)
+                        starts.append(_common_prefix(head_ids, full))
+                logp = _continuation_logprob(model, tokenizer, cache, mask, last_logp, seqs, starts, len(options))
+                probs = torch.softmax(logp.view(n, len(options)), -1)
+                best = probs.argmax(-1)
+                gen_rows = []
+                for b in range(n):
+                    choice = options[int(best[b])]
+                    if choice == '"':
+                        gen_rows.append(b)
+                    else:
+                        answers[b][name] = json.loads(choice)
+                        fconf[b][name] = round(float(probs[b, best[b]]), 6)
+                prefix = '"' if '"' in options else ""
+            if gen_rows:
+                generated = _generate_values(model, tokenizer, [prompt_ids[b] for b in gen_rows],
+                                             [heads[b] + prefix for b in gen_rows], eot, max_new_tokens, prefix)
+                for b, (value, c, why, text) in zip(gen_rows, generated):
+                    answers[b][name] = value
+                    fconf[b][name] = c
+                    if why and not broken[b]:  # keep what the model really wrote where it went wrong
+                        broken[b], written[b] = why, heads[b] + prefix + text
     results = []
     for b in range(n):
         text = written[b] or dump_answer(answers[b])
@@ -257,8 +284,22 @@ def _continuation_logprob(model, tokenizer, cache, prompt_mask, last_logp, seqs,
     return (token_logp * scored).sum(-1).cpu()
 
 
-def _generate_values(model, tokenizer, prompt_ids, heads, eot, max_new_tokens):
-    """Greedy JSON value after each answer head; yields (value, mean token probability, invalid reason, text)."""
+def _literal_options(schema: OutputSchema, name: str) -> list[str]:
+    """JSON literals scored for a free field (``true``/``false``/``null`` as its type allows, ``"`` = a string)."""
+    kind = schema.schema["properties"].get(name, {}).get("type")
+    kinds = [kind] if isinstance(kind, str) else list(kind or [])
+    options = (["true", "false"] if "boolean" in kinds else []) + (["null"] if "null" in kinds else [])
+    if "string" in kinds and options:
+        options.append('"')
+    elif "string" in kinds:
+        return ['"']  # only a string: no choice to score, just open it
+    return options
+
+
+def _generate_values(model, tokenizer, prompt_ids, heads, eot, max_new_tokens, prefix: str = ""):
+    """Greedy JSON value after each answer head; yields (value, mean token probability, invalid reason, text).
+
+    ``prefix`` is what the head already opened (``"`` for a string): it is part of the value parsed."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     decoder = json.JSONDecoder()
@@ -269,7 +310,7 @@ def _generate_values(model, tokenizer, prompt_ids, heads, eot, max_new_tokens):
         def __call__(self, input_ids, scores, **kwargs):
             done = []
             for row in input_ids[:, width:]:
-                text = tokenizer.decode(row, skip_special_tokens=True).lstrip()
+                text = (prefix + tokenizer.decode(row, skip_special_tokens=True)).lstrip()
                 try:
                     done.append(decoder.raw_decode(text)[1] < len(text))
                 except json.JSONDecodeError:
@@ -286,13 +327,13 @@ def _generate_values(model, tokenizer, prompt_ids, heads, eot, max_new_tokens):
     steps = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).float().cpu()
     for row, scores in zip(out.sequences[:, ids.shape[1]:].cpu().tolist(), steps):
         text = tokenizer.decode(row, skip_special_tokens=True)
-        stripped = text.lstrip()
+        stripped = (prefix + text).lstrip()
         try:
             value, end = decoder.raw_decode(stripped)
         except json.JSONDecodeError:
             yield None, None, "invalid_json", text
             continue
-        end += len(text) - len(stripped)
+        end += len(prefix + text) - len(stripped) - len(prefix)
         used = next((i for i in range(1, len(row) + 1)
                      if len(tokenizer.decode(row[:i], skip_special_tokens=True)) >= end), len(row))
         yield value, round(float(math.exp(scores[:used].mean())), 6), None, text
