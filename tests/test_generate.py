@@ -257,15 +257,20 @@ def _batch_args(tmp_path: Path, url: str, *extra: str) -> list[str]:
                           "generate.batch.poll_interval_s=0.1", "teacher.backoff_initial_s=0.01", *extra)
 
 
+def _generate_until_a_batch_is_created(args: list[str], teacher: FakeTeacher) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "distill", "generate", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while teacher.batch_creations == 0 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    return proc
+
+
 def test_batch_kill_between_submit_and_poll_creates_one_batch(tmp_path):
     with FakeTeacher(answer, batch_hold=True) as teacher:
         args = _batch_args(tmp_path, teacher.base_url)
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        proc = subprocess.Popen([sys.executable, "-m", "distill", "generate", *args], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while teacher.batch_creations == 0 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
+        proc = _generate_until_a_batch_is_created(args, teacher)
         time.sleep(0.5)  # polling now
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -495,12 +500,7 @@ def test_408_409_are_retried_403_ends_the_run_and_an_http_date_retry_after_is_ho
 def test_batch_kill_before_the_create_answer_arrives_still_creates_one_batch(tmp_path):
     with FakeTeacher(answer, batch_hold_create=True) as teacher:
         args = _batch_args(tmp_path, teacher.base_url)
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-        proc = subprocess.Popen([sys.executable, "-m", "distill", "generate", *args], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while teacher.batch_creations == 0 and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
+        proc = _generate_until_a_batch_is_created(args, teacher)
         proc.send_signal(signal.SIGKILL)  # the batch exists on the server; the client never saw its id
         proc.wait()
         teacher.batch_create_release.set()

@@ -193,15 +193,7 @@ def _scored_batch(model, tokenizer, prompts: list[str], schema: OutputSchema, eo
         if name in schema.enums:
             values = schema.enums[name]
             tails = [json.dumps(v, ensure_ascii=False) + ("}" + eot if last else ",") for v in values]
-            seqs, starts = [], []
-            for head in heads:
-                head_ids = _ids(tokenizer, head)
-                for tail in tails:
-                    full = _ids(tokenizer, head + tail)
-                    seqs.append(full)
-                    starts.append(_common_prefix(head_ids, full))
-            logp = _continuation_logprob(model, tokenizer, cache, mask, last_logp, seqs, starts, len(values))
-            probs = torch.softmax(logp.view(n, len(values)), -1)
+            probs = _tail_probs(model, tokenizer, cache, mask, last_logp, heads, tails)
             best = probs.argmax(-1)
             for b in range(n):
                 answers[b][name] = values[int(best[b])]
@@ -213,15 +205,7 @@ def _scored_batch(model, tokenizer, prompts: list[str], schema: OutputSchema, eo
             gen_rows = list(range(n))
             prefix = '"' if options == ['"'] else ""
             if len(options) > 1:
-                seqs, starts = [], []
-                for head in heads:
-                    head_ids = _ids(tokenizer, head)
-                    for opt in options:
-                        full = _ids(tokenizer, head + opt)
-                        seqs.append(full)
-                        starts.append(_common_prefix(head_ids, full))
-                logp = _continuation_logprob(model, tokenizer, cache, mask, last_logp, seqs, starts, len(options))
-                probs = torch.softmax(logp.view(n, len(options)), -1)
+                probs = _tail_probs(model, tokenizer, cache, mask, last_logp, heads, options)
                 best = probs.argmax(-1)
                 gen_rows = []
                 for b in range(n):
@@ -249,6 +233,19 @@ def _scored_batch(model, tokenizer, prompts: list[str], schema: OutputSchema, eo
         else:
             results.append((answers[b], text, None, float(np.prod(list(fconf[b].values()))), fconf[b]))
     return results
+
+
+def _tail_probs(model, tokenizer, cache, mask, last_logp, heads: list[str], tails: list[str]) -> torch.Tensor:
+    """(items x tails) probabilities of each tail after each item's answer head, normalised over the tails."""
+    seqs, starts = [], []
+    for head in heads:
+        head_ids = _ids(tokenizer, head)
+        for tail in tails:
+            full = _ids(tokenizer, head + tail)
+            seqs.append(full)
+            starts.append(_common_prefix(head_ids, full))
+    logp = _continuation_logprob(model, tokenizer, cache, mask, last_logp, seqs, starts, len(tails))
+    return torch.softmax(logp.view(len(heads), len(tails)), -1)
 
 
 def _continuation_logprob(model, tokenizer, cache, prompt_mask, last_logp, seqs, starts, k: int) -> torch.Tensor:
