@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import shutil
 from collections import defaultdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data" / "bitext_customer_support" / "Bitext_Sample_Customer_Support_Training_Dataset.csv"
+DATA = Path(os.environ.get("DISTILL_BITEXT_CSV") or REPO.parent / "shared" / "data" / "bitext_customer_support"
+            / "Bitext_Sample_Customer_Support_Training_Dataset.csv")
 RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
 def load_rows(path: Path = DATA) -> list[dict]:
     if not path.exists():
-        raise SystemExit(f"the Bitext sample is not at {path}; it is read from ../shared/data (see SOURCE.md there)")
+        raise SystemExit(f"the Bitext sample is not at {path}; it is read from ../shared/data (see SOURCE.md there) "
+                         f"or from the file named by DISTILL_BITEXT_CSV")
     with path.open(newline="", encoding="utf-8") as fh:
         return [{"text": r["instruction"].strip(), "category": r["category"]} for r in csv.DictReader(fh)]
 
