@@ -4,7 +4,7 @@
     python -m distill evaluate recipe=support_tickets run_dir=runs/support_tickets/X
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 class DistillError(Exception):
