@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import bitext  # noqa: E402
+from benchmarks import shared_data as bitext  # noqa: E402
 from benchmarks.common import REPO, append, table  # noqa: E402
 
 PLOT = REPO / "benchmarks" / "results" / "quality_at_budget.png"
@@ -50,7 +50,7 @@ def main() -> None:
     results = []
     for n in sorted(args.budgets):
         run_dir = work / f"run-{n}"
-        common = [f"recipe=bitext_category", f"recipe_dir={recipes}", f"run_dir={run_dir}", "teacher=local",
+        common = [f"recipe=cs_category", f"recipe_dir={recipes}", f"run_dir={run_dir}", "teacher=local",
                   "teacher.method=score", f"generate.limit={args.test + n}", "generate.dedup.enabled=false",
                   f"generate.shared_ledger={work / 'ledger.sqlite'}", "profile=demo",
                   f"train.max_steps={max(1, math.ceil(n / args.batch))}", f"train.batch_size={args.batch}",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import bitext  # noqa: E402
+from benchmarks import shared_data as bitext  # noqa: E402
 from benchmarks.common import append, table  # noqa: E402
 
 OPTIONS = {
@@ -42,7 +42,7 @@ def run_option(name: str, work: Path, items: int) -> dict:
     seeds, extra = OPTIONS[name]
     recipes = bitext.prepare(work / f"recipes-{seeds}", items, seeds)
     run_dir = work / f"run-{name}"
-    cmd = [sys.executable, "-m", "distill", "generate", "recipe=bitext_category", f"recipe_dir={recipes}",
+    cmd = [sys.executable, "-m", "distill", "generate", "recipe=cs_category", f"recipe_dir={recipes}",
            f"run_dir={run_dir}", "teacher=local", "generate.limit=null", "generate.dedup.enabled=false", *extra]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)

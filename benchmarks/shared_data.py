@@ -1,6 +1,6 @@
 """The Bitext customer-support sample as a temporary distill recipe (the data stays in ../shared/data).
 
-``prepare(root, n_items, n_seeds_per_class, seed)`` copies benchmarks/recipes/bitext_category* into ``root`` and
+``prepare(root, n_items, n_seeds_per_class, seed)`` copies benchmarks/recipes/cs_category* into ``root`` and
 writes inputs.jsonl (``n_items`` messages, stratified over the 11 categories, gold labels attached) and
 few_shot.jsonl (``n_seeds_per_class`` labelled seeds per category, disjoint from the inputs).
 """
@@ -62,18 +62,18 @@ def prepare(root: Path, n_items: int, n_seeds_per_class: int = 1, seed: int = 0,
                 break
     rng.shuffle(seeds)
     root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(RECIPES / "bitext_category.yaml", root / "bitext_category.yaml")
-    shutil.copytree(RECIPES / "bitext_category", root / "bitext_category", dirs_exist_ok=True)
-    with (root / "bitext_category" / "inputs.jsonl").open("w") as fh:
+    shutil.copy(RECIPES / "cs_category.yaml", root / "cs_category.yaml")
+    shutil.copytree(RECIPES / "cs_category", root / "cs_category", dirs_exist_ok=True)
+    with (root / "cs_category" / "inputs.jsonl").open("w") as fh:
         for k, r in enumerate(inputs):
             row = {"id": f"b{k}", "text": r["text"], "gold": {"category": r["category"]}}
             if n_test:
                 row["split"] = "test" if k < n_test else ("val" if (k - n_test) % 10 == 9 else "train")
             fh.write(json.dumps(row) + "\n")
     if n_test:
-        with (root / "bitext_category.yaml").open("a") as fh:
+        with (root / "cs_category.yaml").open("a") as fh:
             fh.write("split_field: split\n")
-    with (root / "bitext_category" / "few_shot.jsonl").open("w") as fh:
+    with (root / "cs_category" / "few_shot.jsonl").open("w") as fh:
         for r in seeds:
             fh.write(json.dumps({"text": r["text"], "label": {"category": r["category"]}}) + "\n")
     return root
