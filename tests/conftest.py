@@ -28,7 +28,7 @@ def gold_by_text() -> dict[str, dict]:
     return {r["text"]: r["gold"] for r in rows}
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def fake_answer(gold_by_text):
     """An answer function for FakeTeacher: the gold label of the ticket in the last user message."""
 

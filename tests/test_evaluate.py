@@ -313,16 +313,13 @@ def test_a_doctored_baseline_regression_is_caught(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, gold_by_text):
+def trained_run(tmp_path_factory, fake_answer):
     """A run dir with generate + train finished: tiny random student, 60 inputs labelled by a fake teacher."""
     from distill import pipeline
 
     run_dir = tmp_path_factory.mktemp("evaluate") / "run"
 
-    def answer(messages):
-        return json.dumps(gold_by_text.get(messages[-1]["content"], {"category": "feedback", "priority": "low"}))
-
-    with FakeTeacher(answer) as teacher:
+    with FakeTeacher(fake_answer) as teacher:
         overrides = tiny_overrides(run_dir, teacher.base_url, "generate.limit=60", "eval.limit=null")
         pipeline.run(load_config(overrides), stages=("generate", "train"))
     return run_dir, overrides

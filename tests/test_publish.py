@@ -22,14 +22,11 @@ EOT = "<|im_end|>"
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory, gold_by_text):
+def base_run(tmp_path_factory, fake_answer):
     """generate -> train -> evaluate on the tiny student, once for the module; tests publish copies of it."""
     run_dir = tmp_path_factory.mktemp("publish") / "base"
 
-    def answer(messages):
-        return json.dumps(gold_by_text.get(messages[-1]["content"], {"category": "feedback", "priority": "low"}))
-
-    with FakeTeacher(answer) as teacher:
+    with FakeTeacher(fake_answer) as teacher:
         pipeline.run(load_config(tiny_overrides(run_dir, teacher.base_url)), stages=("generate", "train", "evaluate"))
     return run_dir
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -108,14 +107,11 @@ def test_early_stopping_needs_validation_steps(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def labelled_run(tmp_path_factory, gold_by_text):
+def labelled_run(tmp_path_factory, fake_answer):
     """A run dir whose generate stage is done (fake teacher), copied by each test that trains."""
     run_dir = tmp_path_factory.mktemp("labelled") / "run"
 
-    def answer(messages):
-        return json.dumps(gold_by_text.get(messages[-1]["content"], {"category": "feedback", "priority": "low"}))
-
-    with FakeTeacher(answer) as teacher:
+    with FakeTeacher(fake_answer) as teacher:
         pipeline.run(load_config(tiny_overrides(run_dir, teacher.base_url, "generate.limit=20")), ("generate",))
     return run_dir
 
