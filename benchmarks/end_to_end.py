@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -36,13 +37,23 @@ def one_run(profile: str, run_dir: Path, extra: list[str]) -> dict:
     for s in STAGES:
         done = run_dir / s / "DONE.json"
         stages[s] = json.loads(done.read_text())["summary"].get("wall_s") if done.exists() else None
+    paid_before = _ledger_calls(run_dir)
     started = time.perf_counter()
     again = subprocess.run(cmd, capture_output=True, text=True)
     rerun = time.perf_counter() - started
+    if again.returncode not in (0, 3):
+        raise SystemExit(f"re-run failed ({again.returncode}):\n{again.stderr[-3000:]}")
     gen = json.loads((run_dir / "generate" / "DONE.json").read_text())["summary"]
     skipped = again.stderr.count("skipped: finished earlier")
     return {"total": total, "stages": stages, "rerun": rerun, "rerun_skipped": skipped,
-            "teacher_calls": gen["paid_calls_this_run"], "exit": proc.returncode}
+            "rerun_paid": _ledger_calls(run_dir) - paid_before, "teacher_calls": gen["paid_calls_this_run"],
+            "exit": proc.returncode}
+
+
+def _ledger_calls(run_dir: Path) -> int:
+    """Rows in the ledger's calls table: every teacher answer ever paid for in this run directory."""
+    with sqlite3.connect(run_dir / "generate" / "ledger.sqlite") as db:
+        return db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
 
 
 def main() -> None:
@@ -66,8 +77,8 @@ def main() -> None:
     med, lo, hi = summary([r["total"] for r in runs])
     rows.append(["whole command", f"{med:.1f}", f"{lo:.1f}-{hi:.1f}"])
     med, lo, hi = summary([r["rerun"] for r in runs])
-    rows.append([f"re-run in the same directory (stages skipped: {runs[0]['rerun_skipped']} of 4)", f"{med:.1f}",
-                 f"{lo:.1f}-{hi:.1f}"])
+    rows.append([f"re-run in the same directory (stages skipped: {runs[0]['rerun_skipped']} of 4, teacher calls paid: "
+                 f"{max(r['rerun_paid'] for r in runs)})", f"{med:.1f}", f"{lo:.1f}-{hi:.1f}"])
     text = (f"`profile={args.profile}`, recipe support_tickets, embedded teacher and student; median of {args.runs} "
             f"runs, each in a fresh run directory ({runs[0]['teacher_calls']} teacher calls per run)"
             + (f", overrides {' '.join(args.extra)}" if args.extra else "") + ".\n\n"

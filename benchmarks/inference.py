@@ -15,6 +15,7 @@ import argparse
 import json
 import sqlite3
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,13 +68,13 @@ def main() -> None:
         results.append([f"student, transformers, {decode} (batch {c.eval.batch_size})", med / len(rows), lo, hi])
     del model
 
-    served = json.loads((run_dir / "publish" / "DONE.json").read_text())["summary"]
     for rel in sorted(r for r in (run_dir / "publish" / "model").glob("*.gguf")):
         c = cfg.model_copy(deep=True)
         c.eval.endpoint.concurrency = 1
         c.eval.endpoint.structured_output = "llama_cpp"
         walls = []
-        with LlamaCppServer(rel, alias="student", n_ctx=2048, log_path=Path("/tmp") / "inference_bench.log") as srv:
+        log_path = Path(tempfile.gettempdir()) / "distill-inference-bench.log"
+        with LlamaCppServer(rel, alias="student", n_ctx=2048, log_path=log_path) as srv:
             evaluate.predict_endpoint(c, task, rows[:2], srv.base_url, "student")  # warm-up
             for _ in range(args.runs):
                 started = time.perf_counter()
@@ -82,7 +83,6 @@ def main() -> None:
         med, lo, hi = summary(walls)
         results.append([f"student, llama.cpp server, {rel.name.rsplit('-', 1)[-1][:-5]} (1 at a time)",
                         med / len(rows), lo, hi])
-    _ = served
 
     table_rows = [[name, f"{1 / per:.2f}", f"{per * 1000:.0f}", f"{lo / len(rows):.3f}-{hi / len(rows):.3f}",
                    f"{per_ticket_teacher / per:.1f}x"] for name, per, lo, hi in results]

@@ -50,7 +50,7 @@ def main() -> None:
     results = []
     for n in sorted(args.budgets):
         run_dir = work / f"run-{n}"
-        common = [f"recipe=cs_category", f"recipe_dir={recipes}", f"run_dir={run_dir}", "teacher=local",
+        common = ["recipe=cs_category", f"recipe_dir={recipes}", f"run_dir={run_dir}", "teacher=local",
                   "teacher.method=score", f"generate.limit={args.test + n}", "generate.dedup.enabled=false",
                   f"generate.shared_ledger={work / 'ledger.sqlite'}", "profile=demo",
                   f"train.max_steps={max(1, math.ceil(n / args.batch))}", f"train.batch_size={args.batch}",
@@ -59,7 +59,8 @@ def main() -> None:
         res = json.loads((run_dir / "evaluate" / "results.json").read_text())
         m = res["metrics"]
         gen = json.loads((run_dir / "generate" / "DONE.json").read_text())["summary"]
-        results.append({"budget": n, "train_rows": gen["splits"]["train"], "student_vs_gold": m["student_vs_gold"]["exact"],
+        results.append({"budget": n, "train_rows": gen["splits"]["train"],
+                        "student_vs_gold": m["student_vs_gold"]["exact"],
                         "agreement": m["agreement"]["exact"], "teacher_vs_gold": m["teacher_vs_gold"]["exact"],
                         "invalid": m["invalid_rate"], "new_teacher_calls": gen["paid_calls_this_run"],
                         "wall": {k: round(v) for k, v in walls.items()}})
@@ -82,8 +83,9 @@ def main() -> None:
     ax.set_title(f"Bitext category, SmolLM2-135M student and teacher (n_test={args.test})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(PLOT, dpi=110)
+    plot = PLOT if not args.no_record else work / PLOT.name  # a trial run leaves the recorded plot alone
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(plot, dpi=110)
 
     rows = [[r["budget"], r["train_rows"], f"{100 * r['student_vs_gold']:.1f}%", f"{100 * r['agreement']:.1f}%",
              f"{100 * r['teacher_vs_gold']:.1f}%", f"{100 * r['invalid']:.1f}%", r["new_teacher_calls"],

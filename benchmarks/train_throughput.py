@@ -108,7 +108,8 @@ def main() -> None:
     import torch
 
     per_example = results[0]["tokens_per_step"] / args.batch
-    rows = [["SmolLM2-135M fp32, LoRA r=16 (7 projections)", f"{args.batch} x ~{per_example:.0f}", torch.get_num_threads(), *cell("tokens_per_s", ".1f"), *cell("s_per_step", ".2f"),
+    rows = [["SmolLM2-135M fp32, LoRA r=16 (7 projections)", f"{args.batch} x ~{per_example:.0f}",
+             torch.get_num_threads(), *cell("tokens_per_s", ".1f"), *cell("s_per_step", ".2f"),
              *cell("peak_rss_mib", ".0f")]]
     text = table(["model", "batch x tokens", "threads", "tokens/s (median)", "tokens/s min-max", "s/step (median)",
                   "s/step min-max", "peak RSS MiB (median)", "peak RSS min-max"], rows)

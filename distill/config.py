@@ -195,12 +195,13 @@ class EvalConfig(_Strict):
     decontam: DecontamConfig = DecontamConfig()
 
 
-GGUF_CONVERTER_TYPES = ("q8_0", "f16", "bf16", "f32")  # written by llama.cpp's convert_hf_to_gguf.py
+GGUF_CONVERTER_TYPES = ("q8_0", "f16", "bf16", "f32")  # convert_hf_to_gguf.py (q8_0: embedding_type=null)
 GGUF_QUANTIZER_TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q4_0")  # llama.cpp's quantizer, from an f16 GGUF
 
 
 class PublishConfig(_Strict):
     gguf_types: list[Literal["q8_0", "f16", "bf16", "f32", "q4_k_m", "q5_k_m", "q6_k", "q4_0"]] = ["q8_0", "q4_k_m"]
+    embedding_type: Literal["f16", "q8_0"] | None = "f16"
     nf4: bool = False
     verify_load: bool = True
     min_parity: float = Field(0.9, ge=0, le=1)

@@ -25,9 +25,13 @@ def test_teacher_throughput_tiny():
     assert rows["distill"][6].strip() == "60" and rows["rerun"][6].strip() == "0"  # paid calls
 
 
+needs_bitext = pytest.mark.skipif(
+    not (REPO.parent / "shared" / "data" / "bitext_customer_support").is_dir(),
+    reason="the Bitext sample is read from ../shared/data, which this checkout does not have")
+
+
 @pytest.mark.e2e
-@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "bitext_customer_support").is_dir(),
-                    reason="the Bitext sample is read from ../shared/data, which this checkout does not have")
+@needs_bitext
 def test_teacher_quality_tiny():
     out = run("teacher_quality.py", "--items", "3", "--options", "fixed")
     assert "| fixed |" in out
@@ -37,4 +41,31 @@ def test_teacher_quality_tiny():
 def test_end_to_end_tiny():
     out = run("end_to_end.py", "--profile", "smoke", "--runs", "1", "generate.limit=16", "train.max_steps=1",
               "eval.limit=3", "publish.verify_load=false")
-    assert "| whole command |" in out and "stages skipped: 4 of 4" in out
+    assert "| whole command |" in out and "stages skipped: 4 of 4, teacher calls paid: 0" in out
+
+
+@pytest.mark.e2e
+def test_inference_tiny(tmp_path):
+    run_dir = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "distill", "run", "recipe=support_tickets", "profile=smoke",
+                    f"run_dir={run_dir}", "generate.limit=16", "train.max_steps=1", "eval.limit=3",
+                    "publish.verify_load=false"], check=True, capture_output=True, cwd=REPO, timeout=600)
+    out = run("inference.py", "--run-dir", str(run_dir), "--items", "2", "--runs", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| student") or line.startswith("| teacher")]
+    runtimes = [r.split("|")[1].split(",")[1].strip() for r in rows[:3]]
+    assert runtimes == ["transformers", "transformers", "llama.cpp server"]
+    assert rows[-1].split("|")[-2].strip() == "1.0x"  # the teacher is the reference line
+
+
+@pytest.mark.e2e
+def test_train_throughput_tiny():
+    out = run("train_throughput.py", "--runs", "1", "--steps", "2", "--batch", "2", "--examples", "12")
+    (row,) = [line.split("|") for line in out.splitlines() if line.startswith("| ") and "tokens" not in line]
+    assert row[1].strip().startswith("SmolLM2-135M") and float(row[4]) > 0 and float(row[8]) > 0  # tokens/s, MiB
+
+
+@pytest.mark.e2e
+@needs_bitext
+def test_quality_at_budget_tiny(tmp_path):
+    out = run("quality_at_budget.py", "--budgets", "8", "--test", "3", "--batch", "4", "--work", str(tmp_path))
+    assert "| 8 |" in out and (tmp_path / "quality_at_budget.png").stat().st_size > 0

@@ -96,10 +96,27 @@ def test_merge_and_quantize_carry_template_and_stop_token(published):
         assert reader.fields["tokenizer.chat_template"].contents() == tokenizer.chat_template
         assert reader.fields["tokenizer.ggml.eos_token_id"].contents() == eot_id
         assert expected in {t.tensor_type.name for t in reader.tensors}
+        # publish.embedding_type (default f16): the tied embedding / output matrix is not quantized
+        assert {t.name: t.tensor_type.name for t in reader.tensors}["token_embd.weight"] == "F16"
     # hidden size 64 is not a multiple of the 256-wide k-quant block: llama.cpp falls back per tensor, recorded
     q4 = summary["artifacts"][f"{paths.MODEL_DIR}/{_gguf(run_dir, 'q4_k_m').name}"]
     assert q4["quantizer_fallbacks"].get("q5_0", 0) > 0 and q4["tensor_types"]["Q5_0"] > 0
     assert not list((run_dir / "publish" / paths.MODEL_DIR).glob("*-f16.gguf"))  # the quantizer's input is not kept
+
+
+def test_embedding_type_null_leaves_q8_0_to_the_converter(published, tmp_path):
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    run_dir, _, _ = published
+    hf = run_dir / "publish" / paths.MODEL_DIR / paths.HF_DIR
+    cfg = _cfg(run_dir, "publish.embedding_type=null", "publish.gguf_types=[q8_0]")
+    (tmp_path / paths.MODEL_DIR).mkdir()
+    artifacts = publish.build_artifacts(cfg, tmp_path, hf, AutoTokenizer.from_pretrained(hf), EOT)
+    (rel,) = [rel for rel in artifacts if rel.endswith(".gguf")]
+    types = {t.name: t.tensor_type.name for t in GGUFReader(str(tmp_path / rel)).tensors}
+    assert types["token_embd.weight"] == "Q8_0" and "quantizer_fallbacks" not in artifacts[rel]
+    assert not list((tmp_path / paths.MODEL_DIR).glob("*-f16.gguf"))
 
 
 def test_every_artifact_has_parity_in_its_runtime(published):
@@ -118,6 +135,10 @@ def test_every_artifact_has_parity_in_its_runtime(published):
             assert set(served) >= {"agreement_with_student", "agreement_with_teacher", "invalid_rate"}
             assert parity[rel]["stop_check"]["completion_tokens"] >= 1
             assert summary["checks"][rel.split("/")[-1]]["loads"] is True
+    # evaluate's report now also says how each shipped file answers the test items, in the same figures
+    report = (run_dir / "evaluate" / paths.REPORT).read_text()
+    for rel, res in parity.items():
+        assert f"`{rel}`" in report and f"{res['parity'] * 100:.1f}% of {res['n']} test items; published" in report
 
 
 def test_served_gguf_ends_a_generation_at_the_end_of_turn_token(published):
@@ -324,6 +345,15 @@ def test_an_artifact_below_min_parity_is_not_published(base_run, tmp_path, monke
     assert gguf_rel not in load_rule(pub / paths.ROUTING).student.artifacts.values()
     assert not (pub / paths.MODELFILE).exists()  # nothing left for Ollama to load
     assert "no: parity 0.0 < publish.min_parity 0.9" in (pub / paths.MODEL_CARD).read_text()
+    report = run_dir / "evaluate" / paths.REPORT
+    assert f"`{gguf_rel}`, served by the llama.cpp server: the same answer as the in-process student on 0.0%" \
+        in report.read_text() and "NOT published (parity 0.0 < publish.min_parity 0.9)" in report.read_text()
+    # a later publish replaces its section instead of stacking a second one under evaluate's own text
+    head, parity = report.read_text().split(publish.REPORT_MARK)[0], runio.read_json(pub / paths.PARITY)
+    artifacts = {gguf_rel: {"format": "gguf", "type": "gguf", "runtime": "llama.cpp", "bytes": 1}}
+    publish.add_to_report(_cfg(run_dir), run_dir, artifacts, {gguf_rel: parity[gguf_rel]})
+    text = report.read_text()
+    assert text.count(publish.REPORT_MARK) == 1 and text.startswith(head) and "0.0% of" in text
 
 
 def test_nothing_reaching_min_parity_publishes_nothing(base_run, tmp_path, monkeypatch):

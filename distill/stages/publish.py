@@ -3,8 +3,10 @@
     python -m distill publish recipe=support_tickets run_dir=DIR [publish.target_agreement=0.98] [publish.force=true]
 
 1. The adapter is merged into a full-precision base (never a 4-bit one) and saved as safetensors with the tokenizer
-   and chat template (model/hf); GGUF files come from llama.cpp's own converter (q8_0, f16, ...) and quantizer
-   (q4_k_m, ...); optionally a bitsandbytes nf4 folder (CUDA).
+   and chat template (model/hf); GGUF files come from llama.cpp's own converter (f16, ...) and quantizer (q8_0,
+   q4_k_m, ...), which keeps the token embedding and output tensors in publish.embedding_type (f16: on a small model
+   with tied embeddings, quantizing that one matrix moved most of the answers that changed); optionally a
+   bitsandbytes nf4 folder (CUDA).
 2. Every artifact is reloaded in its runtime (GGUF in the llama.cpp server, safetensors in transformers), answers the
    evaluated test items with evaluate's code, and is compared with the unquantized student's answers; an artifact
    below publish.min_parity is dropped.
@@ -29,7 +31,7 @@ from urllib.parse import urlparse
 import yaml
 
 from distill import DistillError, paths, routing, runio
-from distill.config import GGUF_CONVERTER_TYPES, GGUF_QUANTIZER_TYPES, Config
+from distill.config import GGUF_QUANTIZER_TYPES, Config
 from distill.task import Task
 
 log = logging.getLogger("distill")
@@ -101,11 +103,13 @@ def convert_to_gguf(hf_dir: Path, out_file: Path, outtype: str, log_file: Path, 
         raise DistillError(f"GGUF conversion ({outtype}) failed with code {proc.returncode}: {_log_tail(log_file)}")
 
 
-def quantize_gguf(src: Path, out_file: Path, qtype: str, log_file: Path) -> Counter:
-    """f16 GGUF -> a k-quant with llama.cpp's quantizer (llama_model_quantize), in a child process so that a
-    llama.cpp abort cannot take the pipeline down. Tensors whose rows do not fit the k-quant block get llama.cpp's
-    own per-tensor fallback type; returns how many tensors fell back, by type."""
-    cmd = [sys.executable, "-m", "distill.stages.publish", "quantize", str(src), str(out_file), qtype]
+def quantize_gguf(src: Path, out_file: Path, qtype: str, log_file: Path, embedding_type: str | None = None) -> Counter:
+    """f16 GGUF -> ``qtype`` with llama.cpp's quantizer (llama_model_quantize), in a child process so that a
+    llama.cpp abort cannot take the pipeline down. ``embedding_type`` keeps the token embedding and output tensors in
+    that type. Tensors whose rows do not fit the k-quant block get llama.cpp's own per-tensor fallback type; returns
+    how many tensors fell back, by type."""
+    cmd = [sys.executable, "-m", "distill.stages.publish", "quantize", str(src), str(out_file), qtype,
+           embedding_type or "none"]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
     with open(log_file, "a", encoding="utf-8") as fh:
         fh.write(proc.stdout)
@@ -117,12 +121,15 @@ def quantize_gguf(src: Path, out_file: Path, qtype: str, log_file: Path) -> Coun
                    if "falling back to" in line)
 
 
-def _quantize_main(src: str, dst: str, qtype: str) -> int:
+def _quantize_main(src: str, dst: str, qtype: str, embedding_type: str = "none") -> int:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
     params.nthread = os.cpu_count() or 1
+    if embedding_type != "none":  # llama-quantize's --token-embedding-type and --output-tensor-type
+        params.token_embedding_type = params.output_tensor_type = getattr(llama_cpp,
+                                                                          f"GGML_TYPE_{embedding_type.upper()}")
     return int(llama_cpp.llama_model_quantize(src.encode(), dst.encode(), llama_cpp.byref(params)))
 
 
@@ -210,21 +217,22 @@ def build_artifacts(cfg: Config, staging: Path, hf_dir: Path, tokenizer, eot: st
         gguf = model_dir / f"{stem}-{gtype}.gguf"
         started = time.perf_counter()
         fallbacks: Counter = Counter()
-        if gtype in GGUF_CONVERTER_TYPES:
+        quantizer = gtype in GGUF_QUANTIZER_TYPES or (gtype == "q8_0" and cfg.publish.embedding_type is not None)
+        if not quantizer:
             convert_to_gguf(hf_dir, gguf, gtype, convert_log, stem)
         else:
-            assert gtype in GGUF_QUANTIZER_TYPES
             if f16 is None:  # the quantizer's input; published only when f16 itself was asked for
                 f16 = model_dir / f"{stem}-f16.gguf"
                 if not f16.exists():
                     convert_to_gguf(hf_dir, f16, "f16", convert_log, stem)
-            fallbacks = quantize_gguf(f16, gguf, gtype, staging / "quantize.log")
+            fallbacks = quantize_gguf(f16, gguf, gtype, staging / "quantize.log", cfg.publish.embedding_type)
         facts = gguf_facts(gguf, tokenizer, eot)
         artifacts[gguf.relative_to(staging).as_posix()] = {
             "format": "gguf", "type": gtype, "runtime": "llama.cpp", "bytes": gguf.stat().st_size,
             "build_s": round(time.perf_counter() - started, 2), **facts}
-        if gtype in GGUF_QUANTIZER_TYPES:
-            artifacts[gguf.relative_to(staging).as_posix()]["quantizer_fallbacks"] = dict(fallbacks)
+        if quantizer:
+            artifacts[gguf.relative_to(staging).as_posix()].update(quantizer_fallbacks=dict(fallbacks),
+                                                                   embedding_type=cfg.publish.embedding_type)
         log.info("publish: %s (%.1f MB, tensors %s)", gguf.name, gguf.stat().st_size / 1e6, facts["tensor_types"])
     if f16 is not None and "f16" not in cfg.publish.gguf_types:
         f16.unlink()
@@ -416,6 +424,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    add_to_report(cfg, run_dir, artifacts, parity)
     route = rule.route
     log.info("publish: %d artifact(s); route %s", len(published),
              f"enabled at confidence >= {route.confidence_threshold} (coverage {route.expected_coverage})"
@@ -627,6 +636,58 @@ def _metric_lines(m: dict, level: float | None) -> list[str]:
     return lines
 
 
+def parity_lines(cfg: Config, artifacts: dict, parity: dict) -> list[str]:
+    """The parity table (Markdown lines) shared by MODEL_CARD.md and the section publish adds to evaluate's report."""
+    lines = [f"Parity: share of the {next(iter(parity.values()))['n'] if parity else 0} evaluated items where the "
+             f"artifact, loaded in its runtime, gives the same answer as the unquantized student (or, like it, "
+             f"none); below publish.min_parity {cfg.publish.min_parity} an artifact is not published. "
+             f"References: " + "; ".join(sorted({f"{res['reference']}" for res in parity.values()})) + ".", "",
+             "As served (GGUF: llama.cpp with the task's schema as response_format; safetensors: transformers as "
+             "evaluate ran the student): agreement with evaluate's student and with the teacher, and where one "
+             "served answer ended.", "",
+             "| artifact | runtime | size MB | parity | as served: vs student / vs teacher / invalid | answer ended "
+             "| published |",
+             "|---|---|---|---|---|---|---|"]
+    for rel, art in artifacts.items():
+        p = parity.get(rel, {})
+        served = p.get("served_with_schema") or {"agreement_with_student": p.get("agreement_with_reference"),
+                                                 "agreement_with_teacher": p.get("agreement_with_teacher"),
+                                                 "invalid_rate": p.get("invalid_rate")}
+        stop = p.get("stop_check")
+        stop_txt = (f"{stop['finish_reason']} after {stop['completion_tokens']} tokens, "
+                    f"{'valid' if stop['valid'] else 'invalid'} JSON") if stop else "-"
+        status = "yes" if p.get("published", True) else f"no: {p['dropped_because']}"
+        lines.append(f"| `{rel}` ({art['type']}) | {art['runtime']} | {art['bytes'] / 1e6:.1f} | "
+                     f"{_fmt(p.get('parity')) if p else 'not checked'} | "
+                     + (" / ".join(_fmt(served[k]) for k in ("agreement_with_student", "agreement_with_teacher",
+                                                             "invalid_rate")) if p else "-")
+                     + f" | {stop_txt} | {status} |")
+    for rel, art in artifacts.items():
+        if art.get("tensor_types"):
+            lines.append(f"- `{rel}` tensor types: {art['tensor_types']}")
+    return lines
+
+
+REPORT_MARK = "<!-- written by publish: the shipped artifacts -->"
+
+
+def add_to_report(cfg: Config, run_dir: Path, artifacts: dict, parity: dict) -> None:
+    """Append the parity of what was published to evaluate/report.md (replacing an earlier publish's section), so
+    the report that judged the student also says how the files that ship answer the same test items."""
+    report = paths.stage_dir(run_dir, "evaluate") / paths.REPORT
+    if not parity or not report.is_file():
+        return
+    kept = report.read_text(encoding="utf-8").split(REPORT_MARK)[0].rstrip()
+    lines = [REPORT_MARK, "## The shipped artifacts", ""]
+    for rel, res in parity.items():
+        runtime = "served by the llama.cpp server" if artifacts[rel]["format"] == "gguf" else "loaded in transformers"
+        verdict = "published" if res["published"] else f"NOT published ({res['dropped_because']})"
+        lines.append(f"- `{rel}`, {runtime}: the same answer as the in-process student on "
+                     f"{res['parity'] * 100:.1f}% of {res['n']} test items; {verdict}.")
+    lines += ["", *parity_lines(cfg, artifacts, parity), "", f"Figures: publish/{paths.PARITY}."]
+    runio.atomic_write_text(report, kept + "\n\n" + "\n".join(lines) + "\n")
+
+
 def render_card(cfg: Config, generate: dict, train: dict, results: dict, rule: routing.RoutingRule,
                 artifacts: dict, parity: dict, files: dict, forced_past: list[str] | None) -> str:
     """MODEL_CARD.md; ``forced_past`` holds the failed gate's reasons when publish.force overrode it."""
@@ -658,34 +719,7 @@ def render_card(cfg: Config, generate: dict, train: dict, results: dict, rule: r
         f"{_fmt(m.get('invalid_rate'))}.", "",
         *_metric_lines(m, cfg.eval.confidence_level),
     ]
-    lines += ["", "## Artifacts and parity", "",
-              f"Parity: share of the {next(iter(parity.values()))['n'] if parity else 0} evaluated items where the "
-              f"artifact, loaded in its runtime, gives the same answer as the unquantized student (or, like it, "
-              f"none); below publish.min_parity {cfg.publish.min_parity} an artifact is not published. "
-              f"References: " + "; ".join(sorted({f"{res['reference']}" for res in parity.values()})) + ".", "",
-              "As served (GGUF: llama.cpp with the task's schema as response_format; safetensors: transformers as "
-              "evaluate ran the student): agreement with evaluate's student and with the teacher, and where one "
-              "served answer ended.", "",
-              "| artifact | runtime | size MB | parity | as served: vs student / vs teacher / invalid | answer ended "
-              "| published |",
-              "|---|---|---|---|---|---|---|"]
-    for rel, art in artifacts.items():
-        p = parity.get(rel, {})
-        served = p.get("served_with_schema") or {"agreement_with_student": p.get("agreement_with_reference"),
-                                                 "agreement_with_teacher": p.get("agreement_with_teacher"),
-                                                 "invalid_rate": p.get("invalid_rate")}
-        stop = p.get("stop_check")
-        stop_txt = (f"{stop['finish_reason']} after {stop['completion_tokens']} tokens, "
-                    f"{'valid' if stop['valid'] else 'invalid'} JSON") if stop else "-"
-        status = "yes" if p.get("published", True) else f"no: {p['dropped_because']}"
-        lines.append(f"| `{rel}` ({art['type']}) | {art['runtime']} | {art['bytes'] / 1e6:.1f} | "
-                     f"{_fmt(p.get('parity')) if p else 'not checked'} | "
-                     + (" / ".join(_fmt(served[k]) for k in ("agreement_with_student", "agreement_with_teacher",
-                                                             "invalid_rate")) if p else "-")
-                     + f" | {stop_txt} | {status} |")
-    for rel, art in artifacts.items():
-        if art.get("tensor_types"):
-            lines.append(f"- `{rel}` tensor types: {art['tensor_types']}")
+    lines += ["", "## Artifacts and parity", "", *parity_lines(cfg, artifacts, parity)]
     r = rule.route
     lines += ["", "## Routing", "",
               f"- {'enabled' if r.enabled else 'disabled'}: {r.reason}",
@@ -712,5 +746,5 @@ def render_card(cfg: Config, generate: dict, train: dict, results: dict, rule: r
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "quantize":
+if __name__ == "__main__" and len(sys.argv) in (5, 6) and sys.argv[1] == "quantize":
     sys.exit(_quantize_main(*sys.argv[2:]))
