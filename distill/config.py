@@ -195,8 +195,9 @@ class EvalConfig(_Strict):
     decontam: DecontamConfig = DecontamConfig()
 
 
-GGUF_CONVERTER_TYPES = ("q8_0", "f16", "bf16", "f32")  # convert_hf_to_gguf.py (q8_0: embedding_type=null)
-GGUF_QUANTIZER_TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q4_0")  # llama.cpp's quantizer, from an f16 GGUF
+# llama.cpp's quantizer writes these from an f16 GGUF; f16/bf16/f32 come from its converter, and so does q8_0 when
+# publish.embedding_type is null (otherwise the quantizer writes it, keeping the embedding matrix in that type).
+GGUF_QUANTIZER_TYPES = ("q4_k_m", "q5_k_m", "q6_k", "q4_0")
 
 
 class PublishConfig(_Strict):
