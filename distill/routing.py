@@ -9,19 +9,27 @@ publish writes ``routing.yaml`` (schema version 1, below) and its JSON schema ``
 confidence threshold is chosen on evaluate's validation coverage/agreement curve: the threshold with the most
 coverage whose agreement with the teacher meets ``publish.target_agreement``; when none does, the route is disabled
 and every request goes to the teacher.
+
+``decide`` fails safe: anything it cannot trust sends the request to the teacher, with the reason why
+(``Decision.reason``): ``not_this_task``, ``route_disabled``, ``invalid_answer`` (an answer evaluate would not
+have accepted either: it is parsed with the same ``OutputSchema.parse``), ``no_confidence``, ``bad_confidence``
+(not a finite number in [0, 1]) or ``below_threshold``; only ``confident`` keeps the student's answer.
 """
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
 from typing import Any, Literal
 
+import jsonschema
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from distill import DistillError
+from distill.task import OutputSchema
 
 SCHEMA_VERSION = 1
 
@@ -51,7 +59,30 @@ class TaskSpec(_Strict):
     id: str = Field(min_length=1, description="the recipe name")
     description: str = ""
     match: Match
-    output_schema: dict[str, Any] = Field(description="JSON schema of a valid answer")
+    output_schema: dict[str, Any] = Field(description="JSON schema of a valid answer (type: object, with properties)")
+    _answer_schema: OutputSchema = PrivateAttr()
+
+    @field_validator("output_schema")
+    @classmethod
+    def _a_valid_object_schema(cls, schema: dict[str, Any]) -> dict[str, Any]:
+        # The recipe's own checks (config.RecipeConfig, task.Task): a rule that passed them at publish passes here.
+        try:
+            jsonschema.Draft202012Validator.check_schema(schema)
+        except jsonschema.SchemaError as exc:
+            where = "/".join(str(p) for p in exc.path)
+            raise ValueError("not a valid JSON schema" + (f" at {where}" if where else "") + ": "
+                             + re.sub(r"\s+", " ", exc.message)) from None
+        if schema.get("type") != "object" or not isinstance(schema.get("properties"), dict):
+            raise ValueError("must be a JSON schema with type: object and properties")
+        return schema
+
+    def model_post_init(self, context: Any) -> None:
+        self._answer_schema = OutputSchema(self.output_schema)  # built once: decide runs per request
+
+    @property
+    def answer_schema(self) -> OutputSchema:
+        """The output schema as evaluate applies it: ``parse`` for raw text, ``errors`` for a parsed answer."""
+        return self._answer_schema
 
 
 class StudentSpec(_Strict):
@@ -119,15 +150,25 @@ class RoutingRule(_Strict):
     route: RouteSpec
     cost: CostSpec
     evidence: Evidence
-    _validator: Any = PrivateAttr(None)
 
     def answer_errors(self, answer: Any) -> list[str]:
-        """Why an answer breaks the task's output schema ([] when it is valid)."""
-        if self._validator is None:
-            import jsonschema
+        """Why a parsed answer breaks the task's output schema ([] when it is valid)."""
+        return self.task.answer_schema.errors(answer)
 
-            self._validator = jsonschema.Draft202012Validator(self.task.output_schema)
-        return [e.message for e in self._validator.iter_errors(answer)]
+    def parse_answer(self, answer: Any) -> dict | None:
+        """The student's answer as evaluate would have scored it, or None when evaluate would have rejected it.
+
+        Args:
+            answer: raw text (parsed by ``OutputSchema.parse``, as evaluate does: a code fence or text around the
+                JSON is accepted), an already parsed answer, or None.
+        Returns:
+            The schema-valid answer (a dict), or None.
+        """
+        if answer is None:
+            return None
+        if isinstance(answer, str):
+            return self.task.answer_schema.parse(answer)[0]
+        return None if self.answer_errors(answer) else answer
 
 
 def json_schema() -> dict[str, Any]:
@@ -139,7 +180,11 @@ def json_schema() -> dict[str, Any]:
 
 
 def validate_rule(data: Any, source: str = "routing rule") -> RoutingRule:
-    """A RoutingRule from parsed YAML/JSON; raises RoutingRuleError naming every bad field at once."""
+    """A RoutingRule from parsed YAML/JSON; raises RoutingRuleError naming every bad field at once.
+
+    Besides the fields' types and ranges, ``task.output_schema`` must be a valid JSON schema (draft 2020-12) of an
+    object with properties, so a bad schema fails here and not on every later ``decide``.
+    """
     if not isinstance(data, dict):
         raise RoutingRuleError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     version = data.get("schema_version")
@@ -157,7 +202,8 @@ def validate_rule(data: Any, source: str = "routing rule") -> RoutingRule:
 
 
 def load_rule(path: str | Path) -> RoutingRule:
-    """Load and validate a routing.yaml. Raises RoutingRuleError with the file and the bad fields."""
+    """Load and validate a routing.yaml (see validate_rule). Raises RoutingRuleError with the file and the bad
+    fields, ``task.output_schema`` among them."""
     path = Path(path)
     if not path.is_file():
         raise RoutingRuleError(f"routing file {path} does not exist (publish writes publish/routing.yaml)")
@@ -240,47 +286,63 @@ def blended_cost(coverage: float | None, teacher_per_1k: float | None,
 class Decision:
     use_student: bool
     reason: Literal["confident", "not_this_task", "route_disabled", "invalid_answer", "no_confidence",
-                    "below_threshold"]
+                    "bad_confidence", "below_threshold"]
 
     @property
     def target(self) -> str:
         return "student" if self.use_student else "teacher"
 
 
-def matches(rule: RoutingRule, request: dict) -> bool:
-    """Whether a request belongs to the rule's task: its metadata carries every tag, or it names a task alias."""
+def matches(rule: RoutingRule, request: Any) -> bool:
+    """Whether a request belongs to the rule's task: its metadata carries every tag, or it names a task alias.
+
+    Never raises: a request that is not a dict matches nothing, and metadata that is not a dict counts as none.
+    """
+    if not isinstance(request, dict):
+        return False
     match = rule.task.match
-    metadata = request.get("metadata") or {}
+    metadata = request.get("metadata")
+    if not isinstance(metadata, dict):
+        metadata = {}
     if match.metadata and all(str(metadata.get(k)) == v for k, v in match.metadata.items()):
         return True
     return bool(match.model_aliases) and request.get("model") in match.model_aliases
 
 
-def decide(rule: RoutingRule, request: dict, answer: dict | str | None, confidence: float | None) -> Decision:
-    """Keep the student's answer or fall back to the teacher.
+def _is_probability(value: Any) -> bool:
+    # numbers.Real takes numpy floats and ints; bool is an int but no confidence. NaN and +-inf fail the range.
+    return isinstance(value, Real) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def decide(rule: RoutingRule, request: Any, answer: Any, confidence: Any) -> Decision:
+    """Keep the student's answer or fall back to the teacher. Fails safe: never raises on a bad request, answer
+    or confidence; whatever it cannot trust falls back, with the reason.
 
     Args:
         rule: a validated routing rule (load_rule).
-        request: the client's request, at least ``{"metadata": {...}}`` or ``{"model": ...}``.
-        answer: the student's answer, parsed (dict) or raw text; None when it produced nothing usable.
-        confidence: the student's confidence in its whole answer (0..1), None when unknown.
+        request: the client's request, at least ``{"metadata": {...}}`` or ``{"model": ...}``; anything else
+            (not a dict) is ``not_this_task``.
+        answer: the student's answer, parsed (dict) or raw text; None when it produced nothing usable. Text is
+            parsed exactly as evaluate parses it (``OutputSchema.parse``), so live coverage matches the measured one.
+        confidence: the student's confidence in its whole answer, a finite real number in [0, 1] (numpy floats
+            included); None when unknown. Anything else (NaN, inf, out of range, bool, str, ...) is
+            ``bad_confidence``.
     Returns:
-        Decision(use_student, reason). Only a matching request on an enabled route with a schema-valid answer
-        whose confidence reaches the threshold keeps the student's answer.
+        Decision(use_student, reason), checked in this order: ``not_this_task``, ``route_disabled``,
+        ``invalid_answer``, ``no_confidence``, ``bad_confidence``, ``below_threshold``, else ``confident``. Only a
+        matching request on an enabled route with a schema-valid answer whose confidence reaches the threshold
+        keeps the student's answer.
     """
     if not matches(rule, request):
         return Decision(False, "not_this_task")
     if not rule.route.enabled:
         return Decision(False, "route_disabled")
-    if isinstance(answer, str):
-        try:
-            answer = json.loads(answer)
-        except json.JSONDecodeError:
-            answer = None
-    if answer is None or rule.answer_errors(answer):
+    if rule.parse_answer(answer) is None:
         return Decision(False, "invalid_answer")
     if confidence is None:
         return Decision(False, "no_confidence")
+    if not _is_probability(confidence):
+        return Decision(False, "bad_confidence")
     if confidence < rule.route.confidence_threshold:
         return Decision(False, "below_threshold")
     return Decision(True, "confident")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 
 import jsonschema
+import numpy
 import pytest
 import yaml
 
 from distill import DistillError
 from distill.routing import (RoutingRule, RoutingRuleError, blended_cost, choose_threshold, decide, json_schema,
                              load_rule, point_at, validate_rule)
+from distill.task import OutputSchema
 
 # A validation curve with a known answer: agreement rises with the threshold while coverage falls.
 CURVE = [
@@ -94,6 +97,75 @@ def test_decide_on_the_threshold_chosen_from_the_curve(request_, answer, confide
     decision = decide(rule, request_, answer, confidence)
     assert (decision.use_student, decision.reason) == (keep, reason)
     assert decision.target == ("student" if keep else "teacher")
+
+
+TICKET = {"metadata": {"distill_task": "tickets"}}
+
+
+@pytest.mark.parametrize("confidence", [math.nan, math.inf, -math.inf, 85, -0.1, 1.0001, True, False, "0.9", [0.9],
+                                        numpy.float64("nan"), numpy.True_])
+def test_decide_falls_back_on_a_confidence_that_is_not_a_finite_probability(confidence):
+    decision = decide(validate_rule(rule_dict()), TICKET, {"category": "billing"}, confidence)
+    assert (decision.use_student, decision.reason) == (False, "bad_confidence")
+
+
+@pytest.mark.parametrize("threshold, confidence, keep, reason", [
+    (0.0, 0.0, True, "confident"),            # the bottom of the range is a confidence, not a bad one
+    (0.85, 0.0, False, "below_threshold"),
+    (0.85, 1.0, True, "confident"),           # the top of the range too
+    (1.0, 1.0, True, "confident"),
+    (0.85, numpy.float64(0.99), True, "confident"),
+    (0.85, numpy.float32(0.5), False, "below_threshold"),
+    (0.85, 1, True, "confident"),             # an int in range (bool is not)
+])
+def test_decide_takes_any_finite_probability_including_the_ends_and_numpy_floats(threshold, confidence, keep,
+                                                                                   reason):
+    decision = decide(validate_rule(rule_dict(confidence_threshold=threshold)), TICKET, {"category": "billing"},
+                      confidence)
+    assert (decision.use_student, decision.reason) == (keep, reason)
+
+
+@pytest.mark.parametrize("request_, reason", [
+    ({"metadata": ["distill_task", "tickets"]}, "not_this_task"),
+    ({"metadata": "tickets"}, "not_this_task"),
+    ({"metadata": 7, "model": "tickets"}, "confident"),      # bad metadata counts as none; the alias still matches
+    ({"metadata": ["tickets"], "model": "tickets"}, "confident"),
+    (None, "not_this_task"),
+    ("tickets", "not_this_task"),
+    (["tickets"], "not_this_task"),
+])
+def test_decide_never_raises_on_a_request_or_metadata_that_is_not_a_dict(request_, reason):
+    decision = decide(validate_rule(rule_dict()), request_, {"category": "billing"}, 0.99)
+    assert (decision.use_student, decision.reason) == (reason == "confident", reason)
+
+
+@pytest.mark.parametrize("text", [
+    'Sure, here it is: {"category": "billing"} Hope that helps.',
+    '```json\n{"category": "refund"}\n```',
+    '{"category": "billing"}\n<|im_end|>',
+])
+def test_decide_keeps_a_text_answer_that_evaluate_would_have_accepted(text):
+    assert OutputSchema(SCHEMA).parse(text)[1] is None  # evaluate scores this answer, so it counted in coverage
+    decision = decide(validate_rule(rule_dict()), TICKET, text, 0.99)
+    assert (decision.use_student, decision.reason) == (True, "confident")
+
+
+@pytest.mark.parametrize("output_schema, message", [
+    ({"type": "object", "properties": {"a": {"type": "nonsense"}}},
+     r"task\.output_schema: .*not a valid JSON schema at properties/a/type"),
+    ({"type": "object", "properties": {"a": {"type": "string"}}, "required": "a"},
+     r"task\.output_schema: .*not a valid JSON schema at required"),
+    ({"type": "array", "items": {"type": "string"}}, r"task\.output_schema: .*type: object and properties"),
+    ({"type": "object"}, r"task\.output_schema: .*type: object and properties"),
+])
+def test_load_rule_rejects_an_output_schema_that_is_not_a_valid_object_schema(tmp_path, output_schema, message):
+    data = rule_dict()
+    data["task"]["output_schema"] = output_schema
+    path = tmp_path / "routing.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(RoutingRuleError, match=message) as err:
+        load_rule(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_a_disabled_route_always_falls_back():
