@@ -4,8 +4,13 @@
     python -m distill run recipe=support_tickets run_dir=runs/x        # again: finished stages are skipped
     python -m distill evaluate recipe=support_tickets run_dir=runs/x   # one stage alone
 
-A stage's fingerprint is the hash of the config it reads plus the fingerprints of the stages it reads from, so
-editing the training config re-runs train, evaluate and publish but never pays the teacher again.
+A stage's fingerprint is the hash of the config it reads plus the fingerprints and recorded output digests of the
+stages it reads from, so editing the training config re-runs train, evaluate and publish but never pays the teacher
+again, and a stage re-run that produced different files re-runs what was built on them.
+
+A DONE.json is trusted only while the outputs it records still match the files (runio.done_problem), and it is
+deleted before a stage starts rewriting its files: a crash mid-way leaves no DONE.json, never an old one over new data
+(publish writes nothing in place, it swaps a finished folder in whole, so it keeps the old one's until the swap).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ UPSTREAM = {"generate": (), "train": ("generate",), "evaluate": ("generate", "tr
 # Config each stage reads. Knobs that change how fast, not what, are left out (concurrency, timeouts, threads,
 # the loopback URL of a server distill starts itself), so turning them never invalidates finished work.
 _NOT_CONTENT = {"teacher": {"concurrency", "timeout_s", "max_retries", "startup_timeout_s", "n_threads", "rpm", "tpm",
-                            "backoff_initial_s", "backoff_max_s", "max_wait_s"},
+                            "backoff_initial_s", "backoff_max_s", "max_wait_s", "max_billed_attempts",
+                            "claim_lease_s"},
                 "train": {"threads", "report_to"},
                 "generate": {"dry_run", "budget_usd", "shared_ledger", "mode", "batch"},
                 "eval": {"batch_size", "junit_xml", "summary_md", "worst"}}
@@ -57,14 +63,42 @@ def _slice(cfg: Config, stage: str) -> dict:
 
 
 def fingerprint(cfg: Config, stage: str) -> str:
-    """Hash of the stage's config slice + its upstream stages' fingerprints (from their DONE.json)."""
+    """Hash of the stage's config slice + its upstream stages' fingerprints and output digests (from their
+    DONE.json, checked against the files first: an upstream DONE.json whose files changed is a DistillError)."""
     upstream = {}
     for up in UPSTREAM[stage]:
         done = runio.require_done(cfg.run_dir, up, needed_by=stage)
-        upstream[up] = done["fingerprint"]
+        problem = runio.done_problem(cfg.run_dir, up, done)
+        if problem:
+            raise DistillError(f"{stage} needs a finished {up} stage in {cfg.run_dir}, and {problem}; re-run "
+                               f"`python -m distill {up} run_dir={cfg.run_dir} ...` or `python -m distill run`")
+        # The upstream outputs are part of it, not only the upstream fingerprint: an upstream re-run with the same
+        # fingerprint (forced, interrupted then resumed, or after its files were found changed) that writes other
+        # files (a teacher or a GPU that is not deterministic) must re-run this stage too.
+        upstream[up] = {"fingerprint": done["fingerprint"], "outputs": done.get("outputs") or {}}
     # The package version is part of it: a release that labels, trains or scores differently redoes the work.
     return runio.sha256_obj({"stage": stage, "version": __version__, "config": _slice(cfg, stage),
                              "upstream": upstream})
+
+
+# Stages that never write into their own folder while they run: publish builds a staging folder and swaps it in
+# whole (runio.swap_into_place), and the new folder has no DONE.json until the pipeline writes it. Their DONE.json
+# is left in place while they run, so a failure or a kill keeps the old, complete, still-trusted folder.
+_SWAPPED_IN = ("publish",)
+
+
+def _rerun_reason(cfg: Config, stage: str, done: dict | None, fp: str, force: bool) -> str | None:
+    """Why the stage must run, or None when its DONE.json matches the fingerprint and the files it records."""
+    if force:
+        return "forced"
+    if done is None:
+        return f"no {stage}/{paths.DONE} (not run yet, or interrupted)"
+    if done.get("fingerprint") != fp:
+        return "its config or an upstream stage changed"
+    problem = runio.done_problem(cfg.run_dir, stage, done)
+    if problem:
+        return f"{problem}, so {stage}/{paths.DONE} is not trusted"
+    return None
 
 
 def run_stage(cfg: Config, stage: str, *, force: bool = False) -> dict:
@@ -72,12 +106,22 @@ def run_stage(cfg: Config, stage: str, *, force: bool = False) -> dict:
     if stage not in paths.STAGES:
         raise DistillError(f"unknown stage {stage!r}; stages: {', '.join(paths.STAGES)}")
     fp = fingerprint(cfg, stage)
-    done = runio.read_done(cfg.run_dir, stage)
-    if done and done.get("fingerprint") == fp and not force:
+    done = runio.read_done(cfg.run_dir, stage, verify=False)
+    reason = _rerun_reason(cfg, stage, done, fp, force)
+    if reason is None:
         log.info("%-8s skipped: finished earlier with the same fingerprint %s", stage, fp[:12])
         return done["summary"]
     module = importlib.import_module(f"distill.stages.{stage}")
-    log.info("%-8s running (fingerprint %s)", stage, fp[:12])
+    if stage not in _SWAPPED_IN:
+        # Before the first write: from here until the new DONE.json the stage counts as unfinished, whatever
+        # config runs next. (Every process of a multi-process train does this; all do it before train's first
+        # barrier, so none can delete the DONE.json that rank 0 writes at the end.)
+        runio.remove_done(cfg.run_dir, stage)
+    # Downstream DONE.json files are left alone: their fingerprints include this stage's fingerprint and recorded
+    # output digests, so they match again only if this run ends with the same config and byte-identical outputs
+    # (then what they built on is unchanged and reusing them is right), and while this stage has no DONE.json
+    # they cannot be used at all (fingerprint() needs it).
+    log.info("%-8s running (fingerprint %s): %s", stage, fp[:12], reason)
     started = time.perf_counter()
     summary = module.run(cfg, cfg.run_dir)
     summary["wall_s"] = round(time.perf_counter() - started, 2)

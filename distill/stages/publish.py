@@ -395,6 +395,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     task = Task(cfg)
 
     staging = final.with_name(f".publish-staging-{os.getpid()}")
+    runio.remove_leftovers(final.parent, ".publish-staging-")  # those of killed runs (and ours, from earlier)
     shutil.rmtree(staging, ignore_errors=True)
     try:
         hf_dir = staging / paths.MODEL_DIR / paths.HF_DIR
@@ -417,10 +418,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
         card = render_card(cfg, generate, train, results, rule, artifacts, parity, files,
                            gate.get("reasons", []) if forced else None)
         runio.atomic_write_text(staging / paths.MODEL_CARD, card)
-        # Swap the finished staging folder into place: publish/ is either the old complete one or the new one.
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        # Swap the finished staging folder into place: publish/ is either the old complete one (with its DONE.json)
+        # or the new one (no DONE.json until the pipeline writes it), never old files half deleted; the old folder
+        # is deleted only after the swap, and one left by a kill is removed by the next publish.
+        runio.swap_into_place(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -46,13 +46,21 @@ def build_dataset(rows: list[dict], task: Task, tokenizer, max_len: int):
 
 
 def resume_key(cfg: Config, run_dir: Path) -> str:
-    """What a checkpoint must have been trained with to be resumed: student, training config, seed and data."""
-    done = runio.read_done(run_dir, "generate") or {}
+    """What a checkpoint must have been trained with to be resumed: student, training config, seed and data.
+
+    The data is the content of the train and val splits as they are on disk now (sha256 of each file), plus
+    generate's fingerprint (recipe, prompts, teacher): a checkpoint never resumes over changed or half-rewritten
+    data, whatever generate's DONE.json says."""
+    done = runio.read_done(run_dir, "generate", verify=False) or {}
+    data = {}
+    for split in ("train", "val"):  # what training reads (val: eval_loss, early stopping, the best checkpoint)
+        path = paths.split_path(run_dir, split)
+        data[split] = runio.sha256_file(path) if path.is_file() else None
     train = cfg.train.model_dump(mode="json")
     for speed_only in ("threads", "report_to"):
         train.pop(speed_only, None)
     return runio.sha256_obj({"student": cfg.student.model_dump(mode="json"), "train": train, "seed": cfg.seed,
-                             "data": done.get("fingerprint")})[:16]
+                             "data": done.get("fingerprint"), "splits_sha256": data})[:16]
 
 
 def seal_checkpoint(folder: Path, step: int, key: str) -> None:
