@@ -27,6 +27,7 @@ Exit codes: 0 ok, 2 bad input or a failed stage (one line on stderr), 3 evaluate
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import sys
 from pathlib import Path
@@ -36,14 +37,67 @@ from distill import DistillError, paths
 COMMANDS = ("run", *paths.STAGES, "recipes", "config", "ledger")
 
 
-def _setup_logging(run_dir: Path | None) -> None:
+# HTTP stacks log request headers, failed header values and request options at DEBUG: never below WARNING.
+HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "h11", "h2", "hpack", "openai", "anthropic", "aiohttp", "urllib3",
+                "requests", "huggingface_hub", "websockets")
+_BEARER = re.compile(r"(?i)\b(authorization|api[-_]?key|x-api-key|bearer|token)\b(['\"]?\s*[:=]?\s*['\"]?)"
+                     r"(bearer\s+)?([^\s'\",;)\]}]{8,})")
+_DIGEST = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # sha1 / sha256 hex (request keys, fingerprints): not secrets
+
+
+class SecretScrubber(logging.Filter):
+    """Replace the given secrets, ``Authorization: Bearer ...`` values and key-shaped words in every record (its
+    message, arguments and traceback) by ***, so nothing a handler writes holds a key, whatever the level."""
+
+    def __init__(self, secrets=()):
+        super().__init__()
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+
+    def scrub(self, text: str) -> str:
+        from distill.config import looks_like_key
+
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        text = _BEARER.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3) or ''}***", text)
+        return re.sub(r"[A-Za-z0-9_\-]{20,}", lambda m: "***" if looks_like_key(m.group())
+                      and not _DIGEST.fullmatch(m.group()) else m.group(), text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: keep what can be shown
+            message = str(record.msg)
+        record.msg, record.args = self.scrub(message), None
+        if record.exc_info:
+            text = record.exc_text or logging.Formatter().formatException(record.exc_info)
+            record.exc_text, record.exc_info = self.scrub(text), None
+        elif record.exc_text:
+            record.exc_text = self.scrub(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.scrub(record.stack_info)
+        return True
+
+
+def _secrets(cfg) -> list[str]:
+    """The values of the environment variables the config names for keys (raw and stripped), to scrub from logs."""
+    import os
+
+    names = [cfg.teacher.api_key_env, cfg.eval.endpoint.api_key_env]
+    values = [os.environ.get(n) for n in names if n]
+    return [v for raw in values if raw for v in (raw, raw.strip())]
+
+
+def _setup_logging(run_dir: Path | None, secrets=()) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(Path(run_dir) / "distill.log", encoding="utf-8"))
+    scrubber = SecretScrubber(secrets)
+    for handler in handlers:
+        handler.addFilter(scrubber)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         handlers=handlers, force=True)
-    for noisy in ("httpx", "httpx2", "openai", "urllib3", "filelock", "datasets"):
+    for noisy in (*HTTP_LOGGERS, "filelock", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -83,9 +137,8 @@ def _dispatch(command: str, overrides: list[str]) -> int:
     if command == "recipes":
         recipe_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe_dir=")), None)
         for name, yaml_file in config.list_recipes(recipe_dir).items():
-            import yaml
-
-            desc = (yaml.safe_load(yaml_file.read_text()) or {}).get("description", "")
+            data = config.load_yaml(yaml_file, "recipe file")
+            desc = data.get("description", "") if isinstance(data, dict) else ""
             print(f"{name:24s} {desc}  [{yaml_file.parent}]")
         return 0
     if command == "config":
@@ -110,7 +163,7 @@ def _dispatch(command: str, overrides: list[str]) -> int:
     if command not in ("run", "generate") and not Path(cfg.run_dir).is_dir():
         raise DistillError(f"run dir {cfg.run_dir} does not exist; `{command}` works on an existing run "
                            f"(start one with `python -m distill run` or `generate`)")
-    _setup_logging(cfg.run_dir)
+    _setup_logging(cfg.run_dir, _secrets(cfg))
     from distill import pipeline
 
     log = logging.getLogger("distill")
@@ -130,10 +183,10 @@ def _dispatch(command: str, overrides: list[str]) -> int:
 
 def _option_line(path: Path) -> str:
     """One line about a config option: a recipe's description, else the first comment that is not a command."""
-    import yaml
+    from distill import config
 
-    text = path.read_text(encoding="utf-8")
-    data = yaml.safe_load(text) or {}
+    text = config.read_text(path)
+    data = config.load_yaml(path)
     if isinstance(data, dict) and data.get("description"):
         return str(data["description"])
     comments = []

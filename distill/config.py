@@ -10,12 +10,14 @@ one message. Stages receive the validated ``Config``.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from distill import DistillError
 
@@ -26,6 +28,163 @@ GROUPS = ("recipe", "teacher", "student", "train", "eval", "publish", "profile")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# secrets: settings name environment variables; a key itself is never taken, stored or echoed
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ENV_NAME_MAX = 64
+# Prefixes of API keys as providers issue them (OpenAI, Anthropic, Groq, Hugging Face, Gemini, xAI, Perplexity,
+# GitHub, Replicate, NVIDIA, Mailgun-style "key-"): followed by a long tail, the value is a key, not a name.
+KEY_PREFIXES = ("sk-", "sk_", "gsk_", "hf_", "AIza", "xai-", "pplx-", "key-", "ghp_", "github_pat_", "r8_", "nvapi-")
+SECRET_SUFFIXES = ("api_key", "apikey", "token", "secret", "password", "passwd")
+
+
+def looks_like_key(value: Any) -> bool:
+    """True for a string shaped like an API key: a known key prefix with a long tail, or a run of 20+ letters and
+    digits mixed (no environment-variable name or word looks like that)."""
+    if not isinstance(value, str):
+        return False
+    v = value.strip()
+    if any(v.startswith(p) and re.search(r"[A-Za-z0-9]{16,}", v[len(p):]) for p in KEY_PREFIXES):
+        return True
+    return any(len(run) >= 20 and any(c.isdigit() for c in run) and any(c.isalpha() for c in run)
+               for run in re.split(r"[^A-Za-z0-9]+", v))
+
+
+def is_secret_setting(key: str) -> bool:
+    """A setting whose value would be a secret (``teacher.api_key``, ``...token``, ``...password``)."""
+    last = key.rsplit(".", 1)[-1].lower().replace("-", "_")
+    return last.endswith(SECRET_SUFFIXES)
+
+
+def _hides_value(key: str, value: Any) -> bool:
+    """Never echo this value in a message: a secret setting, an env-var-name setting, or a key-shaped value."""
+    last = key.rsplit(".", 1)[-1].lower()
+    return is_secret_setting(key) or last.endswith("_env") or looks_like_key(value)
+
+
+def env_name_problem(value: str) -> str | None:
+    """Why ``value`` is not the name of an environment variable, without repeating it (it may be the key)."""
+    if looks_like_key(value):
+        return "looks like an API key, not the NAME of an environment variable"
+    if not _ENV_NAME.fullmatch(value) or len(value) > ENV_NAME_MAX:
+        return (f"is not the NAME of an environment variable (letters, digits and _, not starting with a digit, at "
+                f"most {ENV_NAME_MAX} characters)")
+    return None
+
+
+def _check_env_name(value: str | None) -> str | None:
+    if value is not None and (problem := env_name_problem(value)):
+        raise ValueError(f"{problem}; the value is not shown. Put the key in an environment variable and name it "
+                         f"here, e.g. export OPENAI_API_KEY=... and set this to OPENAI_API_KEY")
+    return value
+
+
+EnvName = Annotated[str | None, AfterValidator(_check_env_name)]  # a setting naming an environment variable
+
+
+def read_secret_env(name: str, setting: str) -> str | None:
+    """The secret in environment variable ``name`` (named by ``setting``), or None when unset or empty."""
+    return clean_secret(os.environ.get(name), name, setting)
+
+
+def clean_secret(raw: str | None, name: str, setting: str) -> str | None:
+    """A secret as read from environment variable ``name`` (named by ``setting``); None when unset or empty.
+
+    Surrounding whitespace (a trailing newline from ``$(cat key.txt)`` or a copied line) is stripped with a
+    warning; whitespace or control characters inside, or characters an HTTP header cannot carry, are refused.
+    The value never appears in a message or a log record.
+    """
+    import logging
+
+    if raw is None or not raw.strip():
+        return None
+    key = raw.strip()
+    if key != raw:
+        logging.getLogger("distill").warning(
+            "the key in $%s (%s) had surrounding whitespace (a trailing newline?); it was stripped", name, setting)
+    if any(c.isspace() or not c.isprintable() for c in key):
+        raise DistillError(f"the key in ${name} ({setting}) has whitespace or control characters inside it; the "
+                           f"value is not shown. Set it again as one unbroken line: export {name}='...'")
+    if not key.isascii():
+        raise DistillError(f"the key in ${name} ({setting}) holds non-ASCII characters (a pasted quote or dash?), "
+                           f"which an HTTP header cannot carry; the value is not shown. Copy the key again")
+    return key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# text files the user wrote: UTF-8 (a BOM is fine), or one line naming the file and byte
+
+
+def utf8_problem(path: Path) -> str:
+    """Where the file stops being UTF-8: for a one-line message (call after a UnicodeDecodeError)."""
+    data = Path(path).read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        return (f"{path}: not UTF-8 text: byte 0x{data[exc.start]:02x} at byte offset {exc.start} (line {line}, "
+                f"byte {column} of the line); save the file as UTF-8 (e.g. iconv -f cp1252 -t utf-8 OLD > NEW)")
+    return f"{path}: not UTF-8 text; save the file as UTF-8"
+
+
+def read_text(path: Path) -> str:
+    """A user's text file as UTF-8 (a leading BOM removed); DistillError naming the byte that is not UTF-8."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DistillError(utf8_problem(path)) from None
+
+
+def _strict_loader():
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        """SafeLoader that refuses a mapping key given twice (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(loader, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the constructor reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {first}); YAML would keep only the last "
+                                f"one, so delete or rename one of them", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return StrictLoader
+
+
+def load_yaml(path: Path, what: str = "YAML file") -> Any:
+    """Parse a user's YAML file strictly: malformed YAML, a duplicate key or bad UTF-8 -> one-line DistillError
+    naming the file and line."""
+    import yaml
+
+    text = read_text(path)
+    try:
+        return yaml.load(text, Loader=_strict_loader())  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = str(getattr(exc, "problem", None) or type(exc).__name__)
+        context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context:
+            problem += f" {context}" + (f" that starts on line {context_mark.line + 1}" if context_mark else "")
+        problem = " ".join(problem.split())
+        if "appears twice" not in problem:
+            problem += " (fix the YAML there: a value holding ': ', '#' or a leading '*', '&', '{' needs quotes)"
+        raise DistillError(f"{what} {path}{where}: {problem}") from None
 
 
 class RecipeConfig(_Strict):
@@ -64,7 +223,7 @@ class TeacherConfig(_Strict):
     base_url: str | None = None
     model: str | None = None
     model_path: str | None = None
-    api_key_env: str | None = None
+    api_key_env: EnvName = None
     structured_output: Literal["json_schema", "llama_cpp", "guided_json", "none"]
     method: Literal["generate", "score", "auto"] = "generate"
     calibrate: bool = True
@@ -76,6 +235,10 @@ class TeacherConfig(_Strict):
     backoff_initial_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)
     max_wait_s: float = Field(600.0, ge=0)  # a Retry-After longer than this fails the request explicitly
+    # Attempts of one request key that failed after the body was sent (timeout, dropped connection, truncated 200)
+    # may be billed: each is charged its upper-bound price, and a key gets at most this many, across runs.
+    max_billed_attempts: int = Field(3, ge=1)
+    claim_lease_s: float = Field(30.0, gt=0)  # a key claimed by a process that died is free again after this
     temperature: float = Field(0.0, ge=0)
     max_tokens: int = Field(64, ge=1)
     n_ctx: int | None = None
@@ -89,9 +252,6 @@ class TeacherConfig(_Strict):
             raise ValueError("teacher.base_url is required for an OpenAI-compatible teacher")
         if self.kind == "openai" and not self.model:
             raise ValueError("teacher.model is required (the model name the server serves)")
-        if self.api_key_env and (self.api_key_env.startswith("sk-") or len(self.api_key_env) > 64):
-            raise ValueError(
-                "teacher.api_key_env must be the NAME of an environment variable (e.g. OPENAI_API_KEY), not the key")
         return self
 
 
@@ -150,7 +310,7 @@ class GateConfig(_Strict):
 class EndpointConfig(_Strict):
     base_url: str | None = None          # set: score this OpenAI-compatible server instead of the in-process student
     model: str | None = None
-    api_key_env: str | None = None       # NAME of the environment variable holding the key
+    api_key_env: EnvName = None          # NAME of the environment variable holding the key
     prompt: Literal["student", "teacher"] = "student"
     structured_output: Literal["json_schema", "llama_cpp", "guided_json", "none"] = "none"
     logprobs: bool = True
@@ -309,13 +469,35 @@ def _override_value(overrides: list[str], key: str) -> str | None:
 USER_RECIPE = "user_recipe__"
 
 
-def _searchpath_dir(recipe_yaml: Path) -> str:
+def _searchpath_dir(recipe_yaml: Path, base: Path) -> str:
     """Hydra finds group options under ``<searchpath>/recipe/``; expose a user's recipe there under an alias, so it
-    wins over a packaged recipe of the same name (Hydra searches the package first)."""
-    base = Path(tempfile.mkdtemp(prefix="distill-recipes-"))
+    wins over a packaged recipe of the same name (Hydra searches the package first). ``base`` is a temporary
+    folder the caller removes once Hydra has composed. The alias is the recipe's text as UTF-8 without a BOM."""
     (base / "recipe").mkdir()
-    (base / "recipe" / f"{USER_RECIPE}.yaml").symlink_to(recipe_yaml)
+    (base / "recipe" / f"{USER_RECIPE}.yaml").write_text(read_text(recipe_yaml), encoding="utf-8")
     return f"file://{base}"
+
+
+def _refuse_secret_overrides(overrides: list[str]) -> None:
+    """A key, token or password given on the command line is refused by its setting's name, never echoed."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        key = key.lstrip("+~")
+        if value and is_secret_setting(key):
+            raise DistillError(
+                f"{key}: distill never takes a secret as a setting (the value is not shown, and it is now in your "
+                f"shell history: consider rotating it). Put it in an environment variable and name that variable: "
+                f"export OPENAI_API_KEY=... then teacher.api_key_env=OPENAI_API_KEY (eval.endpoint.api_key_env for "
+                f"an endpoint)")
+
+
+def _redact(text: str, overrides: list[str]) -> str:
+    """``text`` with every override value that must not be echoed (and anything key-shaped) replaced by ***."""
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if value.strip() and _hides_value(key.lstrip("+~"), value):
+            text = text.replace(value, "***")
+    return re.sub(r"[A-Za-z0-9_\-]{20,}", lambda m: "***" if looks_like_key(m.group()) else m.group(), text)
 
 
 def compose(overrides: list[str]) -> dict[str, Any]:
@@ -328,6 +510,7 @@ def compose(overrides: list[str]) -> dict[str, Any]:
     from omegaconf.errors import OmegaConfBaseException
 
     overrides = list(overrides)
+    _refuse_secret_overrides(overrides)
     recipe_dir = _override_value(overrides, "recipe_dir")
     name = _override_value(overrides, "recipe") or "support_tickets"
     known = list_recipes(recipe_dir)
@@ -336,9 +519,12 @@ def compose(overrides: list[str]) -> dict[str, Any]:
             f"unknown recipe {name!r}; known recipes: {', '.join(sorted(known)) or '(none)'} "
             f"(a recipe of your own is NAME.yaml + NAME/ in recipe_dir=DIR or ./recipes)")
     recipe_yaml = known[name]
+    tmp: Path | None = None
     if recipe_yaml.parent != PACKAGE_RECIPES:
+        check_recipe_yaml(recipe_yaml)
+        tmp = Path(tempfile.mkdtemp(prefix="distill-recipes-"))
         overrides = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "recipe"]
-        overrides += [f"recipe={USER_RECIPE}", f"hydra.searchpath=[{_searchpath_dir(recipe_yaml)}]"]
+        overrides += [f"recipe={USER_RECIPE}", f"hydra.searchpath=[{_searchpath_dir(recipe_yaml, tmp)}]"]
 
     GlobalHydra.instance().clear()
     try:
@@ -349,6 +535,8 @@ def compose(overrides: list[str]) -> dict[str, Any]:
         raise DistillError(_hydra_message(exc, overrides)) from None
     finally:
         GlobalHydra.instance().clear()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     raw["recipe"]["dir"] = str(recipe_yaml.parent / name)
     if raw["recipe"].get("name") != name:  # a copied recipe whose name: line was not updated
         raise DistillError(f"recipe file {recipe_yaml} says name: {raw['recipe'].get('name')!r}; set it to {name!r} "
@@ -356,10 +544,28 @@ def compose(overrides: list[str]) -> dict[str, Any]:
     return raw
 
 
-def _hydra_message(exc: Exception, overrides: list[str]) -> str:
-    import re
+def check_recipe_yaml(path: Path) -> dict[str, Any]:
+    """A user's recipe file parsed strictly (before Hydra reads it): one line naming the file and line when it is
+    not UTF-8, not YAML, has a key twice, or is not a mapping of settings."""
+    data = load_yaml(path, "recipe file")
+    if not isinstance(data, dict):
+        raise DistillError(f"recipe file {path} must be a mapping of settings (name:, inputs:, teacher_prompt:, "
+                           f"output_schema: ...), not a {type(data).__name__}; see distill/conf/recipe/*.yaml")
+    return data
 
-    text = " ".join(str(exc).split())
+
+def _hydra_message(exc: Exception, overrides: list[str]) -> str:
+    text = _redact(" ".join(str(exc).split()), overrides)
+    bad = getattr(exc, "override", None)
+    if isinstance(bad, str) or "override_grammar" in text:  # an override Hydra's grammar cannot parse
+        fix = ("quote a value that holds spaces, quotes, a newline or any of []{}(),=$ as key='value'; see "
+               "https://hydra.cc/docs/advanced/override_grammar/basic/")
+        if isinstance(bad, str):
+            key, _, value = bad.partition("=")
+            if _hides_value(key.lstrip("+~"), value):
+                return f"cannot parse the override for {key.lstrip('+~')} (the value is not shown): {fix}"
+            return f"cannot parse the override {bad!r}: {fix}"
+        return f"cannot parse an override ({text.split(' See https://')[0]}): {fix}"
     key = re.search(r"Could not override '([^']+)'", text) or re.search(r"Key '([^']+)' is not in struct", text)
     if key:
         return (f"unknown config key {key.group(1)!r}: no such setting (see the group files under distill/conf or "
@@ -378,8 +584,14 @@ def validate(raw: dict[str, Any]) -> Config:
         problems = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"]) or "config"
-            problems.append(f"{where}: {err['msg']}" + (f" (got {err['input']!r})" if "input" in err
-                                                       and not isinstance(err["input"], dict) else ""))
+            msg = err["msg"].removeprefix("Value error, ")
+            value = err.get("input")
+            if "input" in err and not isinstance(value, dict):
+                if _hides_value(where, value if isinstance(value, str) else repr(value)):
+                    msg += "" if "not shown" in msg else " (the value is not shown)"
+                else:
+                    msg += f" (got {value!r})"
+            problems.append(f"{where}: {msg}")
         raise DistillError("invalid configuration: " + "; ".join(problems)) from None
     if cfg.cache_dir is None:
         cfg.cache_dir = Path(os.environ.get("DISTILL_CACHE", "~/.cache/distill")).expanduser()

@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 
 from distill import DistillError, runio
-from distill.config import Config
+from distill.config import Config, read_text, utf8_problem
 
 log = logging.getLogger("distill")
 
@@ -35,9 +35,24 @@ class OutputSchema:
         return list(self.schema["properties"])
 
     @cached_property
-    def enums(self) -> dict[str, list[str]]:
-        """Fields with a fixed set of values (classification fields)."""
+    def enums(self) -> dict[str, list[Any]]:
+        """Fields with a fixed set of values (classification fields), as the schema types them (``[1, 2, 3]`` stays
+        integers; prompts and scoring use each value's ``value_text``)."""
         return {k: v["enum"] for k, v in self.schema["properties"].items() if "enum" in v}
+
+    def enum_problem(self) -> str | None:
+        """Why a fixed value set cannot be labelled, scored and compared (None when every one can)."""
+        for name, values in self.enums.items():
+            if not values:
+                return f"output_schema field {name!r} has an empty enum; list its allowed values"
+            if bad := [v for v in values if isinstance(v, (dict, list))]:
+                return (f"output_schema field {name!r}: enum value {bad[0]!r} is not a string, number, boolean or "
+                        f"null; use scalar values")
+            texts = [value_text(v) for v in values]
+            if dup := next((t for t in texts if texts.count(t) > 1), None):
+                return (f"output_schema field {name!r}: enum values {[v for v in values if value_text(v) == dup]} "
+                        f"read the same ({dup!r}); keep one")
+        return None
 
     @cached_property
     def sha256(self) -> str:
@@ -80,6 +95,11 @@ class OutputSchema:
         return {"guided_json": self.schema} if dialect == "guided_json" else None
 
 
+def value_text(value: Any) -> str:
+    """An enum value as the teacher writes it: a string as is, anything else as JSON (``1``, ``true``, ``null``)."""
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
 def dump_answer(obj: dict) -> str:
     """The canonical text of an answer: what the student is trained to write."""
     return json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
@@ -116,6 +136,8 @@ class Task:
         except jsonschema.SchemaError as exc:
             raise DistillError(f"recipe {cfg.recipe.name!r}: output_schema is not a valid JSON schema: "
                                f"{exc.message}") from None
+        if problem := self.schema.enum_problem():
+            raise DistillError(f"recipe {cfg.recipe.name!r}: {problem}")
         self.teacher_system = self._read("teacher_prompt").strip()
         self.student_system = self._read("student_prompt").strip()
         self.few_shot = self._load_few_shot()
@@ -124,7 +146,7 @@ class Task:
         path = self.cfg.recipe_file(key)
         if not path.exists():
             raise DistillError(f"recipe {self.recipe.name!r}: {key} file {path} does not exist")
-        return path.read_text(encoding="utf-8")
+        return read_text(path)
 
     def _load_few_shot(self) -> list[tuple[str, dict]]:
         if not self.recipe.few_shot:
@@ -133,7 +155,7 @@ class Task:
         if not path.exists():
             raise DistillError(f"recipe {self.recipe.name!r}: few_shot file {path} does not exist")
         shots = []
-        for no, obj, err in runio.iter_jsonl_lenient(path):
+        for no, obj, err in iter_jsonl(path):
             if err or "text" not in obj or "label" not in obj:
                 raise DistillError(f"{path}:{no}: a few-shot line needs JSON with 'text' and 'label'")
             if problems := self.schema.errors(obj["label"]):
@@ -240,9 +262,15 @@ def iter_records(path: Path):
     if suffix in (".csv", ".tsv"):
         import csv
 
-        with path.open(newline="", encoding="utf-8") as fh:
-            for no, row in enumerate(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","), 2):
-                yield no, {k: (v if v != "" else None) for k, v in row.items()}, None
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: a BOM must not rename the first column
+            try:
+                for no, row in enumerate(csv.DictReader(fh, delimiter="\t" if suffix == ".tsv" else ","), 2):
+                    yield no, {k: (v if v != "" else None) for k, v in row.items()}, None
+            except UnicodeDecodeError:
+                raise DistillError(utf8_problem(path)) from None
+            except csv.Error as exc:
+                raise DistillError(f"{path}: not a readable {suffix[1:].upper()} file ({exc}); check its quoting "
+                                   f"or convert it to JSONL") from None
         return
     if suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
@@ -250,7 +278,38 @@ def iter_records(path: Path):
         for no, row in enumerate(pq.read_table(path).to_pylist(), 1):
             yield no, row, None
         return
-    yield from runio.iter_jsonl_lenient(path)
+    yield from iter_jsonl(path)
+
+
+def iter_jsonl(path: Path):
+    """(line number, object or None, error or None) for every non-blank line of a JSONL file the user wrote.
+
+    A leading UTF-8 BOM is dropped (the first row is kept); bytes that are not UTF-8 stop with one line naming the
+    file, the line and the byte offset: a wrongly encoded file would lose rows or mangle text silently.
+    """
+    offset = 0
+    with open(path, "rb") as fh:
+        for no, raw in enumerate(fh, 1):
+            start, offset = offset, offset + len(raw)
+            if no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, start = raw[3:], 3
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DistillError(f"{path}: line {no} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte offset "
+                                   f"{start + exc.start}; save the file as UTF-8 (e.g. iconv -f cp1252 -t utf-8 OLD "
+                                   f"> NEW)") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield no, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+                continue
+            if not isinstance(obj, dict):
+                yield no, None, "not a JSON object"
+                continue
+            yield no, obj, None
 
 
 def load_split(run_dir: Path, split: str) -> list[dict]:

@@ -91,3 +91,58 @@ def test_a_recipe_outside_the_package_is_found_by_name(tmp_path, monkeypatch):
     folder.rename(tmp_path / "recipes")
     cfg = load_config(["recipe=my_tickets", f"run_dir={tmp_path / 'run'}"])
     assert cfg.recipe.dir == tmp_path / "recipes" / "my_tickets"
+
+
+KEYS = ["gsk_" + "Q7x9LmB2vT4nR8kP1wZ6yH3cJ5dF0aE7sWq2Lp9Xc4Vb8Nm1Kz6",    # Groq (56): letters, digits, _ only
+        "AIzaSyD4kP9wQ2mX7vL1nR5tB8cH3jF6gK0sE2a",          # Gemini
+        "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz12345678",        # Hugging Face
+        "Zq8Wm3Nc7Rb1Xv5Kt9Lp2Hd6Fy4Gs0Aa",                  # Mistral: 32 letters and digits
+        "sk-proj-Zq8Wm3Nc7Rb1Xv5Kt9Lp2Hd6Fy4Gs0Aa",
+        "OPENAI_API_KEY\n", "my key", "$OPENAI_API_KEY", "1ABC", "A" * 65]
+
+
+@pytest.mark.parametrize("setting", ["teacher.api_key_env", "eval.endpoint.api_key_env"])
+@pytest.mark.parametrize("value", KEYS)
+def test_env_name_settings_refuse_anything_but_a_name_and_never_echo_it(setting, value, tmp_path):
+    with pytest.raises(DistillError) as err:
+        load_config(["teacher=openai", f"{setting}={value}", f"run_dir={tmp_path}"])
+    message = str(err.value)
+    assert setting in message and "\n" not in message
+    # a newline is refused by Hydra's override grammar already; everything else by the setting's check
+    assert "NAME of an environment variable" in message or "cannot parse the override" in message
+    assert "the value is not shown" in message
+    assert value.strip() not in message and value.strip()[:12] not in message
+
+
+@pytest.mark.parametrize("value", ["OPENAI_API_KEY", "GROQ_API_KEY", "HF_TOKEN", "MY_KEY_2", "hf_abc", "_KEY",
+                                   "MISTRAL_API_KEY_FOR_THE_STAGING_PROJECT_2"])
+def test_env_name_settings_accept_names_but_not_a_key_of_the_same_shape(value, tmp_path):
+    cfg = load_config(["teacher=openai", f"teacher.api_key_env={value}", f"eval.endpoint.api_key_env={value}",
+                       f"run_dir={tmp_path}"])
+    assert cfg.teacher.api_key_env == value == cfg.eval.endpoint.api_key_env
+    key = value[:3] + "Zq8Wm3Nc7Rb1Xv5Kt9Lp2Hd6Fy4Gs0Aa"  # the name's start, then a key's random tail
+    with pytest.raises(DistillError, match="teacher.api_key_env: looks like an API key"):
+        load_config(["teacher=openai", f"teacher.api_key_env={key}", f"run_dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("override", ["+teacher.api_key", "teacher.api_key", "+eval.endpoint.api_key",
+                                      "+teacher.token", "+publish.hub_token", "+teacher.password"])
+def test_a_secret_given_as_a_setting_is_refused_by_name_only(override):
+    key = KEYS[0]
+    with pytest.raises(DistillError) as err:
+        load_config(["teacher=openai", f"{override}={key}"])
+    message = str(err.value)
+    assert override.lstrip("+") in message and "environment variable" in message
+    assert key not in message and key[:12] not in message
+
+
+def test_a_key_shaped_value_is_not_echoed_by_any_config_error():
+    key = KEYS[0]
+    with pytest.raises(DistillError) as err:  # a Hydra parse error quotes the override it could not parse
+        load_config([f"teacher.model='{key}"])
+    assert key not in str(err.value) and key[:12] not in str(err.value)
+    with pytest.raises(DistillError) as err:  # a pydantic type error quotes the value it got
+        load_config([f"train.max_steps={key}"])
+    assert "train.max_steps" in str(err.value) and key not in str(err.value) and key[:12] not in str(err.value)
+    with pytest.raises(DistillError, match=r"train.max_steps.*\(got 'abc'\)"):  # ordinary values still are
+        load_config(["train.max_steps=abc"])

@@ -103,3 +103,75 @@ def test_done_json_is_atomic_and_trusted_only_when_complete(tmp_path):
     assert runio.read_done(tmp_path, "train") is None
     runio.write_done(tmp_path, "train", "abc", {"steps": 1})
     assert runio.read_done(tmp_path, "train")["fingerprint"] == "abc"
+
+
+def test_a_utf8_bom_keeps_the_first_jsonl_row_and_the_csv_header(tmp_path):
+    rows = [{"id": "1", "text": "first"}, {"id": "2", "text": "second"}]
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    report = Task(load_config([f"recipe.inputs={jsonl}", f"run_dir={tmp_path}"])).load_inputs()
+    assert [e.id for e in report.examples] == ["1", "2"] and not report.skipped
+    csv_file = tmp_path / "in.csv"
+    csv_file.write_bytes(b"\xef\xbb\xbfid,text\r\n1,first\r\n2,second\r\n")
+    report = Task(load_config([f"recipe.inputs={csv_file}", f"run_dir={tmp_path}"])).load_inputs()
+    assert [(e.id, e.text) for e in report.examples] == [("1", "first"), ("2", "second")]
+
+
+def test_input_that_is_not_utf8_names_the_file_line_and_byte(tmp_path):
+    from distill import DistillError
+
+    jsonl = tmp_path / "in.jsonl"
+    head = b'{"id": "1", "text": "first"}\n'
+    jsonl.write_bytes(head + b'{"id": "2", "text": "caf\xe9"}\n')
+    with pytest.raises(DistillError) as err:
+        Task(load_config([f"recipe.inputs={jsonl}", f"run_dir={tmp_path}"])).load_inputs()
+    offset = len(head) + head.index(b'"first') + 1  # the same position on line 2: 'caf' starts where 'firs' did
+    assert str(jsonl) in str(err.value) and "line 2" in str(err.value) and f"byte offset {offset + 3}" in str(err.value)
+    assert "UTF-8" in str(err.value)
+    csv_file = tmp_path / "in.csv"
+    csv_file.write_bytes(b"id,text\n1,first\n2,caf\xe9\n")
+    with pytest.raises(DistillError) as err:
+        Task(load_config([f"recipe.inputs={csv_file}", f"run_dir={tmp_path}"])).load_inputs()
+    assert str(csv_file) in str(err.value) and "line 3" in str(err.value) and "byte offset 21" in str(err.value)
+
+
+def test_recipe_text_files_that_are_not_utf8_are_named(tmp_path):
+    from distill import DistillError
+
+    for name, data in (("teacher_prompt.md", b"Label the ticket.\nCaf\xe9\n"),
+                       ("few_shot.jsonl", b'{"text": "caf\xe9", "label": {"category": "billing"}}\n')):
+        target = tmp_path / name
+        target.write_bytes(data)
+        key = name.split(".")[0]
+        with pytest.raises(DistillError) as err:
+            Task(load_config([f"recipe.{key}={target}", f"run_dir={tmp_path}"]))
+        assert str(target) in str(err.value) and "line" in str(err.value) and "byte offset" in str(err.value)
+    bom_prompt = tmp_path / "bom_prompt.md"
+    bom_prompt.write_bytes(b"\xef\xbb\xbfLabel the ticket.")
+    assert Task(load_config([f"recipe.teacher_prompt={bom_prompt}", f"run_dir={tmp_path}"])).teacher_system == \
+        "Label the ticket."
+
+
+def test_integer_and_boolean_enums_are_scored_by_their_json_text():
+    from distill.teacher.scoring import few_shot_log_prior, value_scores
+
+    schema = OutputSchema({"type": "object", "properties": {"stars": {"type": "integer", "enum": [1, 2, 3]},
+                                                            "reply": {"type": "boolean", "enum": [True, False]}}})
+    assert schema.enums == {"stars": [1, 2, 3], "reply": [True, False]} and schema.enum_problem() is None
+    scores = value_scores([("2", -0.1), ("3", -2.0)], [1, 2, 3])
+    assert scores[1] == -0.1 and scores[2] == -2.0 and scores[0] < -2.0
+    assert value_scores([(" true", -0.2)], [True, False])[0] == -0.2
+    prior = few_shot_log_prior(["2", "2", "True"], [1, 2, 3])
+    assert prior[1] > prior[0] == prior[2]
+    assert few_shot_log_prior(["True", "true"], [True, False])[0] > few_shot_log_prior(["True"], [True, False])[1]
+
+
+@pytest.mark.parametrize("enum,problem", [([], "empty enum"), ([1, "1"], "read the same"),
+                                          ([{"a": 1}, 2], "not a string, number")])
+def test_enums_that_cannot_be_scored_are_refused_with_the_field(tmp_path, enum, problem):
+    from distill import DistillError
+
+    cfg = load_config(["recipe.few_shot=null", f"run_dir={tmp_path}"])
+    cfg.recipe.output_schema = {"type": "object", "properties": {"stars": {"enum": enum}}}
+    with pytest.raises(DistillError, match=f"output_schema field 'stars'.*{problem}"):
+        Task(cfg)

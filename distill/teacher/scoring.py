@@ -16,20 +16,20 @@ import math
 
 import numpy as np
 
-from distill.task import Task
+from distill.task import Task, value_text
 
 TOP_LOGPROBS = 20
 
 
 def field_messages(task: Task, text: str, field: str, shots: list[tuple[str, dict]] | None = None) -> list[dict]:
     """Instructions + few-shot turns answering only ``field``, then the input: static text first."""
-    values = task.schema.enums[field]
+    values = [value_text(v) for v in task.schema.enums[field]]  # an enum of numbers or booleans reads as JSON
     system = (f"{task.teacher_system}\n\nFor this request answer with the {field} only, exactly one of: "
               f"{', '.join(values)}.")
     messages = [{"role": "system", "content": system}]
     for shot_text, label in task.few_shot if shots is None else shots:
         messages.append({"role": "user", "content": shot_text})
-        messages.append({"role": "assistant", "content": str(label[field])})
+        messages.append({"role": "assistant", "content": value_text(label[field])})
     messages.append({"role": "user", "content": text})
     return messages
 
@@ -38,16 +38,17 @@ def _norm(token: str) -> str:
     return token.strip().strip('"\'`').lower()
 
 
-def value_scores(top: list[tuple[str, float]], values: list[str]) -> list[float]:
+def value_scores(top: list[tuple[str, float]], values: list) -> list[float]:
     """Score each allowed value by the best first-token log-prob that could begin it.
 
     A token counts for a value when the value starts with it (``bill`` -> ``billing``). Values with no candidate
-    in the top list get a floor just below the lowest log-prob seen.
+    in the top list get a floor just below the lowest log-prob seen. Values that are not strings (``enum: [1, 2]``)
+    are matched by their JSON text; the caller keeps the typed value of the index chosen.
     """
     floor = (min(lp for _, lp in top) if top else -30.0) - 1.0
     scores = []
     for value in values:
-        v = value.lower()
+        v = value_text(value).lower()
         best = -math.inf
         for token, logprob in top:
             t = _norm(token)
@@ -57,9 +58,15 @@ def value_scores(top: list[tuple[str, float]], values: list[str]) -> list[float]
     return scores
 
 
-def few_shot_log_prior(labels: list[str], values: list[str]) -> np.ndarray:
-    """Log of the value frequencies among the few-shot labels, add-one smoothed: the distribution we expect."""
-    counts = np.array([labels.count(v) + 1.0 for v in values])
+def few_shot_log_prior(labels: list, values: list) -> np.ndarray:
+    """Log of the value frequencies among the few-shot labels, add-one smoothed: the distribution we expect.
+
+    Labels and values are compared as text, so a typed value (``2``, ``true``) counts whether the caller passes
+    it typed, as JSON text or as ``str()`` of it."""
+    def texts(v) -> set[str]:
+        return {value_text(v), str(v)}
+
+    counts = np.array([sum(1 for label in labels if value_text(label) in texts(v)) + 1.0 for v in values])
     return np.log(counts / counts.sum())
 
 
