@@ -143,8 +143,11 @@ def test_malformed_answers_are_rejected_counted_and_never_kept(tmp_path):
     rows = dataset_rows(tmp_path / "run")
     assert rows and all(r["teacher"] == label_of(r["input"]) for r in rows)
     failures = summary["ledger"]["failures"]
+    # A truncated 200 may be billed: each one is in the ledger as a possibly billed failure, and then retried.
     assert failures == {"finish_length": teacher.events["length"], "invalid_json": teacher.events["invalid_json"],
-                        "refusal": teacher.events["refusal"], "schema_violation": teacher.events["schema"]}
+                        "refusal": teacher.events["refusal"], "schema_violation": teacher.events["schema"],
+                        "malformed_response": teacher.events["malformed_body"]}
+    assert summary["ledger"]["possibly_billed_failures"] == teacher.events["malformed_body"] > 0
     assert summary["transport_errors"]["malformed_response"] == teacher.events["malformed_body"]
     assert sum(summary["rejected"].values()) + len(rows) == 120
     assert set(summary["rejected"]) <= {"finish_length", "invalid_json", "refusal", "schema_violation"}
@@ -169,8 +172,8 @@ def test_budget_stops_within_one_request_and_a_higher_cap_repays_nothing(tmp_pat
             pipeline.run(cfg, stages=("generate",))
         spent, biggest = ledger_spend()
         first_calls = len(teacher.calls)
-        # never above the cap; short of it by less than one request's upper bound (3 chars/token vs 4 billed)
-        assert 1 - biggest * 4 / 3 - 0.01 <= spent <= 1
+        # never above the cap; short of it by less than one request's upper bound (a token per byte vs 4 billed)
+        assert 1 - biggest * 4 - 0.02 <= spent <= 1
         assert teacher.events["invalid_json"] > 0 and 10 < first_calls < 40
 
         with pytest.raises(DistillError, match="budget cap"):  # the same cap again: the ledger is already there
@@ -468,7 +471,7 @@ def test_tokens_per_minute_limit_holds_requests_back(tmp_path):
             client = TeacherClient(cfg.teacher, teacher.base_url, Task(cfg).schema, Ledger(tmp_path / "l.sqlite"))
             try:
                 started = time.monotonic()
-                await asyncio.gather(*(client._call(body) for _ in range(63)))
+                await asyncio.gather(*(client._send(body) for _ in range(63)))
                 return time.monotonic() - started
             finally:
                 await client.close()
@@ -499,7 +502,8 @@ def test_408_409_are_retried_403_ends_the_run_and_an_http_date_retry_after_is_ho
 
 def test_batch_kill_before_the_create_answer_arrives_still_creates_one_batch(tmp_path):
     with FakeTeacher(answer, batch_hold_create=True) as teacher:
-        args = _batch_args(tmp_path, teacher.base_url)
+        # the dead process's claim on the upload lapses after the lease; then the rerun looks for the batch
+        args = _batch_args(tmp_path, teacher.base_url, "teacher.claim_lease_s=2")
         proc = _generate_until_a_batch_is_created(args, teacher)
         proc.send_signal(signal.SIGKILL)  # the batch exists on the server; the client never saw its id
         proc.wait()

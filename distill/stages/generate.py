@@ -23,6 +23,7 @@ from distill.config import Config
 from distill.ledger import Ledger, request_key
 from distill.task import Example, Task
 from distill.teacher.budget import Budget
+from distill.teacher.client import TOKEN_BOUND, prompt_token_bound
 
 log = logging.getLogger("distill")
 
@@ -73,8 +74,15 @@ def estimate_cost(cfg: Config, task: Task, examples: list[Example], requests: li
     usd *= cfg.generate.self_consistency
     if cfg.generate.mode == "batch":
         usd *= p.batch_discount
+    # What the budget admits each request at: a bound that holds for any tokenizer, not a forecast.
+    bound_tokens = sum(prompt_token_bound(r["messages"]) for r in todo)
+    bound = (bound_tokens * p.input_per_1m + sum(r.get("max_tokens", cfg.teacher.max_tokens) for r in todo)
+             * p.output_per_1m) / 1e6 * cfg.generate.self_consistency
+    if cfg.generate.mode == "batch":
+        bound *= p.batch_discount
     return {"requests": len(todo) * cfg.generate.self_consistency, "already_paid": len(requests) - len(todo),
-            "prompt_tokens": int(prompt_tokens), "completion_tokens": int(completion_tokens), "usd": round(usd, 4)}
+            "prompt_tokens": int(prompt_tokens), "completion_tokens": int(completion_tokens), "usd": round(usd, 4),
+            "upper_bound_usd": round(bound, 4), "token_bound": TOKEN_BOUND}
 
 
 @contextlib.contextmanager
@@ -146,7 +154,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
                     base_url = stack.enter_context(teacher_endpoint(cfg, out_dir, logits_all=method == "score"))
                 return base_url
 
-            budget = Budget(cfg.generate.budget_usd, ledger.summary()["cost_usd"])
+            # The cap is counted over the ledger and shared with every process using it (claims + reservations).
+            budget = stack.enter_context(Budget(cfg.generate.budget_usd, ledger,
+                                                max_billed=cfg.teacher.max_billed_attempts,
+                                                lease_s=cfg.teacher.claim_lease_s))
             synth_summary = None
             if cfg.generate.source == "synthesize":
                 from distill.stages.synthesize import synthesize
@@ -182,6 +193,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
             else:
                 labelled_outcomes, transport, batches_created = [], {}, None
         ledger_summary = ledger.summary()
+        spent_total = ledger.spent()
         by_id = {ex.id: o for ex, o in zip(to_label, labelled_outcomes)}
         outcomes = [by_id.get(ex.id) if ex.trusted is None else _trusted(ex) for ex in examples]
         hits = sum(o.cache_hit for o in outcomes if o is not None and o.key != "trusted")
@@ -242,7 +254,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     runio.write_json(out_dir / "qa.json", {**qa, "label_distribution": summary["label_distribution"]})
     if budget_skipped:
         raise DistillError(f"generate stopped at the budget cap ${cfg.generate.budget_usd} (the ledger holds "
-                           f"${budget.spent:.4f}, ${summary['cost_usd_this_run']:.4f} of it from this run): "
+                           f"${spent_total:.4f}, ${summary['cost_usd_this_run']:.4f} of it from this run): "
                            f"{budget_skipped} inputs not labelled; everything paid is kept in the ledger. Raise "
                            f"generate.budget_usd and rerun: only the difference is spent")
     if not labelled:

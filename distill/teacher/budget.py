@@ -1,74 +1,92 @@
-"""The hard cap on teacher spend (``generate.budget_usd``), counted over the whole ledger.
+"""The hard cap on teacher spend (``generate.budget_usd``), counted over the whole ledger and shared by every process.
 
-Every paid request is admitted at its upper-bound price (3 characters per token, every completion token used) and
-settled at what it really cost. A request is admitted only if what the ledger already holds, what is in flight and
-its own upper bound fit under the cap; when they do not, it waits for the requests in flight to settle before
-deciding. So the cap is never crossed, and the run stops short of it by less than one request's upper bound. The
-spend already in the ledger counts, so a rerun with the same cap continues where the last one stopped and a higher
-cap buys exactly the difference.
+The cap is never crossed, however many processes share the ledger. Every paid attempt is admitted at its upper-bound
+price (every prompt byte a token, every completion token used: ``client.prompt_token_bound``) by a claim in the
+ledger, granted only while what the ledger records + what every process has reserved + this bound fit under the
+cap (``Ledger.claim``, one transaction). It is settled at what it really cost when the claim is released; a failure
+that may have been billed settles at its bound. When the bound does not fit but something is still in flight
+(anywhere), the request waits for that to settle before deciding; when nothing is in flight, the run stops short of
+the cap by less than one request's bound. The spend already in the ledger counts, so a rerun with the same cap
+continues where the last one stopped and a higher cap buys exactly the difference.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+
+from distill.ledger import Claim, Heartbeat, Ledger, LedgerWriteError, new_owner
+
+LEASE_S = 30.0  # how long a claim outlives a silent owner; the heartbeat renews it every LEASE_S / 4
 
 
 class Budget:
-    def __init__(self, cap: float | None, already_spent: float = 0.0):
+    def __init__(self, cap: float | None, ledger: Ledger, *, max_billed: int | None = None,
+                 lease_s: float = LEASE_S, owner: str | None = None):
         self.cap = cap
-        self.spent = already_spent
-        self.already_spent = already_spent
-        self.reserved = 0.0
-        self.in_flight = 0
-        self.stopped = False
-        self._cond: asyncio.Condition | None = None
-        self._loop = None
+        self.ledger = ledger
+        self.max_billed = max_billed
+        self.lease_s = lease_s
+        self.owner = owner or new_owner()
+        self.spent_this_run = 0.0  # dollars this process paid (answers and possibly billed failures)
+        self.stopped = False       # the cap was reached with nothing in flight: ask for nothing more
+        self._heartbeat: Heartbeat | None = None  # renews this owner's claims; started with the first one
+
+    def __enter__(self) -> "Budget":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop renewing, and free every key this owner still holds (a stopped run's keys need not wait out a lease)."""
+        if self._heartbeat is not None:
+            self._heartbeat.__exit__()
+            self._heartbeat = None
+        with contextlib.suppress(LedgerWriteError):
+            self.ledger.release_all(self.owner)
 
     @property
-    def spent_this_run(self) -> float:
-        return self.spent - self.already_spent
+    def spent(self) -> float:
+        """Every dollar the shared ledger records, from every run."""
+        return self.ledger.spent()
 
-    def _condition(self) -> asyncio.Condition:
-        loop = asyncio.get_running_loop()  # one Budget may serve several event loops in turn (synthesis, labels)
-        if self._cond is None or self._loop is not loop:
-            self._cond, self._loop = asyncio.Condition(), loop
-        return self._cond
+    async def claim(self, key: str, estimate: float) -> Claim:
+        """The ledger's answer for ``key``, or the right to pay for it (waits while another process holds the key
+        or while the cap is full of reservations in flight)."""
+        delay = 0.005
+        while True:
+            if self.stopped:
+                return self._lookup(key)
+            claim = self.ledger.claim(key, self.owner, estimate, cap=self.cap, lease_s=self.lease_s,
+                                      max_billed=self.max_billed)
+            if claim.status == "over_cap":
+                self.stopped = True
+            if claim.status == "claimed" and self._heartbeat is None:
+                self._heartbeat = Heartbeat(self.ledger, self.owner, self.lease_s).__enter__()
+            if claim.status not in ("busy", "wait"):
+                return claim
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
 
-    async def admit(self, estimate: float) -> bool:
-        """Wait until the request fits under the cap or nothing is left in flight; False once the cap is reached."""
-        if self.cap is None:
-            self.in_flight += 1
-            return True
-        cond = self._condition()
-        async with cond:
-            while not self.stopped:
-                if self.spent + self.reserved + estimate <= self.cap:
-                    self.reserved += estimate
-                    self.in_flight += 1
-                    return True
-                if self.in_flight == 0:
-                    self.stopped = True
-                    break
-                await cond.wait()
-            return False
+    async def readmit(self, key: str, estimate: float) -> str:
+        """Before a retry of a claimed key: 'ok', 'over_cap' or 'exhausted'. Waits while the cap is full of
+        reservations that may still settle below their bound."""
+        delay = 0.005
+        while True:
+            status = self.ledger.readmit(key, self.owner, estimate, cap=self.cap, lease_s=self.lease_s,
+                                         max_billed=self.max_billed)
+            if status != "over_cap" or self.ledger.reserved(except_key=key)[1] == 0:
+                return status
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.25)
 
-    def try_admit(self, estimate: float) -> bool:
-        """Admit without waiting (a batch is assembled before anything in it is paid)."""
-        if self.cap is not None and (self.stopped or self.spent + self.reserved + estimate > self.cap):
-            self.stopped = True
-            return False
-        self.reserved += estimate if self.cap is not None else 0.0
-        self.in_flight += 1
-        return True
+    def charged(self, usd: float) -> None:
+        self.spent_this_run += usd
 
-    async def settle(self, estimate: float, actual: float) -> None:
-        if self.cap is None:
-            self.spent += actual
-            self.in_flight -= 1
-            return
-        cond = self._condition()
-        async with cond:
-            self.spent += actual
-            self.reserved = max(0.0, self.reserved - estimate)
-            self.in_flight -= 1
-            cond.notify_all()
+    def _lookup(self, key: str) -> Claim:
+        if (row := self.ledger.get(key)) is not None:
+            return Claim("hit", row)
+        if (raw := self.ledger.raw(key)) is not None:
+            return Claim("raw", raw)
+        return Claim("over_cap")

@@ -16,22 +16,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import json
 import logging
 import os
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import openai
 from aiolimiter import AsyncLimiter
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from distill import DistillError
+from distill import DistillError, runio
 from distill.config import TeacherConfig
-from distill.ledger import Ledger, request_key
+from distill.ledger import Ledger, LedgerWriteError, request_key
 from distill.task import OutputSchema
+from distill.teacher.budget import Budget
 
 log = logging.getLogger("distill")
 
@@ -42,9 +45,12 @@ FATAL_STATUS = {401: "rejected the API key", 403: "refused access (HTTP 403)", 4
 
 def resolve_api_key(tcfg: TeacherConfig) -> str:
     """The key from the environment variable named by ``teacher.api_key_env`` (never from config)."""
+    from distill.config import clean_secret
+
     if not tcfg.api_key_env:
         return NO_KEY
-    key = os.environ.get(tcfg.api_key_env)
+    # Surrounding whitespace (a trailing newline) is stripped with a warning; whitespace inside is refused.
+    key = clean_secret(os.environ.get(tcfg.api_key_env), tcfg.api_key_env, "teacher.api_key_env")
     if not key:
         raise DistillError(f"the teacher needs an API key in the environment variable {tcfg.api_key_env}, which is "
                            f"not set (export {tcfg.api_key_env}=... or set teacher.api_key_env)")
@@ -82,6 +88,8 @@ class RequestFailed(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.recorded = False   # its last attempt is already in the ledger (as a possibly billed failure)
+        self.billed_usd = 0.0   # what its possibly billed attempts were charged
 
 
 def retry_after_s(exc: BaseException) -> float | None:
@@ -147,21 +155,48 @@ class _Wait:
         return asked + min(backoff, 1.0) * 0.1 + 0.01  # a little after the server's time, never before
 
 
-def build_chat_request(tcfg: TeacherConfig, schema: OutputSchema, messages: list[dict], attempt: int,
-                       sample: int | None) -> dict:
-    """The canonical request; its hash is the ledger key. Attempt 0 is greedy; later attempts and votes sample.
+def teacher_identity(tcfg: TeacherConfig) -> dict:
+    """What identifies the model behind ``teacher.model``, beyond its name: part of every ledger key, never sent.
 
-    ``sample`` (self-consistency) is part of the key, so the k votes are k distinct paid calls, each paid once.
+    The rule for a request key (the one place it is decided): it covers exactly what changes the answer. That is
+    the body sent (model, messages, sampling, response format, logprobs, seed) plus what the body cannot show: for a
+    local teacher the model file's sha256 and its context size (never the loopback port of the server distill
+    starts for it), for a remote one the base URL (another provider serving the same model name is another
+    teacher), and for structured answers the schema (an answer bought under one schema is never served under
+    another, even with ``structured_output=none``). Speed and retry knobs are not part of it.
+    """
+    if tcfg.kind == "llama_cpp":
+        from distill.teacher.server import embedded_gguf
+
+        path = Path(tcfg.model_path) if tcfg.model_path else embedded_gguf()
+        stat = path.stat()
+        return {"gguf_sha256": _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns),
+                "n_ctx": tcfg.n_ctx or DEFAULT_N_CTX}
+    return {"base_url": (tcfg.base_url or "").rstrip("/")}
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a replaced file is hashed again
+    return runio.sha256_file(Path(path))
+
+
+def build_chat_request(tcfg: TeacherConfig, schema: OutputSchema, messages: list[dict], attempt: int,
+                       sample: int | None, *, structured: bool = True) -> dict:
+    """The canonical request; its hash is the ledger key (see ``teacher_identity`` for what a key covers).
+
+    Attempt 0 is greedy; later attempts and votes sample. ``sample`` (self-consistency, synthesis) is part of the
+    key, so the k votes are k distinct paid calls, each paid once. ``structured=False`` (free text, synthesis)
+    sends no response format, and the schema is then not part of the key. Keys starting with _ are not sent.
     """
     sampled = attempt > 0 or sample is not None
     request = {"model": tcfg.model, "messages": messages, "max_tokens": tcfg.max_tokens,
                "temperature": max(tcfg.temperature, 0.7) if sampled else tcfg.temperature,
-               "response_format": schema.response_format(tcfg.structured_output)}
-    if extra := schema.extra_body(tcfg.structured_output):
-        request["extra_body"] = extra
-    # The answer contract is part of the key even when it is not sent (structured_output=none): an answer paid
-    # for under one schema is never served from the ledger under another. Keys starting with _ are not sent.
-    request["_schema"] = schema.sha256
+               "_teacher": teacher_identity(tcfg)}
+    if structured:
+        request["response_format"] = schema.response_format(tcfg.structured_output)
+        if extra := schema.extra_body(tcfg.structured_output):
+            request["extra_body"] = extra
+        request["_schema"] = schema.sha256
     seed = (sample or 0) * 1000 + attempt
     if seed:
         request["seed"] = seed
@@ -173,12 +208,120 @@ def build_score_request(tcfg: TeacherConfig, messages: list[dict]) -> dict:
     from distill.teacher.scoring import TOP_LOGPROBS
 
     return {"model": tcfg.model, "messages": messages, "max_tokens": 1, "temperature": 0.0, "logprobs": True,
-            "top_logprobs": TOP_LOGPROBS}
+            "top_logprobs": TOP_LOGPROBS, "_teacher": teacher_identity(tcfg)}
+
+
+def wire_body(request: dict) -> dict:
+    """The JSON body sent for a canonical request: ``extra_body`` merged in, private (_) and null keys left out."""
+    body = {k: v for k, v in request.items() if k != "extra_body" and not k.startswith("_") and v is not None}
+    body.update(request.get("extra_body") or {})
+    return body
+
+
+def prompt_token_bound(messages: list[dict]) -> int:
+    """An upper bound on a chat prompt's tokens for any tokenizer: one per UTF-8 byte (a byte-level BPE or a
+    byte-fallback SentencePiece token covers at least one byte) plus the chat template's tokens per message.
+
+    A characters-per-token guess is not a bound: CJK text runs at about one token per character (three bytes).
+    The teacher's own tokenizer would be tighter, but it is not at hand offline for a remote teacher, and the
+    bound only matters near the cap, where it makes the run stop a little early instead of late."""
+    return sum(len(str(m.get("content") or "").encode("utf-8")) + TEMPLATE_TOKENS_PER_MESSAGE
+               for m in messages) + TEMPLATE_TOKENS_PER_MESSAGE
+
+
+TEMPLATE_TOKENS_PER_MESSAGE = 8  # role markers and separators of common chat templates (OpenAI's is 3-4)
+DEFAULT_N_CTX = 4096
+TOKEN_BOUND = "utf8_bytes"  # which bound ``estimate`` uses, named in generate's estimate
+
+
+@dataclass
+class _Asked:
+    """One request key's result: an answer, or a reason; what it paid."""
+
+    answer: dict | None
+    reason: str | None
+    paid: int = 0
+    cost: float = 0.0
+    cache_hit: bool = False
+    final: bool = False  # the reason judges an answer (the next attempt is a fresh sample), not the transport
+
+
+class _ChatReader:
+    """Reads a chat answer: the stored text of a ledger row, or a fresh response body."""
+
+    final = ANSWER_REASONS
+
+    def __init__(self, parse):
+        self.parse = parse
+
+    def text(self, stored: str) -> tuple[dict | None, str | None]:
+        answer, reason = self.parse(stored)
+        return answer, None if answer is not None else f"cached_{reason}"
+
+    def body(self, body: dict) -> tuple[str, dict | None, str | None]:
+        choice = body["choices"][0]
+        message = choice["message"]
+        text = content_text(message.get("content"))
+        answer, reason = self.parse(text)
+        if message.get("refusal"):
+            answer, reason = None, "refusal"
+        elif choice.get("finish_reason") == "length":
+            answer, reason = None, "finish_length"
+        elif choice.get("finish_reason") == "content_filter":
+            answer, reason = None, "content_filter"
+        return text or "", answer, reason
+
+
+class _ScoreReader:
+    """Reads the first answer token's top log-probs."""
+
+    final = frozenset({"no_logprobs"})
+
+    def text(self, stored: str) -> tuple[dict | None, str | None]:
+        return {"top": json.loads(stored)}, None
+
+    def body(self, body: dict) -> tuple[str, dict | None, str | None]:
+        logprobs = body["choices"][0].get("logprobs") or {}
+        content = logprobs.get("content") or []
+        if not content or not content[0].get("top_logprobs"):
+            return "server returned no top_logprobs", None, "no_logprobs"
+        top = [[t["token"], float(t["logprob"])] for t in content[0]["top_logprobs"]]
+        return json.dumps(top), {"top": top}, None
+
+
+def content_text(content) -> str | None:
+    """A message's text: a string, or the text parts of a list of content parts (as some servers answer)."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text") or "" for part in content
+                       if isinstance(part, dict) and part.get("type", "text") in ("text", "output_text"))
+    raise TypeError(f"message content is a {type(content).__name__}, not text or a list of parts")
+
+
+def possibly_billed(exc: BaseException) -> bool:
+    """Whether a failed attempt may still be billed: the body reached the server and the answer may have been made.
+
+    A timeout or a dropped connection after the request was sent, and a 200 that came back truncated, are billed
+    by real providers; an HTTP error status (429, 5xx) and a connection that was never made are not.
+    """
+    if isinstance(exc, _MalformedResponse):
+        return True
+    if isinstance(exc, openai.APIStatusError) or not isinstance(exc, openai.APIConnectionError):
+        return False  # APITimeoutError is an APIConnectionError
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, (httpx.ConnectError, httpx.ConnectTimeout, ConnectionRefusedError)):
+            return False
+        if type(cause).__name__ in ("ClientConnectorError", "ClientConnectorDNSError", "ClientProxyConnectionError"):
+            return False  # aiohttp: the connection was never made
+        cause = cause.__cause__ or cause.__context__
+    return True
 
 
 class TeacherClient:
     def __init__(self, tcfg: TeacherConfig, base_url: str, schema: OutputSchema, ledger: Ledger,
-                 max_attempts: int = 3, *, votes: int = 1, min_vote_share: float = 0.0, budget=None):
+                 max_attempts: int = 3, *, votes: int = 1, min_vote_share: float = 0.0, budget: Budget | None = None):
         self.tcfg = tcfg
         self.base_url = base_url
         self.schema = schema
@@ -196,7 +339,10 @@ class TeacherClient:
         self.tpm = AsyncLimiter(tcfg.tpm, 60) if tcfg.tpm else None
         self.transport_errors: Counter = Counter()  # retried errors by reason, for the summary
         self.fatal = False  # set once a call proved that no call can succeed (401/403/404): send nothing more
-        self.budget = budget  # distill.teacher.budget.Budget or None
+        # Every paid attempt is claimed in the ledger (one cap and one payer per key across processes).
+        self._own_budget = budget is None
+        self.budget = budget if budget is not None else Budget(None, ledger, max_billed=tcfg.max_billed_attempts,
+                                                               lease_s=tcfg.claim_lease_s)
         self._locks: dict[str, asyncio.Lock] = {}
         self._waiters: Counter = Counter()
 
@@ -204,15 +350,15 @@ class TeacherClient:
         """Remove the API key from any text before it is logged or stored."""
         return text.replace(self._key, "***") if self._key != NO_KEY else text
 
-    def build_request(self, messages: list[dict], attempt: int, sample: int | None = None) -> dict:
-        return build_chat_request(self.tcfg, self.schema, messages, attempt, sample)
+    def build_request(self, messages: list[dict], attempt: int, sample: int | None = None, *,
+                      structured: bool = True) -> dict:
+        return build_chat_request(self.tcfg, self.schema, messages, attempt, sample, structured=structured)
 
     def cost(self, prompt_tokens: int, cached_tokens: int, completion_tokens: int, batch: bool = False) -> float:
         p = self.tcfg.price
         usd = ((prompt_tokens - cached_tokens) * p.input_per_1m + cached_tokens * p.cached_input_per_1m
                + completion_tokens * p.output_per_1m) / 1e6
         return usd * p.batch_discount if batch else usd
-
 
     # -- labelling ------------------------------------------------------------------------------------------------
 
@@ -250,53 +396,15 @@ class TeacherClient:
         A request key whose answer was already rejected (in this or an earlier run) is never sent again: the next
         attempt index is a fresh sample. Transport failures are not final: the next run retries them.
         """
-        parse = parse or self.schema.parse
-        reason = "no_attempt"
-        paid = 0
-        spent = 0.0
-        key = None
+        reader = _ChatReader(parse or self.schema.parse)
+        reason, paid, spent, key = "no_attempt", 0, 0.0, None
         for attempt in range(self.max_attempts):
-            request = self.build_request(messages, attempt, sample)
-            if not structured:
-                request.pop("response_format", None)
-                request.pop("extra_body", None)
+            request = self.build_request(messages, attempt, sample, structured=structured)
             key = request_key(request)
-            async with self._exclusive(key):  # an identical request in flight: wait for it, then read the ledger
-                cached = self.ledger.get(key)
-                if cached is not None:
-                    answer, cached_reason = parse(cached["response"])
-                    if answer is not None:
-                        return Outcome(answer, None, key, attempt, paid, cache_hit=True, cost_usd=spent)
-                    reason = f"cached_{cached_reason}"
-                    continue
-                previous = self.ledger.last_failure(key)
-                if previous in ANSWER_REASONS:
-                    reason = previous
-                    continue
-                try:
-                    choice, tokens, latency, cost = await self._paid_call(request)
-                except BudgetStop:
-                    return Outcome(None, BUDGET, key, attempt, paid, cost_usd=spent)
-                except RequestFailed as exc:
-                    self.ledger.record_failure(key, exc.reason, self.scrub(exc.detail)[:200])
-                    return Outcome(None, exc.reason, key, attempt, paid, cost_usd=spent)
-                text, finish = choice.message.content, choice.finish_reason
-                paid += 1
-                spent += cost
-                answer, reason = parse(text)
-                if choice.message.refusal:
-                    answer, reason = None, "refusal"
-                elif finish == "length":
-                    answer, reason = None, "finish_length"
-                elif finish == "content_filter":
-                    answer, reason = None, "content_filter"
-                if answer is not None:
-                    self.ledger.record_success(key, self.tcfg.model or "", request, text, prompt_tokens=tokens[0],
-                                               cached_tokens=tokens[1], completion_tokens=tokens[2], cost_usd=cost,
-                                               latency_s=latency)
-                    return Outcome(answer, None, key, attempt, paid, cost_usd=spent)
-                self.ledger.record_failure(key, reason, (text or "")[:200], prompt_tokens=tokens[0],
-                                           completion_tokens=tokens[2], cost_usd=cost)
+            got = await self._ask(key, request, reader)
+            paid, spent, reason = paid + got.paid, spent + got.cost, got.reason
+            if got.answer is not None or not got.final:
+                return Outcome(got.answer, reason, key, attempt, paid, cache_hit=got.cache_hit, cost_usd=spent)
         return Outcome(None, reason, key, self.max_attempts - 1, paid, cost_usd=spent)
 
     async def top_logprobs(self, messages: list[dict]) -> Outcome:
@@ -306,29 +414,79 @@ class TeacherClient:
         """
         request = build_score_request(self.tcfg, messages)
         key = request_key(request)
-        async with self._exclusive(key):
-            cached = self.ledger.get(key)
-            if cached is not None:
-                return Outcome({"top": json.loads(cached["response"])}, None, key, 0, 0, cache_hit=True)
-            if self.ledger.last_failure(key) == "no_logprobs":
-                return Outcome(None, "no_logprobs", key, 0, 0)
+        got = await self._ask(key, request, _ScoreReader())
+        return Outcome(got.answer, got.reason, key, 0, got.paid, cache_hit=got.cache_hit, cost_usd=got.cost)
+
+    async def _ask(self, key: str, request: dict, reader) -> _Asked:
+        """The answer for one request key: from the ledger, or paid for once across every process sharing it.
+
+        The key is claimed in the ledger first (which also reserves its price under the cap); whatever comes back
+        is recorded in the transaction that releases the claim. A response that cannot be read is kept raw and read
+        again by the next run instead of being bought again.
+        """
+        estimate = self.estimate(request)
+        owner = self.budget.owner
+        async with self._exclusive(key):  # an identical request in flight here: wait for it, then read the ledger
+            claim = await self.budget.claim(key, estimate)
+            if claim.status == "hit":
+                answer, reason = reader.text(claim.row["response"])
+                return _Asked(answer, reason, cache_hit=True, final=True)
+            if claim.status == "raw":
+                return self._read_raw(key, request, claim.row, reader)
+            if claim.status == "over_cap":
+                return _Asked(None, BUDGET)
+            if claim.status == "exhausted":
+                return _Asked(None, "max_billed_attempts")
+            if (previous := self.ledger.last_failure(key)) in reader.final:
+                self.ledger.release(key, owner)
+                return _Asked(None, previous, final=True)
             try:
-                choice, tokens, latency, cost = await self._paid_call(request)
+                body, latency = await self._call(request, key, estimate)
             except BudgetStop:
-                return Outcome(None, BUDGET, key, 0, 0)
+                self.ledger.release(key, owner)
+                return _Asked(None, BUDGET)
             except RequestFailed as exc:
-                self.ledger.record_failure(key, exc.reason, self.scrub(exc.detail)[:200])
-                return Outcome(None, exc.reason, key, 0, 0)
-            content = choice.logprobs.content if choice.logprobs else None
-            if not content or not content[0].top_logprobs:
-                self.ledger.record_failure(key, "no_logprobs", "server returned no top_logprobs",
-                                           prompt_tokens=tokens[0], completion_tokens=tokens[2], cost_usd=cost)
-                return Outcome(None, "no_logprobs", key, 0, 1, cost_usd=cost)
-            top = [[t.token, t.logprob] for t in content[0].top_logprobs]
-            self.ledger.record_success(key, self.tcfg.model or "", request, json.dumps(top),
-                                       prompt_tokens=tokens[0], completion_tokens=tokens[2], cost_usd=cost,
-                                       latency_s=latency)
-            return Outcome({"top": top}, None, key, 0, 1, cost_usd=cost)
+                if exc.recorded:
+                    self.ledger.release(key, owner)
+                else:
+                    self.ledger.record_failure(key, exc.reason, self.scrub(exc.detail)[:200], owner=owner)
+                return _Asked(None, exc.reason, cost=exc.billed_usd)
+            except BaseException:
+                with contextlib.suppress(LedgerWriteError):
+                    self.ledger.release(key, owner)
+                raise
+            tokens, cost = self._price(body, request, estimate)
+            self.budget.charged(cost)
+            try:
+                return self._record(key, request, body, tokens, cost, latency, reader, owner, paid=1)
+            except LedgerWriteError:
+                self.fatal = True  # nothing more is sent while answers cannot be recorded
+                raise
+
+    def _record(self, key: str, request: dict, body: dict, tokens: tuple, cost: float, latency: float, reader,
+                owner: str | None, paid: int) -> _Asked:
+        try:
+            text, answer, reason = reader.body(body)
+        except Exception as exc:  # an answer of a shape we cannot read: keep it, never pay for it again
+            log.warning("teacher answer for %s kept unread (%s: %s); a rerun reads it again without paying",
+                        key[:12], type(exc).__name__, self.scrub(str(exc))[:120])
+            self.ledger.record_raw(key, self.tcfg.model or "", request, body, tokens=tokens, cost_usd=cost,
+                                   latency_s=latency, owner=owner)
+            return _Asked(None, "unreadable_response", paid, cost)
+        if answer is not None:
+            self.ledger.record_success(key, self.tcfg.model or "", request, text, prompt_tokens=tokens[0],
+                                       cached_tokens=tokens[1], completion_tokens=tokens[2], cost_usd=cost,
+                                       latency_s=latency, owner=owner)
+        else:
+            self.ledger.record_failure(key, reason, text[:200], prompt_tokens=tokens[0], completion_tokens=tokens[2],
+                                       cost_usd=cost, owner=owner)
+        return _Asked(answer, reason, paid, cost, final=answer is None)
+
+    def _read_raw(self, key: str, request: dict, raw: dict, reader) -> _Asked:
+        """A response paid for earlier and kept unread: read it now (after a fix) at no cost."""
+        got = self._record(key, request, raw["body"], raw["tokens"], raw["cost_usd"], raw["latency_s"], reader,
+                           None, paid=0)
+        return _Asked(got.answer, got.reason, cache_hit=True, final=got.final)
 
     @contextlib.asynccontextmanager
     async def _exclusive(self, key: str):
@@ -343,33 +501,18 @@ class TeacherClient:
                 del self._waiters[key], self._locks[key]
 
     def estimate(self, request: dict) -> float:
-        """An upper bound on one request's price: 3 characters per token, every completion token used."""
-        chars = sum(len(m.get("content") or "") for m in request["messages"])
-        return self.cost(chars // 3 + 16, 0, request.get("max_tokens") or self.tcfg.max_tokens)
+        """An upper bound on one request's price: ``prompt_token_bound`` prompt tokens, every completion token used."""
+        return self.cost(prompt_token_bound(request["messages"]), 0,
+                         request.get("max_tokens") or self.tcfg.max_tokens)
 
-    async def _paid_call(self, request: dict):
-        """One request under the budget: admitted at its upper-bound price, settled at what it really cost.
-
-        Returns (choice, (prompt, cached, completion tokens), latency, cost). A response without ``usage`` is
-        charged its estimate, so a server that reports nothing cannot slip past the cap.
-        """
-        estimate = self.estimate(request)
-        if self.budget is not None and not await self.budget.admit(estimate):
-            raise BudgetStop
-        cost = 0.0
-        try:
-            choice, usage, latency = await self._call(request)
-            if usage:
-                tokens = _usage(usage)
-                cost = self.cost(*tokens)
-            else:
-                chars = sum(len(m.get("content") or "") for m in request["messages"])
-                tokens = (chars // 4, 0, len(choice.message.content or "") // 4 + 1)
-                cost = estimate
-            return choice, tokens, latency, cost
-        finally:
-            if self.budget is not None:
-                await self.budget.settle(estimate, cost)
+    def _price(self, body: dict, request: dict, estimate: float) -> tuple[tuple[int, int, int], float]:
+        """(tokens, dollars) of an answer. One without ``usage`` is charged its estimate, so a server that reports
+        nothing cannot slip past the cap."""
+        usage = body.get("usage")
+        if isinstance(usage, dict) and usage:
+            tokens = _usage(namespace(usage))
+            return tokens, self.cost(*tokens)
+        return (prompt_token_bound(request["messages"]), 0, request.get("max_tokens") or 0), estimate
 
     # -- transport ------------------------------------------------------------------------------------------------
 
@@ -384,14 +527,47 @@ class TeacherClient:
         if exc is not None:
             self.transport_errors[_reason(exc)] += 1
 
-    async def _call(self, request: dict):
-        """Send one chat-completions request with retries; returns (first choice, usage, latency in s).
+    async def _call(self, request: dict, key: str, estimate: float) -> tuple[dict, float]:
+        """Send one claimed request with retries; returns (response body, latency in s).
 
-        Raises RequestFailed when this one request cannot succeed, DistillError when no request can.
+        Every attempt after the first is admitted again under the cap and the key's ``teacher.max_billed_attempts``;
+        an attempt that failed after its body was sent in a way that may be billed is recorded as such at its
+        estimate. Raises RequestFailed when this one request cannot succeed, BudgetStop when the cap has no room for
+        a retry, DistillError when no request can succeed.
         """
-        body = {k: v for k, v in request.items() if k != "extra_body" and not k.startswith("_") and v is not None}
-        body.update(request.get("extra_body") or {})
-        return await self.retrying(self._send, body)
+        body = wire_body(request)
+        attempts, billed_usd, last_billed = 0, 0.0, False
+
+        async def attempt():
+            nonlocal attempts, billed_usd, last_billed
+            attempts += 1
+            if attempts > 1:
+                status = await self.budget.readmit(key, estimate)
+                if status == "over_cap":
+                    raise BudgetStop
+                if status == "exhausted":
+                    raise RequestFailed("max_billed_attempts", f"{self.tcfg.max_billed_attempts} possibly billed "
+                                        f"failures for this request (teacher.max_billed_attempts)")
+            last_billed = False
+            if self.fatal:
+                raise DistillError("the run is stopping (see the first error); nothing more is sent")
+            try:
+                return await self._send(body)
+            except Exception as exc:
+                if possibly_billed(exc):
+                    self.ledger.record_failure(key, _reason(exc), "sent; the answer may have been billed",
+                                               cost_usd=estimate, billed=True, release=False)
+                    self.budget.charged(estimate)
+                    billed_usd += estimate
+                    last_billed = True
+                raise
+
+        try:
+            return await self.retrying(attempt)
+        except RequestFailed as exc:
+            exc.recorded = last_billed and exc.reason != "max_billed_attempts"
+            exc.billed_usd = billed_usd
+            raise
 
     async def retrying(self, fn, *args, **kwargs):
         """``await fn(*args, **kwargs)`` under the one retry layer (also used for the Batch API's calls)."""
@@ -416,7 +592,7 @@ class TeacherClient:
         except (openai.APIConnectionError, _MalformedResponse) as exc:
             raise RequestFailed(_reason(exc), f"{type(exc).__name__} from {self.base_url}") from None
 
-    async def _send(self, body: dict):
+    async def _send(self, body: dict) -> tuple[dict, float]:
         if self.rpm:
             await self.rpm.acquire()
         if self.tpm:
@@ -429,17 +605,20 @@ class TeacherClient:
                 # without re-validating our already-canonical request body or building pydantic models for the
                 # answer (together ~3 ms of client CPU per call, more than everything else distill does).
                 raw = await self.client.post("/chat/completions", body=body, cast_to=httpx.Response)
-                resp = namespace(json.loads(raw.content))
+                resp = json.loads(raw.content)
             except (json.JSONDecodeError, UnicodeDecodeError, openai.APIResponseValidationError) as exc:
                 raise _MalformedResponse(str(exc)[:100]) from None
             latency = time.perf_counter() - started
-        if (not isinstance(resp, _NS) or not isinstance(resp.choices, list) or not resp.choices
-                or not isinstance(resp.choices[0], _NS) or not isinstance(resp.choices[0].message, _NS)):
+        choices = resp.get("choices") if isinstance(resp, dict) else None
+        if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict) \
+                or not isinstance(choices[0].get("message"), dict):
             raise _MalformedResponse("no choices in the response")
-        return resp.choices[0], resp.usage, latency
+        return resp, latency
 
     async def close(self) -> None:
         await self.client.close()
+        if self._own_budget:
+            self.budget.close()
 
 
 def _http_client(tcfg: TeacherConfig):

@@ -4,6 +4,8 @@
         run(..., teacher.base_url)
         teacher.calls            # every request body received, in order
         teacher.paid             # Counter: successful (HTTP 200, well-formed) answers per request key
+        teacher.billed           # Counter: answers the server produced (and a real provider bills) per request key
+        teacher.billed_tokens    # [prompt, completion] tokens of every billed answer
         teacher.early_retries    # requests that came back before the Retry-After they were given
         teacher.open_connections # connections not yet closed
 
@@ -12,7 +14,8 @@ threading server), so the code under test goes through the real ``openai`` clien
 
 Faults, each drawn per request at its rate from a seeded generator:
   transport: ``429`` (with Retry-After), ``500``, ``hang`` (no answer until past the client's timeout, then the
-  connection is dropped), ``reset`` (TCP reset), ``malformed_body`` (a 200 whose body is not JSON);
+  connection is dropped), ``reset`` (TCP reset), ``malformed_body`` (a 200 cut short: billed, not JSON),
+  ``billed_hang`` (the answer is made and billed, then the server hangs past the client's timeout);
   answers (HTTP 200, paid): ``invalid_json``, ``schema`` (valid JSON that breaks the schema), ``refusal``,
   ``length`` (finish_reason "length").
 A fake Batch API (files + batches) serves ``generate.mode=batch``.
@@ -33,7 +36,7 @@ from email.policy import HTTP
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-TRANSPORT_FAULTS = ("429", "408", "409", "500", "hang", "reset", "malformed_body")
+TRANSPORT_FAULTS = ("429", "408", "409", "500", "hang", "reset", "malformed_body", "billed_hang")
 ANSWER_FAULTS = ("invalid_json", "schema", "refusal", "length")
 
 
@@ -56,8 +59,10 @@ class FakeTeacher:
                  hang_s: float = 3.0,
                  latency_s: float = 0.0, seed: int = 0, batch_error_rate: float = 0.0,
                  batch_hold: bool = False, batch_hold_create: bool = False, batch_expire_first: bool = False,
-                 check_key_on_models: bool = True):
+                 check_key_on_models: bool = True, content_parts: bool = False, tokens_per_char: bool = False):
         self.answer_fn = answer_fn
+        self.content_parts = content_parts      # answer content as a list of text parts, as some servers do
+        self.tokens_per_char = tokens_per_char  # bill one token per character (CJK text runs at about that)
         self.api_key = api_key
         self.status = status
         self.error_body = error_body
@@ -77,6 +82,8 @@ class FakeTeacher:
         self._seen: Counter = Counter()     # occurrences of each request key so far
         self.events: Counter = Counter()     # what was served, by kind ("ok", "429", "invalid_json", ...)
         self.paid: Counter = Counter()       # well-formed 200 answers per request key
+        self.billed: Counter = Counter()     # answers made and billed per request key (whatever reached the client)
+        self.billed_tokens = [0, 0]
         self.early_retries = 0
         self.open_connections = 0
         self._not_before: dict[str, float] = {}
@@ -126,8 +133,14 @@ class FakeTeacher:
             text, refusal = None, "I can't help with that."
         elif kind == "length":
             text, finish = text[: max(1, len(text) // 3)], "length"
-        prompt_tokens = sum(len(m["content"]) for m in body["messages"]) // 4
-        completion_tokens = len(text or "") // 4 + 1
+        per = 1 if self.tokens_per_char else 4
+        prompt_tokens = sum(len(m["content"]) for m in body["messages"]) // per
+        completion_tokens = len(text or "") // per + 1
+        with self._lock:
+            self.billed[body_key(body)] += 1
+            self.billed_tokens[0] += prompt_tokens
+            self.billed_tokens[1] += completion_tokens
+        content = [{"type": "text", "text": text}] if self.content_parts and text is not None else text
         logprobs = None
         if body.get("logprobs"):  # one answer token, certain of itself
             logprobs = {"content": [{"token": text, "logprob": -0.01, "bytes": None,
@@ -135,7 +148,7 @@ class FakeTeacher:
         return {"id": f"chatcmpl-{len(self.calls)}", "object": "chat.completion", "created": 0,
                 "model": body.get("model", "fake"),
                 "choices": [{"index": 0, "finish_reason": finish, "logprobs": logprobs,
-                             "message": {"role": "assistant", "content": text, "refusal": refusal}}],
+                             "message": {"role": "assistant", "content": content, "refusal": refusal}}],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
@@ -289,7 +302,12 @@ class FakeTeacher:
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.close_connection = True
                 elif kind == "malformed_body":
+                    fake.completion(body)  # made and billed, then cut short in transit
                     self._send(200, '{"id": "chatcmpl-x", "choices": [{"index": 0, "mess')
+                elif kind == "billed_hang":
+                    fake.completion(body)
+                    time.sleep(fake.hang_s)
+                    self.close_connection = True
                 else:
                     reply = fake.completion(body, kind)
                     if kind == "ok":
