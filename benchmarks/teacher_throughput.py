@@ -40,7 +40,7 @@ with FakeTeacher(answer, latency_s=float(sys.argv[1])) as t:
 def distill_run(base_url: str, ledger_path: Path, messages: list, concurrency: int) -> dict:
     from distill.config import load_config
     from distill.ledger import Ledger
-    from distill.stages.generate import Budget, _label_all
+    from distill.stages.generate import _label_all
     from distill.task import Task
     from distill.teacher.client import TeacherClient
 
@@ -52,7 +52,7 @@ def distill_run(base_url: str, ledger_path: Path, messages: list, concurrency: i
 
         async def go():
             try:
-                return await _label_all(client, messages, Budget(None))
+                return await _label_all(client, messages, client.budget)
             finally:
                 await client.close()
 

@@ -29,6 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from distill import DistillError
+from distill.config import EnvName
 from distill.task import OutputSchema
 
 SCHEMA_VERSION = 1
@@ -97,7 +98,7 @@ class StudentSpec(_Strict):
 class FallbackSpec(_Strict):
     model: str = Field(min_length=1, description="the teacher model requests fall back to")
     endpoint: str | None = Field(None, description="its base URL (null: the gateway's default for the model)")
-    api_key_env: str | None = Field(None, description="NAME of the environment variable holding its key")
+    api_key_env: EnvName = Field(None, description="NAME of the environment variable holding its key")
 
 
 class RouteSpec(_Strict):

@@ -359,9 +359,9 @@ def predict_endpoint(cfg: Config, task: Task, rows: list[dict], base_url: str, m
     e = cfg.eval.endpoint
     key = NO_KEY
     if e.api_key_env:
-        import os
+        from distill.config import read_secret_env
 
-        key = os.environ.get(e.api_key_env) or ""
+        key = read_secret_env(e.api_key_env, "eval.endpoint.api_key_env") or ""
         if not key:
             raise DistillError(f"eval.endpoint.api_key_env={e.api_key_env} is not set in the environment")
     client = openai.OpenAI(base_url=base_url, api_key=key, timeout=e.timeout_s, max_retries=e.max_retries)
