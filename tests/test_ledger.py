@@ -260,6 +260,8 @@ def test_a_request_key_covers_what_changes_the_answer_and_nothing_else(tmp_path)
     remote = {"kind": "openai", "structured_output": "json_schema", "model_path": None}
     assert key(**remote, base_url="https://one.example/v1") != key(**remote, base_url="https://two.example/v1")
     assert key(**remote, base_url="https://one.example/v1") == key(**remote, base_url="https://one.example/v1/")
+    # credentials in a URL never reach the key (nor the request the ledger stores)
+    assert key(**remote, base_url="https://one.example/v1") == key(**remote, base_url="https://u:pw@ONE.example/v1")
     # the schema is part of a structured request's key, and not of a free-text one (it is not sent)
     assert key() != key(schema=other_schema)
     assert key(structured=False) == key(schema=other_schema, structured=False)

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,7 +173,10 @@ def teacher_identity(tcfg: TeacherConfig) -> dict:
         stat = path.stat()
         return {"gguf_sha256": _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns),
                 "n_ctx": tcfg.n_ctx or DEFAULT_N_CTX}
-    return {"base_url": (tcfg.base_url or "").rstrip("/")}
+    url = urllib.parse.urlsplit((tcfg.base_url or "").rstrip("/"))
+    host = url.hostname or ""  # never user:password@ (the key is stored in the ledger's request column)
+    netloc = f"{host}:{url.port}" if url.port else host
+    return {"base_url": urllib.parse.urlunsplit((url.scheme.lower(), netloc.lower(), url.path, url.query, ""))}
 
 
 @functools.lru_cache(maxsize=8)
