@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 import jsonschema
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from distill import DistillError
 from distill.config import EnvName
@@ -88,11 +89,27 @@ class TaskSpec(_Strict):
 
 class StudentSpec(_Strict):
     model: str = Field(min_length=1, description="model name the student is served under")
+    kind: Literal["causal_lm", "embed_classifier"] = Field(
+        "causal_lm", description="causal_lm: a generating model served over the OpenAI protocol; embed_classifier: "
+                                 "loaded in process from its artifacts (distill.students.embed_classifier), no "
+                                 "stop strings or token limit")
     endpoint: str = Field(min_length=1, description="OpenAI-compatible base URL of the student")
     artifacts: dict[str, str] = Field(description="artifact name -> path relative to the publish folder")
-    stop: list[str] = Field(min_length=1, description="end-of-turn strings the server must stop at")
-    max_tokens: int = Field(ge=1)
+    # validate_default: an omitted stop / max_tokens is checked too (a causal_lm must have them)
+    stop: list[str] = Field(default_factory=list, validate_default=True,
+                            description="end-of-turn strings the server must stop at (at least one for a causal_lm)")
+    max_tokens: int | None = Field(None, ge=1, validate_default=True,
+                                   description="answer token limit (required for a causal_lm)")
     temperature: float = Field(0.0, ge=0)
+
+    @field_validator("stop", "max_tokens")
+    @classmethod
+    def _generating_student_needs_it(cls, value: Any, info: ValidationInfo) -> Any:
+        # `kind` is declared before these fields, so it is validated first and present in info.data.
+        if info.data.get("kind", "causal_lm") == "causal_lm" and not value:
+            what = {"stop": "at least one end-of-turn string", "max_tokens": "an answer token limit"}[info.field_name]
+            raise ValueError(f"a causal_lm student needs {what}")
+        return value
 
 
 class FallbackSpec(_Strict):

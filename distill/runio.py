@@ -112,7 +112,7 @@ def iter_jsonl_lenient(path: Path) -> Iterator[tuple[int, dict | None, str | Non
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "generate": tuple(paths.split_path(Path(), s).relative_to(paths.stage_dir(Path(), "generate")).as_posix()
                       for s in paths.SPLITS) + (paths.REJECTED, paths.QA),
-    "train": (paths.ADAPTER_DIR,),
+    "train": (paths.ADAPTER_DIR, paths.HEAD_DIR),
     "evaluate": (paths.RESULTS, paths.PREDICTIONS),
     "publish": (paths.ROUTING, paths.ROUTING_SCHEMA, paths.LITELLM, paths.MODELFILE, paths.SERVING, paths.PARITY,
                 paths.MODEL_CARD),

@@ -69,3 +69,10 @@ def test_train_throughput_tiny():
 def test_quality_at_budget_tiny(tmp_path):
     out = run("quality_at_budget.py", "--budgets", "8", "--test", "3", "--batch", "4", "--work", str(tmp_path))
     assert "| 8 |" in out and (tmp_path / "quality_at_budget.png").stat().st_size > 0
+
+
+@needs_bitext
+def test_student_ladder_tiny():
+    out = run("student_ladder.py", "--per-intent", "2", "--test-per-intent", "2", "--val-per-intent", "1")
+    (row,) = [line.split("|") for line in out.splitlines() if line.startswith("| 2 |")]
+    assert row[2].strip() == "54" and float(row[3].split("%")[0]) > 100 / 27  # 27 intents: above chance

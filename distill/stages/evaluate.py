@@ -5,7 +5,8 @@
 
 Predictions come from the in-process student (``eval.decode=scored``: every allowed value of an enum field is
 ranked by its log-likelihood in the JSON answer, which also gives a confidence; ``free``: greedy free-form JSON)
-or from an OpenAI-compatible endpoint (the published GGUF in llama.cpp, vLLM, the teacher itself). Writes
+or from an OpenAI-compatible endpoint (the published GGUF in llama.cpp, vLLM, the teacher itself);
+student=embed_classifier answers with its heads' most probable values (predict_classifier). Writes
 evaluate/{predictions.jsonl, results.json, report.md, junit.xml, summary.md, *.png}; README lists results.json's
 keys. The command exits 3 with a one-line reason when the gate fails.
 """
@@ -78,6 +79,27 @@ def _count(reasons) -> dict[str, int]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # in-process student
+
+
+def predict_classifier(cfg: Config, task: Task, rows: list[dict], clf) -> Predictions:
+    """Answers of the embedding classifier (student=embed_classifier, distill.students.embed_classifier) for
+    ``rows`` in batches of ``eval.batch_size``: each field's most probable value under its head; confidence = the
+    product of the fields' top probabilities (each in field_confidence), like the scored LM's chain-rule
+    probability, so coverage curves, calibration and the routing threshold read it the same way. An answer that
+    breaks the schema is counted like any student's."""
+    answers, raw, reasons, conf, fconf, lat = [], [], [], [], [], []
+    bs = cfg.eval.batch_size
+    started = time.perf_counter()
+    for start in tqdm(range(0, len(rows), bs), desc="student (classifier)", unit="batch", leave=False):
+        t0 = time.perf_counter()
+        out = clf.predict([r["input"] for r in rows[start:start + bs]], bs)
+        took = time.perf_counter() - t0
+        for answer, c, fc in out:
+            why = "schema_violation" if task.schema.errors(answer) else None
+            answers.append(None if why else answer), raw.append(dump_answer(answer)), reasons.append(why)
+            conf.append(None if why else c), fconf.append(fc), lat.append(round(took, 4))
+    return Predictions(answers, raw, reasons, conf, lat, _count(reasons), fconf,
+                       wall_s=time.perf_counter() - started)
 
 
 def predict_in_process(cfg: Config, task: Task, rows: list[dict], model, tokenizer) -> Predictions:
@@ -552,6 +574,14 @@ def run(cfg: Config, run_dir: Path) -> dict:
         preds = predict_endpoint(cfg, task, rows, endpoint, ev.endpoint.model)
         val_preds = predict_endpoint(cfg, task, val_rows, endpoint, ev.endpoint.model) if val_rows else None
         device = "endpoint"
+    elif cfg.student.kind == "embed_classifier":
+        from distill.students.embed_classifier import EmbedClassifier
+
+        clf = EmbedClassifier.from_run(cfg, run_dir)
+        predictor = {"kind": "in_process", "student": cfg.student.name, "decode": "classifier"}
+        preds = predict_classifier(cfg, task, rows, clf)
+        val_preds = predict_classifier(cfg, task, val_rows, clf) if val_rows else None
+        device = "cpu"
     else:
         from distill.models import load_student
 
@@ -585,7 +615,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                     if why not in _TRANSPORT and not str(why).startswith("http_")])
     speed = {"items": len(rows), "wall_s": round(preds.wall_s, 3), "items_per_s": preds.items_per_s,
              "latency_p50_s": lat["p50"], "latency_p95_s": lat["p95"], "batch_size": ev.batch_size,
-             "device": device, "predictor": predictor["kind"], "decode": ev.decode if not endpoint else None,
+             "device": device, "predictor": predictor["kind"], "decode": predictor.get("decode"),
              "concurrency": ev.endpoint.concurrency if endpoint else None,
              "latency_note": "seconds until an item's answer was ready: its whole batch in process, its request "
                              "on an endpoint"}

@@ -12,6 +12,10 @@
    below publish.min_parity is dropped.
 3. routing.yaml (distill.routing schema), litellm.yaml, Modelfile, SERVING.md and MODEL_CARD.md are written.
 
+student=embed_classifier has nothing to merge, convert or quantize: model/ gets a copy of its encoder (safetensors +
+tokenizer) and its head (safetensors + JSON), parity reloads those files in a fresh classifier and requires the same
+answer on every evaluated item, and routing.yaml, SERVING.md (in-process use) and MODEL_CARD.md are written.
+
 Everything is built in a staging folder and swapped into publish/ only when complete: a failure publishes nothing.
 """
 
@@ -32,6 +36,7 @@ import yaml
 
 from distill import DistillError, paths, routing, runio
 from distill.config import GGUF_QUANTIZER_TYPES, Config
+from distill.students import embed_classifier
 from distill.task import Task
 
 log = logging.getLogger("distill")
@@ -364,6 +369,23 @@ def check_parity(cfg: Config, run_dir: Path, staging: Path, artifacts: dict, tas
     return {rel: results[rel] for rel in artifacts}
 
 
+def classifier_parity(cfg: Config, run_dir: Path, staging: Path, task: Task) -> dict[str, dict]:
+    """Parity of the published embedding classifier: its files, reloaded in a fresh classifier, must give evaluate's
+    answer on every evaluated item (nothing is quantized, so any difference is a broken copy). Raises DistillError,
+    and so publishes nothing, otherwise."""
+    rows = runio.read_jsonl(paths.stage_dir(run_dir, "evaluate") / paths.PREDICTIONS)
+    if not rows:
+        raise DistillError(f"{paths.PREDICTIONS} in {paths.stage_dir(run_dir, 'evaluate')} is empty: no items to "
+                           f"check parity on; re-run evaluate")
+    log.info("publish: parity of the published classifier on %d items", len(rows))
+    res = embed_classifier.check_parity(staging / paths.MODEL_DIR, rows, task, cfg.eval.batch_size)
+    if res["parity"] < 1.0:
+        raise DistillError(f"the published classifier answers differently from the evaluated one on "
+                           f"{round((1 - res['parity']) * res['n'])} of {res['n']} items (parity {res['parity']}); "
+                           f"nothing published: re-run train and evaluate")
+    return {paths.MODEL_DIR: {**res, "published": True}}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the stage
 
@@ -378,7 +400,11 @@ def run(cfg: Config, run_dir: Path) -> dict:
     forced = bool(cfg.publish.force and not gate.get("passed", True))
     generate = runio.require_done(run_dir, "generate", "publish")["summary"]
     train = runio.require_done(run_dir, "train", "publish")["summary"]
-    check_adapter(paths.adapter_path(run_dir), train.get("adapter_sha256"))
+    classifier = cfg.student.kind == "embed_classifier"
+    if classifier:
+        embed_classifier.check_head(paths.head_path(run_dir), train.get("head_sha256"))
+    else:
+        check_adapter(paths.adapter_path(run_dir), train.get("adapter_sha256"))
     results_file = paths.stage_dir(run_dir, "evaluate") / paths.RESULTS
     if not results_file.is_file():
         raise DistillError(f"{results_file} is missing; re-run `python -m distill evaluate run_dir={run_dir}`")
@@ -398,12 +424,18 @@ def run(cfg: Config, run_dir: Path) -> dict:
     runio.remove_leftovers(final.parent, ".publish-staging-")  # those of killed runs (and ours, from earlier)
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        hf_dir = staging / paths.MODEL_DIR / paths.HF_DIR
-        hf_dir.mkdir(parents=True)
-        eot = merge_adapter(cfg, run_dir, hf_dir)
-        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-        artifacts = build_artifacts(cfg, staging, hf_dir, tokenizer, eot)
-        parity = check_parity(cfg, run_dir, staging, artifacts, task) if cfg.publish.verify_load else {}
+        if classifier:
+            (staging / paths.MODEL_DIR).mkdir(parents=True)
+            eot = tokenizer = None  # it generates nothing: no end-of-turn token, no chat template
+            artifacts = embed_classifier.write_published(cfg, run_dir, staging / paths.MODEL_DIR)
+            parity = classifier_parity(cfg, run_dir, staging, task) if cfg.publish.verify_load else {}
+        else:
+            hf_dir = staging / paths.MODEL_DIR / paths.HF_DIR
+            hf_dir.mkdir(parents=True)
+            eot = merge_adapter(cfg, run_dir, hf_dir)
+            tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+            artifacts = build_artifacts(cfg, staging, hf_dir, tokenizer, eot)
+            parity = check_parity(cfg, run_dir, staging, artifacts, task) if cfg.publish.verify_load else {}
         published = {rel: art for rel, art in artifacts.items() if parity.get(rel, {}).get("published", True)}
         if not published:
             raise DistillError("no artifact reached publish.min_parity " + str(cfg.publish.min_parity) + " ("
@@ -490,8 +522,10 @@ def build_rule(cfg: Config, task: Task, results: dict, results_sha: str, publish
                               output_schema=task.schema.schema),
         student=routing.StudentSpec(model=model_name(cfg), endpoint=cfg.publish.endpoint,
                                     artifacts={_artifact_key(art): rel for rel, art in published.items()},
-                                    stop=[eot],
-                                    max_tokens=cfg.eval.max_new_tokens),
+                                    kind=cfg.student.kind, stop=[eot] if eot else [],
+                                    # a classifier has no token limit: its answer is never generated
+                                    max_tokens=None if cfg.student.kind == "embed_classifier"
+                                    else cfg.eval.max_new_tokens),
         fallback=_fallback(cfg),
         route=routing.RouteSpec(enabled=choice is not None, confidence_threshold=choice and choice.threshold,
                                 target_agreement=target, expected_coverage=choice and choice.coverage,
@@ -540,6 +574,9 @@ def write_serving(cfg: Config, task: Task, staging: Path, rule: routing.RoutingR
     runio.atomic_write_text(staging / paths.ROUTING, header + yaml.safe_dump(rule.model_dump(mode="json"),
                                                                              sort_keys=False, allow_unicode=True))
     runio.write_json(staging / paths.ROUTING_SCHEMA, routing.json_schema())
+    if rule.student.kind == "embed_classifier":  # loaded in process: no server, so no LiteLLM or Ollama config
+        runio.atomic_write_text(staging / paths.SERVING, embed_classifier.serving_markdown(rule.student.model))
+        return
     runio.atomic_write_text(staging / paths.LITELLM, "# litellm --config litellm.yaml  (fallback on errors; the "
                             "confidence rule is distill.routing.decide)\n"
                             + yaml.safe_dump(litellm_config(rule), sort_keys=False, allow_unicode=True))
@@ -639,6 +676,17 @@ def _metric_lines(m: dict, level: float | None) -> list[str]:
 
 def parity_lines(cfg: Config, artifacts: dict, parity: dict) -> list[str]:
     """The parity table (Markdown lines) shared by MODEL_CARD.md and the section publish adds to evaluate's report."""
+    if artifacts and all(art["type"] == "embed_classifier" for art in artifacts.values()):
+        res = next(iter(parity.values()), {})
+        return [f"Parity: the published encoder and head, reloaded in a fresh classifier, give the evaluated "
+                f"classifier's answer on {_fmt(res.get('parity'))} of {res.get('n', 0)} items (nothing is quantized, "
+                f"so publish requires all of them); largest confidence difference "
+                f"{_fmt(res.get('max_confidence_diff'))}.", "",
+                "| artifact | runtime | size MB | parity | vs teacher | published |", "|---|---|---|---|---|---|",
+                *[f"| `{rel}` ({art['type']}) | {art['runtime']} | {art['bytes'] / 1e6:.1f} | "
+                  f"{_fmt(parity.get(rel, {}).get('parity')) if parity else 'not checked'} | "
+                  f"{_fmt(parity.get(rel, {}).get('agreement_with_teacher'))} | yes |"
+                  for rel, art in artifacts.items()]]
     lines = [f"Parity: share of the {next(iter(parity.values()))['n'] if parity else 0} evaluated items where the "
              f"artifact, loaded in its runtime, gives the same answer as the unquantized student (or, like it, "
              f"none); below publish.min_parity {cfg.publish.min_parity} an artifact is not published. "
@@ -681,7 +729,9 @@ def add_to_report(cfg: Config, run_dir: Path, artifacts: dict, parity: dict) -> 
     kept = report.read_text(encoding="utf-8").split(REPORT_MARK)[0].rstrip()
     lines = [REPORT_MARK, "## The shipped artifacts", ""]
     for rel, res in parity.items():
-        runtime = "served by the llama.cpp server" if artifacts[rel]["format"] == "gguf" else "loaded in transformers"
+        runtime = {"gguf": "served by the llama.cpp server"}.get(artifacts[rel]["format"], "loaded in transformers")
+        if artifacts[rel]["type"] == "embed_classifier":
+            runtime = "reloaded in a fresh classifier"
         verdict = "published" if res["published"] else f"NOT published ({res['dropped_because']})"
         lines.append(f"- `{rel}`, {runtime}: the same answer as the in-process student on "
                      f"{res['parity'] * 100:.1f}% of {res['n']} test items; {verdict}.")
@@ -695,6 +745,18 @@ def render_card(cfg: Config, generate: dict, train: dict, results: dict, rule: r
     m = results["metrics"]
     ledger = generate.get("ledger", {})
     inputs = cfg.recipe_file("inputs")
+    classifier = cfg.student.kind == "embed_classifier"
+    if classifier:
+        training = embed_classifier.training_lines(cfg, train)
+    else:
+        training = [
+            f"- {cfg.train.method} r={cfg.train.lora_r} alpha={cfg.train.lora_alpha} dropout "
+            f"{cfg.train.lora_dropout} on {', '.join(cfg.student.target_modules)}; {train.get('steps')} steps, batch "
+            f"{cfg.train.batch_size} x accumulation {cfg.train.grad_accum}, lr {cfg.train.lr}, seed {cfg.seed}",
+            f"- loss {_fmt(train.get('first_loss'))} -> {_fmt(train.get('final_loss'))}; val loss "
+            f"{_fmt(train.get('val_loss'))}",
+            f"- chat template: the base's own; end-of-turn token `{rule.student.stop[0]}` trained and set as the stop "
+            "token in every artifact"]
     lines = [
         f"# {model_name(cfg)}", "",
         f"A {cfg.student.name} student distilled by distill for one task: {cfg.recipe.description}", "",
@@ -707,14 +769,7 @@ def render_card(cfg: Config, generate: dict, train: dict, results: dict, rule: r
         f"method {cfg.teacher.method}); rejected {generate.get('rejected')}; splits {generate.get('splits')}",
         f"- teacher spend: ${ledger.get('cost_usd', 0.0):.4f} over {ledger.get('successful_calls')} calls "
         f"({ledger.get('prompt_tokens')} prompt + {ledger.get('completion_tokens')} completion tokens)", "",
-        "## Training",
-        f"- {cfg.train.method} r={cfg.train.lora_r} alpha={cfg.train.lora_alpha} dropout {cfg.train.lora_dropout} "
-        f"on {', '.join(cfg.student.target_modules)}; {train.get('steps')} steps, batch {cfg.train.batch_size} x "
-        f"accumulation {cfg.train.grad_accum}, lr {cfg.train.lr}, seed {cfg.seed}",
-        f"- loss {_fmt(train.get('first_loss'))} -> {_fmt(train.get('final_loss'))}; val loss "
-        f"{_fmt(train.get('val_loss'))}",
-        f"- chat template: the base's own; end-of-turn token `{rule.student.stop[0]}` trained and set as the stop "
-        "token in every artifact", "",
+        "## Training", *training, "",
         f"## Evaluation ({results.get('split', 'test')} split, results.json)", "",
         f"{m['n']} held-out items, {m.get('n_gold')} with gold labels; invalid student answers "
         f"{_fmt(m.get('invalid_rate'))}.", "",
@@ -732,16 +787,21 @@ def render_card(cfg: Config, generate: dict, train: dict, results: dict, rule: r
               "## Limitations",
               "- The student copies the teacher, including its mistakes: compare the teacher's accuracy vs gold.",
               "- Scores hold for inputs like the held-out split; route other traffic to the teacher.",
-              "- Trained on one system prompt and one user turn; other conversation shapes are untested.",
-              "- Quantized artifacts can answer differently from the student: see parity above.",
+              *([f"- The classifier reads the raw input (no prompt); inputs longer than {cfg.student.max_seq_len} "
+                 "tokens are cut.", "- It answers only the values the teacher gave on the train split.",
+                 "- Nothing is quantized: the published files answer exactly as the evaluated classifier (parity)."]
+                if classifier else
+                ["- Trained on one system prompt and one user turn; other conversation shapes are untested.",
+                 "- Quantized artifacts can answer differently from the student: see parity above."]),
               *([f"- The threshold was chosen on the in-process student's confidence (eval.decode="
                  f"{cfg.eval.decode}); a served GGUF's confidence (token log-probs) is another estimate: measure its "
                  f"curve with `python -m distill evaluate eval.endpoint.base_url=URL eval.endpoint.model="
                  f"{model_name(cfg)}` before relying on the threshold there."]
-                if (results.get("predictor") or {}).get("kind", "in_process") == "in_process" else []), "",
+                if (results.get("predictor") or {}).get("kind", "in_process") == "in_process" and not classifier
+                else []), "",
               "## Lineage",
               "- dataset: " + ", ".join(f"{s} {h[:16]}" for s, h in (generate.get("data_sha256") or {}).items()),
-              f"- adapter: {train.get('adapter_sha256')}",
+              f"- head: {train.get('head_sha256')}" if classifier else f"- adapter: {train.get('adapter_sha256')}",
               f"- evaluation: results.json {rule.evidence.results_sha256}"]
     lines += [f"- `{name}`: sha256 {sha}" for name, sha in files.items()]
     return "\n".join(lines) + "\n"

@@ -1,0 +1,1 @@
+"""Students other than the LoRA causal LMs (distill.models, distill.stages.train): the rungs below them."""

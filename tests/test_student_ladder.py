@@ -1,0 +1,264 @@
+"""The cheapest rung of the student ladder, student=embed_classifier: the packaged MiniLM (frozen) + a linear head
+per enum field, through generate -> train -> evaluate -> publish with a fake teacher that answers with the gold
+label; its head loads without pickle, its confidence drives routing.decide, and free-text recipes are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import tiny_overrides
+
+from distill import DistillError, paths, pipeline, runio
+from distill.config import HeadConfig, load_config
+from distill.metrics.stats import rate
+from distill.routing import decide, load_rule
+from distill.stages import publish
+from distill.students import embed_classifier
+from distill.students.embed_classifier import EmbedClassifier, fit_heads, predict_heads
+from distill.testing.fake_teacher import FakeTeacher
+
+pytestmark = pytest.mark.integration
+
+FIELDS = ("category", "priority")
+# Low enough that the classifier's val curve reaches it at some threshold, so the routing rule is enabled and
+# decide() has a threshold to apply; the gate itself is not under test here.
+TARGET = "0.5"
+
+
+def _overrides(run_dir: Path, base_url: str, *extra: str) -> list[str]:
+    """tiny_overrides with the classifier student, all 300 shipped tickets and every test/val item scored."""
+    replaced = ("student=", "generate.limit=", "eval.limit=")
+    return [o for o in tiny_overrides(run_dir, base_url) if not o.startswith(replaced)] + [
+        "student=embed_classifier", "generate.limit=300", "eval.limit=null", f"publish.target_agreement={TARGET}",
+        "publish.min_route_items=5", *extra]
+
+
+@pytest.fixture(scope="module")
+def ladder_run(tmp_path_factory, fake_answer):
+    """The whole pipeline once for the module: (run_dir, cfg, summaries)."""
+    run_dir = tmp_path_factory.mktemp("ladder") / "run"
+    with FakeTeacher(fake_answer) as teacher:
+        cfg = load_config(_overrides(run_dir, teacher.base_url))
+        summaries = pipeline.run(cfg)
+    return run_dir, cfg, summaries
+
+
+def _split(run_dir: Path, split: str) -> list[dict]:
+    return runio.read_jsonl(paths.split_path(run_dir, split))
+
+
+def _majority_share(train_rows: list[dict], rows: list[dict], field: str | None) -> float:
+    """Share of ``rows`` the best constant answer learnt from the train split gets right: chance for a classifier
+    that ignores the text. ``field`` None: the whole answer."""
+    key = (lambda r: r["teacher"][field]) if field else (lambda r: json.dumps(r["teacher"], sort_keys=True))
+    majority = Counter(key(r) for r in train_rows).most_common(1)[0][0]
+    return sum(key(r) == majority for r in rows) / len(rows)
+
+
+def test_classifier_agrees_with_the_teacher_well_above_the_majority_answer(ladder_run):
+    run_dir, cfg, summaries = ladder_run
+    train_rows, test_rows, val_rows = _split(run_dir, "train"), _split(run_dir, "test"), _split(run_dir, "val")
+    results = runio.read_json(paths.stage_dir(run_dir, "evaluate") / paths.RESULTS)
+    assert results["predictor"] == {"kind": "in_process", "student": "embed_classifier", "decode": "classifier"}
+    ci = results["metrics"]["agreement_ci"]
+    assert ci["exact"]["n"] == len(test_rows) >= 40
+    # The margin is the bootstrap interval: its lower bound must clear the best text-blind answer.
+    for field in (*FIELDS, None):
+        chance = _majority_share(train_rows, test_rows, field)
+        assert ci[field or "exact"]["low"] > chance, (field, ci[field or "exact"], chance)
+
+    # Validation: the same, with an interval over the val items from the trained classifier itself.
+    clf = EmbedClassifier.from_run(cfg, run_dir)
+    answers = [a for a, _, _ in clf.predict([r["input"] for r in val_rows])]
+    val = rate([a == r["teacher"] for a, r in zip(answers, val_rows)], resamples=1000, seed=0)
+    assert val["value"] == pytest.approx(summaries["train"]["val_agreement"]["exact"], abs=1e-4)
+    assert val["value"] == pytest.approx(results["val"]["agreement"], abs=1e-4)
+    assert val["low"] > _majority_share(train_rows, val_rows, None), val
+
+
+def test_heads_are_learnt_and_each_c_was_tried_on_val(ladder_run):
+    run_dir, cfg, summaries = ladder_run
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(paths.head_path(run_dir) / paths.HEAD_WEIGHTS))
+    meta = runio.read_json(paths.head_path(run_dir) / paths.HEAD_META)
+    for f in meta["fields"]:
+        weight = tensors[f"{f['name']}.weight"]
+        assert weight.shape == (len(f["values"]), 384) and np.linalg.norm(weight) > 0.1, f["name"]
+        report = summaries["train"]["fields"][f["name"]]
+        assert set(report["tried"]) == {str(c) for c in cfg.student.head.c_grid}
+        assert report["tried"][str(report["C"])] == max(report["tried"].values()) and report["converged"]
+    predicted = [json.loads(line)["student"] for line in
+                 (paths.stage_dir(run_dir, "evaluate") / paths.PREDICTIONS).read_text().splitlines()]
+    for field in FIELDS:  # the heads read the text: more than one answer per field
+        assert len({p[field] for p in predicted}) > 1, field
+
+
+def test_heads_match_scikit_learn_for_binary_multiclass_and_one_value_fields():
+    """Our softmax(W x + b) is scikit-learn's predict_proba, for two classes (one sklearn row) as for many."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 16)) * 3
+    y3 = rng.integers(0, 3, size=120)
+    x = (centers[y3] + rng.normal(size=(120, 16))).astype(np.float32)
+    labels = [{"three": ["a", "b", "c"][k], "two": bool(k == 0), "one": "only"} for k in y3]
+    enums = {"three": ["a", "b", "c", "never"], "two": [True, False], "one": ["only", "other"]}
+    hcfg = HeadConfig(c_grid=[1.0], class_weight=None)
+    heads, report = fit_heads(x[:90], labels[:90], x[90:], labels[90:], enums, hcfg)
+
+    for name in ("three", "two"):
+        y = np.array([enums[name].index(r[name]) for r in labels[:90]])
+        ref = LogisticRegression(C=1.0, max_iter=hcfg.max_iter).fit(x[:90], y)
+        np.testing.assert_allclose(heads[name].probs(x[90:]), ref.predict_proba(x[90:]), atol=1e-4)
+        assert heads[name].values == [enums[name][k] for k in ref.classes_]
+    assert heads["three"].values == ["a", "b", "c"]  # a value the teacher never gave is never answered
+    out = predict_heads(heads, x[90:])
+    accuracy = np.mean([a["three"] == r["three"] and a["two"] == r["two"] for (a, _, _), r in zip(out, labels[90:])])
+    assert accuracy > 0.9
+    assert all(a["one"] == "only" and fc["one"] == pytest.approx(1.0) for a, _, fc in out)
+    assert report["one"]["values_seen"] == 1
+    for answer, confidence, field_conf in out:
+        assert confidence == pytest.approx(np.prod(list(field_conf.values())))
+
+
+def test_published_head_is_safetensors_and_json_and_loads_without_pickle(ladder_run, monkeypatch):
+    run_dir, _, _ = ladder_run
+    model_dir = paths.stage_dir(run_dir, "publish") / paths.MODEL_DIR
+    head_files = sorted(p.name for p in (model_dir / paths.HEAD_DIR).iterdir())
+    assert head_files == sorted([paths.HEAD_WEIGHTS, paths.HEAD_META])
+    suffixes = {p.suffix for p in model_dir.rglob("*") if p.is_file()}
+    assert suffixes.isdisjoint({".bin", ".pt", ".pth", ".pkl", ".pickle", ".joblib", ".ckpt"}), suffixes
+
+    import torch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was unpickled while loading the published classifier")
+
+    for module, name in ((pickle, "load"), (pickle, "loads"), (pickle, "Unpickler"), (torch, "load")):
+        monkeypatch.setattr(module, name, refuse)
+    clf = EmbedClassifier.load_published(model_dir)
+    rows = runio.read_jsonl(paths.stage_dir(run_dir, "evaluate") / paths.PREDICTIONS)[:12]
+    for (answer, confidence, _), row in zip(clf.predict([r["input"] for r in rows]), rows):
+        assert answer == row["student"] and confidence == pytest.approx(row["confidence"], abs=1e-6)
+
+
+def test_decide_routes_on_the_classifier_confidence(ladder_run):
+    run_dir, cfg, _ = ladder_run
+    rule = load_rule(paths.stage_dir(run_dir, "publish") / paths.ROUTING)
+    assert rule.student.kind == "embed_classifier" and rule.student.stop == [] and rule.student.max_tokens is None
+    assert rule.route.enabled, rule.route.reason
+    request = {"metadata": {"distill_task": cfg.recipe.name}}
+    clf = EmbedClassifier.load_published(paths.stage_dir(run_dir, "publish") / paths.MODEL_DIR)
+    evaluated = runio.read_jsonl(paths.stage_dir(run_dir, "evaluate") / paths.PREDICTIONS)
+    reasons = Counter()
+    for answer, confidence, _ in clf.predict([r["input"] for r in evaluated]):
+        decision = decide(rule, request, answer, confidence)
+        assert decision.use_student == (confidence >= rule.route.confidence_threshold)
+        reasons[decision.reason] += 1
+    assert set(reasons) <= {"confident", "below_threshold"} and reasons["confident"] > 0
+    # Live, the published files keep exactly the items evaluate's confidence would have kept.
+    threshold = rule.route.confidence_threshold
+    assert reasons["confident"] == sum(r["confidence"] >= threshold for r in evaluated)
+    assert decide(rule, request, None, 0.99).reason == "invalid_answer"
+
+
+def test_publish_folder_is_complete_without_gguf_or_llama_cpp(ladder_run):
+    run_dir, _, summaries = ladder_run
+    out = paths.stage_dir(run_dir, "publish")
+    for name in (paths.DONE, paths.ROUTING, paths.ROUTING_SCHEMA, paths.SERVING, paths.PARITY, paths.MODEL_CARD):
+        assert (out / name).is_file(), name
+    encoder = out / paths.MODEL_DIR / paths.ENCODER_DIR
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (encoder / name).is_file(), name
+    assert runio.sha256_file(encoder / "model.safetensors") == summaries["train"]["encoder"]["sha256"]
+    assert not list(out.rglob("*.gguf")) and not (out / paths.LITELLM).exists() and not (out / paths.MODELFILE).exists()
+    parity = runio.read_json(out / paths.PARITY)
+    assert parity[paths.MODEL_DIR]["parity"] == 1.0
+    assert parity[paths.MODEL_DIR]["n"] == summaries["evaluate"]["metrics"]["n"]
+    card = (out / paths.MODEL_CARD).read_text()
+    assert "rung: embed_classifier" in card and "LogisticRegression" in card and "lora" not in card.lower()
+    assert "EmbedClassifier.load_published" in (out / paths.SERVING).read_text()
+    train_done = runio.read_done(run_dir, "train")
+    assert set(train_done["outputs"]) == {paths.HEAD_DIR}
+    assert yaml.safe_load((out / paths.ROUTING).read_text())["student"]["artifacts"] == {
+        "safetensors-embed_classifier": paths.MODEL_DIR}
+
+
+def test_calibration_and_coverage_read_the_classifier_confidence(ladder_run):
+    run_dir, _, _ = ladder_run
+    results = runio.read_json(paths.stage_dir(run_dir, "evaluate") / paths.RESULTS)
+    preds = runio.read_jsonl(paths.stage_dir(run_dir, "evaluate") / paths.PREDICTIONS)
+    for p in preds:
+        assert p["confidence"] == pytest.approx(np.prod([p["field_confidence"][f] for f in FIELDS]))
+    whole = results["calibration"]["whole"]
+    assert 0 <= whole["ece"] <= 1 and sum(b["n"] for b in whole["bins"]) == len(preds)
+    for field in FIELDS:
+        assert sum(b["n"] for b in results["calibration"]["fields"][field]["bins"]) == len(preds)
+    coverage = [p["coverage"] for p in results["coverage_curve"]]
+    assert coverage[0] == 1.0 and coverage == sorted(coverage, reverse=True) and coverage[-1] < 1.0
+    assert results["val_coverage_curve"]
+
+
+def _copy_without_publish(run_dir: Path, dest: Path) -> Path:
+    shutil.copytree(run_dir, dest, ignore=lambda d, names: ["publish"] if Path(d) == run_dir else [])
+    return dest
+
+
+def test_a_published_copy_that_answers_differently_is_not_published(ladder_run, tmp_path, monkeypatch):
+    run_dir = _copy_without_publish(ladder_run[0], tmp_path / "run")
+    cfg = load_config(_overrides(run_dir, "http://127.0.0.1:9/v1"))
+    real = EmbedClassifier.predict
+
+    def one_flipped(self, texts, batch_size=64):
+        out = real(self, texts, batch_size)
+        answer, confidence, fc = out[0]
+        values = self.heads["category"].values
+        out[0] = ({**answer, "category": values[(values.index(answer["category"]) + 1) % len(values)]}, confidence, fc)
+        return out
+
+    monkeypatch.setattr(EmbedClassifier, "predict", one_flipped)
+    with pytest.raises(DistillError, match=r"answers differently from the evaluated one on 1 of \d+ items"):
+        publish.run(cfg, run_dir)
+    assert not (run_dir / "publish").exists()
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".publish-staging")]
+
+
+def test_a_head_refuses_an_encoder_it_was_not_trained_on(ladder_run, tmp_path):
+    head = tmp_path / "head"
+    shutil.copytree(paths.head_path(ladder_run[0]), head)
+    meta = runio.read_json(head / paths.HEAD_META)
+    meta["encoder"]["sha256"] = "0" * 64
+    runio.write_json(head / paths.HEAD_META, meta)
+    with pytest.raises(DistillError, match="not the one the head .* was trained on"):
+        EmbedClassifier.load(head, embed_classifier.encoder_folder(ladder_run[1].student))
+
+
+def test_free_text_recipe_is_refused_before_any_stage_runs(tmp_path):
+    with pytest.raises(DistillError, match=r"free-text fields order_id, product; pick a causal-LM student"):
+        load_config(["recipe=email_extraction", "student=embed_classifier", f"run_dir={tmp_path / 'x'}"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-m", "distill", "run", "recipe=email_extraction",
+                           "student=embed_classifier", f"run_dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "student=embed_classifier" in lines[0] and "email_extraction" in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_classifier_settings_are_checked_with_the_valid_choices(tmp_path):
+    with pytest.raises(DistillError, match=r"student: .*source package .* or hf .*not 'random'"):
+        load_config(["student=embed_classifier", "student.source=random", f"run_dir={tmp_path}"])
+    with pytest.raises(DistillError, match=r"student.head.c_grid must be > 0"):
+        load_config(["student=embed_classifier", "student.head.c_grid=[1.0,0]", f"run_dir={tmp_path}"])
