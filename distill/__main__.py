@@ -10,6 +10,8 @@ Commands:
     config     the options of every config group, one line each; `config --resolved [overrides]` prints every
                key of the composed config with its value
     ledger     teacher calls, tokens, dollars and failures of a run (run_dir=DIR)
+    serve      an OpenAI-compatible gateway over a published run: student when confident, else the teacher
+               (run_dir=DIR; no recipe=, the run's config.yaml holds it; serve.port=8088, serve.* keys)
 
 Examples:
     python -m distill run recipe=support_tickets                     the embedded demo (offline, CPU)
@@ -18,6 +20,7 @@ Examples:
     python -m distill run recipe=my_task recipe_dir=~/my_recipes     a recipe of your own (or ./recipes/)
     python -m distill evaluate recipe=support_tickets run_dir=DIR eval.gate.min_agreement=0.8
     python -m distill generate recipe=support_tickets run_dir=DIR generate.dry_run=true   the cost, nothing sent
+    python -m distill serve run_dir=DIR serve.port=8088              the gateway: clients call model "support_tickets"
 
 Overrides are Hydra overrides: group choices (teacher=openai, student=phi3_mini, profile=smoke) and keys
 (train.max_steps=100, teacher.base_url=http://..., eval.gate.min_agreement=0.8).
@@ -34,7 +37,7 @@ from pathlib import Path
 
 from distill import DistillError, paths
 
-COMMANDS = ("run", *paths.STAGES, "recipes", "config", "ledger")
+COMMANDS = ("run", *paths.STAGES, "recipes", "config", "ledger", "serve")
 
 
 # HTTP stacks log request headers, failed header values and request options at DEBUG: never below WARNING.
@@ -157,6 +160,12 @@ def _dispatch(command: str, overrides: list[str]) -> int:
         print("Every key and its value: python -m distill config --resolved [overrides]")
         return 0
 
+    if command == "serve":  # the run's own config.yaml, not a fresh composition: see distill/serve/command.py
+        from distill.serve import command as serving
+
+        cfg = serving.load_serve_config(overrides)
+        _setup_logging(cfg.run_dir, _secrets(cfg) + serving.client_keys(cfg))
+        return serving.serve(cfg)
     cfg = config.load_config(overrides)
     if command == "ledger":
         return _ledger(cfg)

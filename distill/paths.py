@@ -4,10 +4,13 @@
   config.yaml                      resolved config of the last invocation (no secrets: only env-var *names*)
   generate/DONE.json  generate/data/{train,val,test}.jsonl  generate/ledger.sqlite  generate/rejected.jsonl
   train/DONE.json     train/adapter/   train/checkpoints/   train/metrics.jsonl
+                      train/head/{head.safetensors, head.json}   (student=embed_classifier instead of adapter/)
   evaluate/DONE.json  evaluate/results.json  evaluate/report.md  evaluate/predictions.jsonl
                       evaluate/{junit.xml, summary.md, coverage.png, cost.png, confusion_<field>.png}
   publish/DONE.json   publish/routing.yaml  publish/routing.schema.json  publish/litellm.yaml  publish/Modelfile
                       publish/SERVING.md  publish/parity.json  publish/MODEL_CARD.md  publish/model/{hf,nf4,*.gguf}
+                      publish/model/{encoder,head}/   (student=embed_classifier)
+  serve/student_runtime.log  serve/teacher_server.log   (python -m distill serve)
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ QA = "qa.json"                   # PII redaction counts, removed duplicates, lab
 ADAPTER_DIR = "adapter"
 CHECKPOINTS_DIR = "checkpoints"
 TRAIN_METRICS = "metrics.jsonl"
+HEAD_DIR = "head"                # student=embed_classifier: its linear heads (the encoder stays frozen, not copied)
+HEAD_WEIGHTS = "head.safetensors"  # "<field>.weight" [classes x dim], "<field>.bias" [classes], float32
+HEAD_META = "head.json"          # label order per field, encoder name and sha256, pooling; never pickle
 
 # evaluate
 RESULTS = "results.json"
@@ -49,8 +55,13 @@ SERVING = "SERVING.md"
 PARITY = "parity.json"
 MODEL_CARD = "MODEL_CARD.md"
 MODEL_DIR = "model"
+ENCODER_DIR = "encoder"          # publish/model/encoder: the embedding classifier's encoder (safetensors)
 HF_DIR = "hf"
 NF4_DIR = "nf4"
+
+# serve (python -m distill serve): logs of the child servers it starts
+SERVE_DIR = "serve"
+STUDENT_RUNTIME_LOG = "student_runtime.log"
 
 
 def confusion_png(field: str) -> str:
@@ -74,3 +85,8 @@ def ledger_path(run_dir: Path) -> Path:
 
 def adapter_path(run_dir: Path) -> Path:
     return stage_dir(run_dir, "train") / ADAPTER_DIR
+
+
+def head_path(run_dir: Path) -> Path:
+    """``train/head/``: the embedding classifier's heads."""
+    return stage_dir(run_dir, "train") / HEAD_DIR

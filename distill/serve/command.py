@@ -1,0 +1,234 @@
+"""``python -m distill serve run_dir=DIR [serve.port=8088] [key=value ...]``: the gateway over a published run.
+
+    python -m distill serve run_dir=runs/support_tickets/X                       # student started on the GGUF
+    python -m distill serve run_dir=DIR serve.student_endpoint=http://127.0.0.1:8090/v1 serve.port=9000
+    python -m distill serve run_dir=DIR serve.api_keys_env=DISTILL_GATEWAY_KEYS teacher.api_key_env=OPENAI_API_KEY
+
+No ``recipe=``: the run directory's ``config.yaml`` holds the recipe, the teacher and everything generate used, so
+the gateway builds the same prompts and ledger keys. Overrides set ``serve.*`` keys (the ``serve`` config group)
+and any key of the run's config (``teacher.base_url=URL`` for a teacher that moved); group choices
+(``teacher=openai``) are refused: they would make the gateway ask another teacher than the one the run was built on.
+
+Start-up order: the routing rule (``publish/routing.yaml`` through ``load_rule``), the student runtime (the published
+GGUF, ``distill.serve.runtime``, unless ``serve.student_endpoint``), the teacher (the embedded one started on
+loopback as generate starts it), then uvicorn. SIGTERM / Ctrl-C: uvicorn stops accepting, lets in-flight requests
+finish (``serve.shutdown_timeout_s``), closes the gateway, and the child servers are stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+from distill import DistillError, paths, runio
+from distill.config import Config, clean_secret, compose, is_secret_setting, validate
+from distill.routing import load_rule
+from distill.serve.gateway import ServePlan, ledger_key_limits
+from distill.serve.runtime import StudentRuntime
+from distill.task import Task
+
+log = logging.getLogger("distill")
+
+
+def load_serve_config(overrides: list[str]) -> Config:
+    """The run's own config (``<run_dir>/config.yaml``) with the ``serve`` group and the overrides applied.
+
+    Raises DistillError without ``run_dir=``, for a run without a config.yaml, for a group choice other than
+    ``serve=NAME``, and for anything validate refuses (every problem at once)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    run_dirs = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "run_dir"]
+    if not run_dirs or not run_dirs[-1]:
+        raise DistillError("serve needs run_dir=DIR: a run whose publish stage finished (python -m distill run ...)")
+    if len(run_dirs) > 1:
+        raise DistillError("serve takes one run_dir for now (several tasks in one gateway are not built yet)")
+    run_dir = Path(run_dirs[0]).expanduser()
+    saved = run_dir / paths.CONFIG_YAML
+    if not saved.is_file():
+        raise DistillError(f"{saved} does not exist: serve needs a run directory made by `python -m distill run`")
+    data = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    serve_over, other = [], []
+    for item in overrides:
+        key, eq, value = item.partition("=")
+        key = key.lstrip("+~")
+        if key == "run_dir":
+            continue
+        if not eq:
+            raise DistillError(f"cannot read the override {item!r}: write key=value (serve.port=9000)")
+        if is_secret_setting(key):
+            raise DistillError(f"{key}: distill never takes a secret as a setting (the value is not shown); put it in "
+                               f"an environment variable and name that variable (serve.api_keys_env=NAME)")
+        if key == "recipe":
+            if value != data.get("recipe", {}).get("name"):
+                raise DistillError(f"recipe={value} does not match the run's recipe "
+                                   f"{data.get('recipe', {}).get('name')!r}; serve reads the recipe from {saved}")
+            continue
+        if key == "serve" or key.startswith("serve."):
+            serve_over.append(item)
+        elif "." not in key:
+            raise DistillError(f"{key}={value}: serve keeps the run's config groups (they built its data and model); "
+                               f"set single keys instead, e.g. teacher.base_url=URL")
+        else:
+            other.append(f"{key}={value}")
+    data["serve"] = compose(serve_over)["serve"]
+    if other:
+        try:
+            data = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(data), OmegaConf.from_dotlist(other)))
+        except OmegaConfBaseException as exc:
+            raise DistillError(f"bad override: {' '.join(str(exc).split())}") from None
+    data["run_dir"] = str(run_dir)
+    return validate(data)
+
+
+def client_keys(cfg: Config) -> list[str]:
+    """The bearer keys clients must send, from the variable ``serve.api_keys_env`` names (comma-separated).
+
+    Raises DistillError when the variable is named but holds no key: a gateway meant to check keys never starts
+    open."""
+    name = cfg.serve.api_keys_env
+    if not name:
+        return []
+    # Each key is checked as a teacher key is (no whitespace or control characters inside, ASCII), never shown.
+    keys = [k for part in (os.environ.get(name) or "").split(",")
+            if (k := clean_secret(part.strip(), name, "serve.api_keys_env"))]
+    if not keys:
+        raise DistillError(f"serve.api_keys_env={name} names an environment variable that holds no key; export "
+                           f"{name}=key1,key2 (or set serve.api_keys_env=null to serve without client keys)")
+    return keys
+
+
+def pick_artifact(cfg: Config, rule, publish_dir: Path) -> Path:
+    """The GGUF to serve: ``serve.artifact`` (a routing.yaml student.artifacts key), else q8_0, else the first."""
+    ggufs = {k: v for k, v in rule.student.artifacts.items() if v.endswith(".gguf")}
+    if cfg.serve.artifact:
+        if cfg.serve.artifact not in rule.student.artifacts:
+            raise DistillError(f"serve.artifact={cfg.serve.artifact} is not a published artifact; choices: "
+                               f"{', '.join(rule.student.artifacts)}")
+        if cfg.serve.artifact not in ggufs:
+            raise DistillError(f"serve.artifact={cfg.serve.artifact} is not a GGUF; the student runtime serves "
+                               f"{', '.join(ggufs) or 'GGUF files, and none was published'} (or run your own server "
+                               f"and set serve.student_endpoint with serve.confidence=sequence)")
+        return publish_dir / ggufs[cfg.serve.artifact]
+    if not ggufs:
+        raise DistillError(f"{publish_dir} holds no GGUF (publish.gguf_types); serve another student with "
+                           f"serve.student_endpoint=URL serve.confidence=sequence")
+    return publish_dir / ggufs.get("gguf-q8_0", next(iter(ggufs.values())))
+
+
+@contextlib.contextmanager
+def prepare(cfg: Config) -> Iterator[ServePlan]:
+    """Load the rule, start the child servers the run needs, and yield the plan; the children stop on exit."""
+    from distill.stages.generate import teacher_endpoint  # generate's own way to reach (or start) the teacher
+
+    run_dir = Path(cfg.run_dir)
+    runio.require_done(run_dir, "publish", "serve")
+    generate_done = runio.require_done(run_dir, "generate", "serve")
+    publish_dir = paths.stage_dir(run_dir, "publish")
+    rule = load_rule(publish_dir / paths.ROUTING)
+    task = Task(cfg)
+    if task.schema.schema != rule.task.output_schema:
+        raise DistillError(f"the recipe's output_schema differs from {publish_dir / paths.ROUTING}'s: the recipe "
+                           f"changed after publish; re-run `python -m distill run run_dir={run_dir}`")
+    method = (generate_done.get("summary") or {}).get("method", "generate")
+    for limit in ledger_key_limits(cfg, method):
+        log.warning("serve: %s", limit)
+    logs = paths.stage_dir(run_dir, paths.SERVE_DIR)
+    with contextlib.ExitStack() as stack:
+        if cfg.serve.student_endpoint:
+            student_url = cfg.serve.student_endpoint
+        else:
+            if cfg.serve.confidence != "scored":
+                raise DistillError("serve.confidence=sequence needs serve.student_endpoint (a server of your own); the "
+                                   "runtime distill starts answers with the scored confidence")
+            runtime = StudentRuntime(pick_artifact(cfg, rule, publish_dir), publish_dir / paths.MODEL_DIR /
+                                     paths.HF_DIR, alias=rule.student.model, n_ctx=cfg.serve.student_n_ctx,
+                                     n_threads=cfg.serve.student_threads, log_path=logs / paths.STUDENT_RUNTIME_LOG)
+            student_url = stack.enter_context(runtime).base_url
+        if cfg.serve.confidence == "sequence":
+            log.warning("serve: serve.confidence=sequence: the student's confidence is the probability of the answer "
+                        "it wrote, not the scored confidence routing.yaml's threshold was chosen on")
+        teacher_url = stack.enter_context(teacher_endpoint(cfg, logs))
+        if not teacher_url:
+            raise DistillError("the run's teacher has no base_url; set teacher.base_url=URL")
+        ledger = Path(cfg.generate.shared_ledger) if cfg.generate.shared_ledger else paths.ledger_path(run_dir)
+        yield ServePlan(cfg, rule, task, student_url.rstrip("/"), teacher_url.rstrip("/"), ledger, method)
+
+
+def _uvicorn_config(app, cfg: Config, port: int):
+    import uvicorn
+
+    # The gateway writes its own JSON access log; uvicorn's logs go through distill's handlers (keys scrubbed).
+    return uvicorn.Config(app, host=cfg.serve.host, port=port, log_config=None, access_log=False,
+                          timeout_graceful_shutdown=cfg.serve.shutdown_timeout_s, lifespan="on")
+
+
+def serve(cfg: Config) -> int:
+    """Run the gateway until SIGTERM / Ctrl-C. Returns the exit code (0 after a graceful stop)."""
+    import uvicorn
+
+    from distill.serve.app import create_app
+
+    keys = client_keys(cfg)
+    _access_log_to_stderr()
+    try:
+        with prepare(cfg) as plan:
+            server = uvicorn.Server(_uvicorn_config(create_app(plan, keys), cfg, cfg.serve.port))
+            log.info("serve: task %s on http://%s:%d/v1 (route %s), student %s, teacher %s", plan.rule.task.id,
+                     cfg.serve.host, cfg.serve.port, "enabled at confidence >= "
+                     f"{plan.rule.route.confidence_threshold}" if plan.rule.route.enabled else "disabled",
+                     plan.student_url, plan.teacher_url)
+            server.run()  # uvicorn handles SIGINT/SIGTERM here: drain, lifespan shutdown, then return
+            if not server.started:
+                raise DistillError(f"the gateway could not listen on {cfg.serve.host}:{cfg.serve.port} (in use?); "
+                                   f"pick another with serve.port=N")
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises the signal it handled once it has drained; the children are stopped by now
+    log.info("serve: stopped")
+    return 0
+
+
+def _access_log_to_stderr() -> None:
+    """Access records as bare JSON lines on stderr (not the timestamped text format of the other logs)."""
+    access = logging.getLogger("distill.serve.access")
+    if not access.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.propagate = False
+    access.setLevel(logging.INFO)
+
+
+@contextlib.contextmanager
+def background(cfg: Config, api_keys: list[str] | None = None) -> Iterator[str]:
+    """The whole gateway in a thread of this process (tests, benchmarks, notebooks); yields its base URL.
+
+    ``serve.port=0`` picks a free port. Child servers and the gateway stop when the block exits."""
+    import uvicorn
+
+    from distill.serve.app import create_app
+    from distill.teacher.server import free_port
+
+    port = cfg.serve.port or free_port()
+    with prepare(cfg) as plan:
+        server = uvicorn.Server(_uvicorn_config(create_app(plan, api_keys), cfg, port))
+        thread = threading.Thread(target=server.run, name="distill-serve", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise DistillError(f"the gateway did not start on {cfg.serve.host}:{port}")
+            time.sleep(0.02)
+        try:
+            yield f"http://{cfg.serve.host}:{port}/v1"
+        finally:
+            server.should_exit = True
+            thread.join(timeout=cfg.serve.shutdown_timeout_s + 5)

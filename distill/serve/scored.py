@@ -1,0 +1,177 @@
+"""Evaluate's scored decode (``eval.decode=scored``) for one request, over any model that gives token log-probs.
+
+    from distill.serve.scored import scored_answer
+    result = scored_answer(model, tokenizer, prompt_ids, schema, eot, max_new_tokens=48)
+    result.answer, result.confidence, result.field_confidence
+
+This is the confidence ``routing.yaml``'s threshold was chosen on, computed the way evaluate computes it
+(``distill.stages.evaluate._scored_batch``), one item at a time instead of a padded batch:
+
+- fields are filled in schema order; the answer text so far is evaluate's canonical head (``{"a": "x", "b": ``);
+- an enum field's allowed values are each scored by the summed log-probability of their tokens after the head
+  (the value, then ``,`` or ``}`` + the end-of-turn token for the last field; the tokens counted start where the
+  head's own tokenization and the head + value's part ways), and the softmax over the allowed values gives the
+  value and its probability, rounded to 6 decimals as evaluate stores it;
+- a free field is a scored JSON literal (true / false / null) where its type allows one, else a string generated
+  greedily after an opening quote, with the mean token probability as its confidence;
+- the whole answer's confidence is the product of the field confidences; an answer that breaks the schema has none.
+
+Token ids come from the artifact's own Hugging Face tokenizer (``publish/model/hf``), exactly as evaluate tokenizes
+(no special tokens added); the log-probs come from ``model`` (the published GGUF in llama.cpp in the student
+runtime). On the tiny test model's f32 GGUF the numbers match evaluate's within 1e-5 (float32, and evaluate's
+6-decimal rounding of each field); a quantized GGUF gives its own, slightly different, probabilities (q8_0: within
+4e-4 there): that is the served artifact's confidence, which routing.yaml's threshold was not chosen on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from distill.task import OutputSchema, dump_answer
+
+
+class TokenModel(Protocol):
+    """A causal LM that scores and extends token sequences."""
+
+    def logprobs(self, ids: list[int], start: int) -> list[float]:
+        """log P(ids[j] | ids[:j]) for j = start .. len(ids) - 1 (start >= 1)."""
+
+    def greedy(self, ids: list[int], max_new_tokens: int, stop_id: int,
+               done: Callable[[list[int]], bool]) -> tuple[list[int], list[float]]:
+        """Greedy continuation of ``ids`` and each new token's log-prob; stops after ``stop_id`` or when
+        ``done(new_tokens)`` holds."""
+
+
+@dataclass
+class ScoredAnswer:
+    answer: dict | None                 # None: the answer breaks the schema (evaluate counts it invalid)
+    text: str                           # the canonical answer text, or what the model wrote where it went wrong
+    invalid_reason: str | None
+    confidence: float | None            # product of the field confidences; None without a valid answer
+    field_confidence: dict = field(default_factory=dict)
+    prompt_tokens: int = 0
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def head_text(answer: dict, name: str) -> str:
+    """The canonical answer text up to the value of ``name``: ``{"a": "x", "name": `` (evaluate's ``_head``)."""
+    head = dump_answer(answer)[:-1] + ", " if answer else "{"
+    return head + json.dumps(name, ensure_ascii=False) + ": "
+
+
+def literal_options(schema: OutputSchema, name: str) -> list[str]:
+    """JSON literals scored for a free field (``true``/``false``/``null`` as its type allows, ``"`` = a string),
+    as evaluate's ``_literal_options``."""
+    kind = schema.schema["properties"].get(name, {}).get("type")
+    kinds = [kind] if isinstance(kind, str) else list(kind or [])
+    options = (["true", "false"] if "boolean" in kinds else []) + (["null"] if "null" in kinds else [])
+    if "string" in kinds and options:
+        options.append('"')
+    elif "string" in kinds:
+        return ['"']
+    return options
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tail_probs(model: TokenModel, tokenizer, prompt_ids: list[int], head: str, tails: list[str]) -> np.ndarray:
+    """Probabilities of each tail after the prompt and the answer head, normalised over the tails."""
+    head_ids = _ids(tokenizer, head)
+    scores = []
+    for tail in tails:
+        full = _ids(tokenizer, head + tail)
+        start = _common_prefix(head_ids, full)
+        scores.append(sum(model.logprobs(prompt_ids + full, len(prompt_ids) + start)))
+    logp = np.asarray(scores, dtype=np.float64)
+    probs = np.exp(logp - logp.max())
+    return probs / probs.sum()
+
+
+def scored_answer(model: TokenModel, tokenizer, prompt_ids: list[int], schema: OutputSchema, eot: str,
+                  max_new_tokens: int) -> ScoredAnswer:
+    """The student's answer and confidence for one rendered prompt, by evaluate's scored decode (module docstring).
+
+    Args:
+        model: token log-probs of the served artifact.
+        tokenizer: the artifact's Hugging Face tokenizer (the one train and evaluate used).
+        prompt_ids: the rendered student prompt's token ids (``template.render_prompt``, no special tokens added).
+        schema: the task's output schema.
+        eot: the end-of-turn token the student was trained to end its answer with.
+        max_new_tokens: the budget for a generated string field (``eval.max_new_tokens``).
+    Returns:
+        ScoredAnswer; never raises on a bad answer (it is marked invalid with evaluate's reason).
+    """
+    answer: dict = {}
+    fconf: dict = {}
+    broken = written = None
+    fields = schema.fields
+    for i, name in enumerate(fields):
+        last = i == len(fields) - 1
+        head = head_text(answer, name)
+        if name in schema.enums:
+            values = schema.enums[name]
+            tails = [json.dumps(v, ensure_ascii=False) + ("}" + eot if last else ",") for v in values]
+            probs = tail_probs(model, tokenizer, prompt_ids, head, tails)
+            best = int(probs.argmax())
+            answer[name], fconf[name] = values[best], round(float(probs[best]), 6)
+            continue
+        options = literal_options(schema, name)
+        prefix = '"' if '"' in options else ""
+        if len(options) > 1:
+            probs = tail_probs(model, tokenizer, prompt_ids, head, options)
+            best = int(probs.argmax())
+            if options[best] != '"':
+                answer[name], fconf[name] = json.loads(options[best]), round(float(probs[best]), 6)
+                continue
+        value, conf, why, text = _generate_value(model, tokenizer, prompt_ids, head + prefix, eot, max_new_tokens,
+                                                 prefix)
+        answer[name], fconf[name] = value, conf
+        if why and not broken:  # keep what the model really wrote where it went wrong
+            broken, written = why, head + prefix + text
+    why = broken or ("schema_violation" if schema.errors(answer) else None)
+    if why:
+        return ScoredAnswer(None, written or dump_answer(answer), why, None, fconf, len(prompt_ids))
+    return ScoredAnswer(answer, dump_answer(answer), None, float(np.prod(list(fconf.values()))), fconf,
+                        len(prompt_ids))
+
+
+def _generate_value(model: TokenModel, tokenizer, prompt_ids: list[int], head: str, eot: str, max_new_tokens: int,
+                    prefix: str) -> tuple:
+    """A greedy JSON value after ``head``: (value, mean token probability, invalid reason, text), as evaluate's
+    ``_generate_values``. ``prefix`` is what the head already opened (``"`` for a string)."""
+    decoder = json.JSONDecoder()
+
+    def written(row: list[int]) -> bool:  # a whole JSON value followed by something (`"x",`, `12}`)
+        text = (prefix + tokenizer.decode(row, skip_special_tokens=True)).lstrip()
+        try:
+            return decoder.raw_decode(text)[1] < len(text)
+        except json.JSONDecodeError:
+            return False
+
+    stop_id = tokenizer.convert_tokens_to_ids(eot)
+    row, logps = model.greedy(prompt_ids + _ids(tokenizer, head), max_new_tokens, stop_id, written)
+    text = tokenizer.decode(row, skip_special_tokens=True)
+    stripped = (prefix + text).lstrip()
+    try:
+        value, end = decoder.raw_decode(stripped)
+    except json.JSONDecodeError:
+        return None, None, "invalid_json", text
+    end += len(prefix + text) - len(stripped) - len(prefix)
+    used = next((i for i in range(1, len(row) + 1)
+                 if len(tokenizer.decode(row[:i], skip_special_tokens=True)) >= end), len(row))
+    return value, round(float(math.exp(np.mean(logps[:used]))), 6), None, text

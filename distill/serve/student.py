@@ -1,0 +1,165 @@
+"""The student as the gateway calls it: an answer and its confidence, or a failure the breaker counts.
+
+    student = ScoredStudent(base_url, task, max_new_tokens=48, timeout_s=10, session=aiohttp_session)
+    reply = await student.answer(text)      # StudentReply, or raises StudentFailed("timeout" | "connection_error" ...)
+
+Two protocols (``serve.confidence``):
+
+- ``scored``: ``POST {base}/distill/score`` on a distill student runtime (``distill.serve.runtime``, started by the
+  gateway on the published GGUF). The confidence is evaluate's ``eval.decode=scored`` confidence computed on the
+  served artifact (``distill.serve.scored``): the one routing.yaml's threshold was chosen on, on another artifact.
+- ``sequence``: ``POST {base}/chat/completions`` with ``logprobs`` on any OpenAI-compatible server (vLLM,
+  llama.cpp), the request and confidence of ``evaluate.predict_endpoint``: the probability of the token sequence
+  the server wrote. A different number from the scored one: the threshold was not chosen on it.
+
+The circuit breaker is a few lines of state (``Breaker``), not a library: the maintained Python breakers
+(pybreaker) wrap synchronous calls, and the gateway needs only "N failures in a row open it for T seconds, then one
+request tries again".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import aiohttp
+
+from distill.serve.runtime import SCORE_PATH
+from distill.task import Task
+
+
+@dataclass
+class StudentReply:
+    answer: dict | None          # schema-valid answer, or None (evaluate would have counted it invalid)
+    confidence: float | None
+    invalid_reason: str | None
+    text: str
+
+
+class StudentFailed(Exception):
+    """The student runtime did not answer: ``kind`` is timeout, connection_error, http_<status> or bad_response."""
+
+    def __init__(self, kind: str):
+        super().__init__(kind)
+        self.kind = kind
+
+
+class Student(Protocol):
+    endpoint: str
+
+    async def answer(self, text: str) -> StudentReply: ...
+
+
+async def _post(session: aiohttp.ClientSession, url: str, body: dict, timeout_s: float) -> dict:
+    """POST JSON and return the JSON answer; every failure becomes StudentFailed with its kind."""
+    try:
+        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            if resp.status != 200:
+                raise StudentFailed(f"http_{resp.status}")
+            data = await resp.json(content_type=None)
+    except asyncio.TimeoutError:
+        raise StudentFailed("timeout") from None
+    except aiohttp.ClientError:
+        raise StudentFailed("connection_error") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        raise StudentFailed("bad_response") from None
+    if not isinstance(data, dict):
+        raise StudentFailed("bad_response")
+    return data
+
+
+class ScoredStudent:
+    """A distill student runtime: evaluate's scored answer and confidence on the served artifact."""
+
+    def __init__(self, base_url: str, task: Task, *, max_new_tokens: int, timeout_s: float,
+                 session: aiohttp.ClientSession):
+        self.endpoint = base_url.rstrip("/")
+        self.task, self.max_new_tokens, self.timeout_s, self.session = task, max_new_tokens, timeout_s, session
+
+    async def answer(self, text: str) -> StudentReply:
+        body = {"messages": self.task.student_messages(text), "schema": self.task.schema.schema,
+                "max_new_tokens": self.max_new_tokens}
+        data = await _post(self.session, self.endpoint + SCORE_PATH, body, self.timeout_s)
+        if "answer" not in data:
+            raise StudentFailed("bad_response")
+        answer = data.get("answer")
+        if answer is not None and (not isinstance(answer, dict) or self.task.schema.errors(answer)):
+            answer = None  # a runtime answer the schema rejects is invalid, whatever the runtime said
+        return StudentReply(answer, data.get("confidence") if answer is not None else None,
+                            data.get("invalid_reason") or (None if answer is not None else "schema_violation"),
+                            str(data.get("text") or ""))
+
+
+class SequenceStudent:
+    """Any OpenAI-compatible chat server: ``evaluate.predict_endpoint``'s request, answer parsing and confidence."""
+
+    def __init__(self, base_url: str, model: str, task: Task, *, max_new_tokens: int, timeout_s: float,
+                 session: aiohttp.ClientSession):
+        self.endpoint = base_url.rstrip("/")
+        self.model, self.task, self.max_new_tokens = model, task, max_new_tokens
+        self.timeout_s, self.session = timeout_s, session
+
+    async def answer(self, text: str) -> StudentReply:
+        body = {"model": self.model, "messages": self.task.student_messages(text), "temperature": 0.0,
+                "max_tokens": self.max_new_tokens, "logprobs": True}
+        data = await _post(self.session, self.endpoint + "/chat/completions", body, self.timeout_s)
+        try:
+            choice = data["choices"][0]
+            raw = choice["message"].get("content") or ""
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise StudentFailed("bad_response") from None
+        answer, why = self.task.schema.parse(raw)
+        if choice.get("finish_reason") == "length" and answer is None:
+            why = "finish_length"
+        tokens = (choice.get("logprobs") or {}).get("content") or []
+        confidence = None
+        if answer is not None and tokens:
+            try:
+                confidence = round(float(math.exp(sum(float(t["logprob"]) for t in tokens))), 6)
+            except (KeyError, TypeError, ValueError):
+                confidence = None  # decide() then falls back with no_confidence
+        return StudentReply(answer, confidence, why, raw)
+
+
+class Breaker:
+    """Closed: the student is tried. ``failures`` failures in a row open it: requests go to the teacher for
+    ``cooldown_s``; then one request at a time tries the student (half open) until one succeeds."""
+
+    def __init__(self, failures: int, cooldown_s: float, clock: Callable[[], float] = time.monotonic):
+        self.threshold, self.cooldown_s, self.clock = failures, cooldown_s, clock
+        self.failures = 0
+        self.opened_at: float | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half_open" if self.clock() - self.opened_at >= self.cooldown_s else "open"
+
+    def allow(self) -> bool:
+        """Whether this request may try the student (at most one trial while half open)."""
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half_open" and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self.failures, self.opened_at, self._probing = 0, None, False
+
+    def failure(self) -> None:
+        self.failures += 1
+        if self._probing or self.failures >= self.threshold:
+            self.opened_at = self.clock()
+        self._probing = False
+
+    def release(self) -> None:
+        """The call ended without a verdict (the client went away): let the next request try."""
+        self._probing = False
