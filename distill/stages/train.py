@@ -8,6 +8,9 @@ checkpoint (adapter safetensors, optimizer, scheduler, RNG, data position) goes 
 last by a record of its files and sizes; re-running the stage resumes from the newest sealed checkpoint of the same
 training config, and a half-written or corrupt one is skipped with a warning, never loaded. train/metrics.jsonl
 gets one row per step (loss, lr, tokens/s) and one per validation (eval_loss).
+
+student=embed_classifier trains no LM: a frozen encoder + a linear head per enum field -> train/head/
+(distill.students.embed_classifier).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 from distill import DistillError, paths, runio
 from distill.config import Config
+from distill.students import embed_classifier
 from distill.task import Task, dump_answer, load_split
 from distill.template import encode_example, end_of_turn
 
@@ -232,6 +236,8 @@ def _callbacks(metrics_file: Path, key: str):
 
 
 def run(cfg: Config, run_dir: Path) -> dict:
+    if cfg.student.kind == "embed_classifier":  # the rung below the LMs: no LoRA, no steps, no checkpoints
+        return embed_classifier.train(cfg, run_dir)
     from peft import LoraConfig, get_peft_model
     from transformers import EarlyStoppingCallback, set_seed
     from trl import SFTConfig
@@ -318,7 +324,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         resume = last_complete_checkpoint(ckpt_dir, key)
     callbacks = _callbacks(metrics_file, key)
     if early_stopping:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=tcfg.early_stopping_patience))
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=tcfg.early_stopping_patience,
+                                               early_stopping_threshold=tcfg.early_stopping_threshold))
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                                    processing_class=tokenizer, callbacks=callbacks)
     if resume:
