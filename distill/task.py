@@ -105,6 +105,36 @@ def dump_answer(obj: dict) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
 
 
+def answer_head(answer: dict, field: str) -> str:
+    """The canonical answer text up to the value of ``field``: ``{"a": "x", "field": `` (scored decoding fills the
+    fields in schema order after this head, in evaluate and in the gateway alike)."""
+    head = dump_answer(answer)[:-1] + ", " if answer else "{"
+    return head + json.dumps(field, ensure_ascii=False) + ": "
+
+
+def literal_options(schema: "OutputSchema", field: str) -> list[str]:
+    """JSON literals scored for a free field (``true``/``false``/``null`` as its type allows, ``"`` = a string):
+    scoring decides the JSON type, and only a string's content is generated."""
+    kind = schema.schema["properties"].get(field, {}).get("type")
+    kinds = [kind] if isinstance(kind, str) else list(kind or [])
+    options = (["true", "false"] if "boolean" in kinds else []) + (["null"] if "null" in kinds else [])
+    if "string" in kinds and options:
+        options.append('"')
+    elif "string" in kinds:
+        return ['"']  # only a string: no choice to score, just open it
+    return options
+
+
+def common_prefix(a: list, b: list) -> int:
+    """Length of the common prefix of two token id lists (where a candidate's own tokens start)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @dataclass
 class Example:
     id: str

@@ -15,6 +15,7 @@ from distill.config import load_config
 from distill.metrics import decontam, stats
 from distill.metrics.gate import evaluate_gate, junit_xml
 from distill.stages import evaluate
+from distill.task import common_prefix
 from distill.task import Task
 from distill.testing.fake_teacher import FakeTeacher
 
@@ -137,7 +138,7 @@ def test_scored_decoding_equals_brute_force_log_likelihood(tiny):
         def loglik(text: str, start_text: str) -> float:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             head = tokenizer(start_text, add_special_tokens=False)["input_ids"]
-            n = evaluate._common_prefix(head, ids)
+            n = common_prefix(head, ids)
             with torch.no_grad():
                 logits = model(torch.tensor([prompt + ids])).logits[0].float().log_softmax(-1)
             return sum(logits[len(prompt) + j - 1, ids[j]].item() for j in range(n, len(ids)))

@@ -20,22 +20,17 @@ for a whole support-ticket answer on the tiny model). Requests run one at a time
 from __future__ import annotations
 
 import argparse
-import atexit
 import logging
 import os
-import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from distill import DistillError
-from distill.teacher.server import free_port
+from distill.teacher.server import LoopbackServer
 
 log = logging.getLogger("distill")
 
@@ -155,7 +150,7 @@ def create_app(scorer: Scorer, alias: str):
                              Route(f"/v1{SCORE_PATH}", score, methods=["POST"])])
 
 
-class StudentRuntime:
+class StudentRuntime(LoopbackServer):
     """``python -m distill.serve.runtime`` as a child process on 127.0.0.1; always stopped (exit, error, atexit)."""
 
     def __init__(self, gguf: Path, tokenizer_dir: Path, *, alias: str = "student", n_ctx: int = DEFAULT_N_CTX,
@@ -164,67 +159,16 @@ class StudentRuntime:
         for path in (self.gguf, self.tokenizer_dir):
             if not path.exists():
                 raise DistillError(f"the published student file {path} does not exist; re-run publish")
+        super().__init__(log_path=log_path, startup_timeout_s=startup_timeout_s)
         self.alias, self.n_ctx, self.n_threads = alias, n_ctx, n_threads
-        self.log_path, self.startup_timeout_s = log_path, startup_timeout_s
-        self.port = free_port()
-        self.proc: subprocess.Popen | None = None
-        self._log_fh = None
+        self.what = f"the student runtime ({self.gguf.name})"
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def start(self) -> "StudentRuntime":
+    def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "distill.serve.runtime", "--model", str(self.gguf), "--tokenizer",
                str(self.tokenizer_dir), "--port", str(self.port), "--alias", self.alias, "--n-ctx", str(self.n_ctx)]
         if self.n_threads:
             cmd += ["--n-threads", str(self.n_threads)]
-        if self.log_path:
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log_fh = open(self.log_path, "ab")
-        log.info("starting the student runtime on %s with %s", self.base_url, self.gguf.name)
-        # Its own session: a Ctrl-C in the terminal reaches the gateway, which stops it after draining.
-        self.proc = subprocess.Popen(cmd, stdout=self._log_fh or subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        atexit.register(self.stop)
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                code = self.proc.returncode
-                self.stop()
-                raise DistillError(f"the student runtime exited with code {code} while starting (model {self.gguf});"
-                                   f" see {self.log_path or 'its log'}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as resp:
-                    if resp.status == 200:
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise DistillError(f"the student runtime did not answer on {self.base_url} within "
-                           f"{self.startup_timeout_s:.0f} s")
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-            log.info("stopped the student runtime on port %d", self.port)
-        if self._log_fh:
-            self._log_fh.close()
-            self._log_fh = None
-        atexit.unregister(self.stop)
-
-    def __enter__(self) -> "StudentRuntime":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return cmd
 
 
 def main(argv: list[str] | None = None) -> int:

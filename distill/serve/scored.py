@@ -32,7 +32,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from distill.task import OutputSchema, dump_answer
+from distill.task import OutputSchema, answer_head, common_prefix, dump_answer, literal_options
 
 
 class TokenModel(Protocol):
@@ -61,32 +61,7 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def head_text(answer: dict, name: str) -> str:
-    """The canonical answer text up to the value of ``name``: ``{"a": "x", "name": `` (evaluate's ``_head``)."""
-    head = dump_answer(answer)[:-1] + ", " if answer else "{"
-    return head + json.dumps(name, ensure_ascii=False) + ": "
 
-
-def literal_options(schema: OutputSchema, name: str) -> list[str]:
-    """JSON literals scored for a free field (``true``/``false``/``null`` as its type allows, ``"`` = a string),
-    as evaluate's ``_literal_options``."""
-    kind = schema.schema["properties"].get(name, {}).get("type")
-    kinds = [kind] if isinstance(kind, str) else list(kind or [])
-    options = (["true", "false"] if "boolean" in kinds else []) + (["null"] if "null" in kinds else [])
-    if "string" in kinds and options:
-        options.append('"')
-    elif "string" in kinds:
-        return ['"']
-    return options
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def tail_probs(model: TokenModel, tokenizer, prompt_ids: list[int], head: str, tails: list[str]) -> np.ndarray:
@@ -95,7 +70,7 @@ def tail_probs(model: TokenModel, tokenizer, prompt_ids: list[int], head: str, t
     scores = []
     for tail in tails:
         full = _ids(tokenizer, head + tail)
-        start = _common_prefix(head_ids, full)
+        start = common_prefix(head_ids, full)
         scores.append(sum(model.logprobs(prompt_ids + full, len(prompt_ids) + start)))
     logp = np.asarray(scores, dtype=np.float64)
     probs = np.exp(logp - logp.max())
@@ -122,7 +97,7 @@ def scored_answer(model: TokenModel, tokenizer, prompt_ids: list[int], schema: O
     fields = schema.fields
     for i, name in enumerate(fields):
         last = i == len(fields) - 1
-        head = head_text(answer, name)
+        head = answer_head(answer, name)
         if name in schema.enums:
             values = schema.enums[name]
             tails = [json.dumps(v, ensure_ascii=False) + ("}" + eot if last else ",") for v in values]

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from distill import DistillError, paths, runio
 from distill.config import Config
-from distill.task import OutputSchema, Task, dump_answer, load_split
+from distill.task import OutputSchema, Task, answer_head, common_prefix, dump_answer, literal_options, load_split
 from distill.template import end_of_turn, render_prompt
 
 log = logging.getLogger("distill")
@@ -178,19 +178,6 @@ def _cache_kw() -> str:
     return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
-def _head(answer: dict, field: str) -> str:
-    """The canonical answer text up to the value of ``field``: ``{"a": "x", "field": ``."""
-    head = dump_answer(answer)[:-1] + ", " if answer else "{"
-    return head + json.dumps(field, ensure_ascii=False) + ": "
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 @torch.inference_mode()
@@ -211,7 +198,7 @@ def _scored_batch(model, tokenizer, prompts: list[str], schema: OutputSchema, eo
     fields = schema.fields
     for i, name in enumerate(fields):
         last = i == len(fields) - 1
-        heads = [_head(a, name) for a in answers]
+        heads = [answer_head(a, name) for a in answers]
         if name in schema.enums:
             values = schema.enums[name]
             tails = [json.dumps(v, ensure_ascii=False) + ("}" + eot if last else ",") for v in values]
@@ -223,7 +210,7 @@ def _scored_batch(model, tokenizer, prompts: list[str], schema: OutputSchema, eo
         else:
             # The JSON type is decided by scoring, not left to the model: a boolean or null is a scored literal,
             # a string is forced to open with '"' and only its content is generated.
-            options = _literal_options(schema, name)
+            options = literal_options(schema, name)
             gen_rows = list(range(n))
             prefix = '"' if options == ['"'] else ""
             if len(options) > 1:
@@ -265,7 +252,7 @@ def _tail_probs(model, tokenizer, cache, mask, last_logp, heads: list[str], tail
         for tail in tails:
             full = _ids(tokenizer, head + tail)
             seqs.append(full)
-            starts.append(_common_prefix(head_ids, full))
+            starts.append(common_prefix(head_ids, full))
     logp = _continuation_logprob(model, tokenizer, cache, mask, last_logp, seqs, starts, len(tails))
     return torch.softmax(logp.view(len(heads), len(tails)), -1)
 
@@ -302,17 +289,6 @@ def _continuation_logprob(model, tokenizer, cache, prompt_mask, last_logp, seqs,
     scored = (col >= torch.tensor(starts, device=device)[:, None]) & (col < lengths)
     return (token_logp * scored).sum(-1).cpu()
 
-
-def _literal_options(schema: OutputSchema, name: str) -> list[str]:
-    """JSON literals scored for a free field (``true``/``false``/``null`` as its type allows, ``"`` = a string)."""
-    kind = schema.schema["properties"].get(name, {}).get("type")
-    kinds = [kind] if isinstance(kind, str) else list(kind or [])
-    options = (["true", "false"] if "boolean" in kinds else []) + (["null"] if "null" in kinds else [])
-    if "string" in kinds and options:
-        options.append('"')
-    elif "string" in kinds:
-        return ['"']  # only a string: no choice to score, just open it
-    return options
 
 
 def _generate_values(model, tokenizer, prompt_ids, heads, eot, max_new_tokens, prefix: str = ""):

@@ -47,20 +47,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class LlamaCppServer:
-    """A `python -m llama_cpp.server` child process bound to 127.0.0.1."""
+class LoopbackServer:
+    """A child process serving HTTP on 127.0.0.1 at a free port, ready once ``GET /v1/models`` answers 200.
 
-    def __init__(self, model_path: Path, *, alias: str = "model", n_ctx: int = 4096, n_threads: int | None = None,
-                 log_path: Path | None = None, startup_timeout_s: float = 120, logits_all: bool = False):
-        self.model_path = Path(model_path)
-        if not self.model_path.exists():
-            raise DistillError(f"GGUF model {self.model_path} does not exist")
-        self.alias = alias
-        self.n_ctx = n_ctx
-        self.n_threads = n_threads or os.cpu_count() or 1
+    It runs in its own session (a Ctrl-C reaches distill, which stops it) and is always stopped: on exit, on an
+    error, and via atexit. Subclasses say what to run (``command``) and what to call it (``what``).
+    """
+
+    what = "server"
+
+    def __init__(self, *, log_path: Path | None = None, startup_timeout_s: float = 120):
         self.log_path = log_path
         self.startup_timeout_s = startup_timeout_s
-        self.logits_all = logits_all  # needed for top_logprobs (teacher.method=score)
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self._log_fh = None
@@ -69,18 +67,15 @@ class LlamaCppServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def start(self) -> "LlamaCppServer":
-        try:
-            import llama_cpp.server  # noqa: F401
-        except ImportError as exc:
-            raise DistillError(f"llama-cpp-python[server] is not importable ({exc}); run `make setup`") from None
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path), "--host", "127.0.0.1",
-               "--port", str(self.port), "--n_ctx", str(self.n_ctx), "--n_threads", str(self.n_threads),
-               "--model_alias", self.alias, "--logits_all", str(self.logits_all)]
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self):
+        cmd = self.command()
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_fh = open(self.log_path, "ab")
-        log.info("starting llama.cpp server on %s with %s", self.base_url, self.model_path.name)
+        log.info("starting %s on %s", self.what, self.base_url)
         self.proc = subprocess.Popen(cmd, stdout=self._log_fh or subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         atexit.register(self.stop)
@@ -90,11 +85,10 @@ class LlamaCppServer:
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if (code := self.proc.poll()) is not None:
                 tail = self._log_tail()
                 self.stop()
-                raise DistillError(f"llama.cpp server exited with code {self.proc.returncode} while starting "
-                                   f"(model {self.model_path}); last log lines: {tail}")
+                raise DistillError(f"{self.what} exited with code {code} while starting; last log lines: {tail}")
             try:
                 with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as resp:
                     if resp.status == 200:
@@ -103,7 +97,7 @@ class LlamaCppServer:
                 pass
             time.sleep(0.25)
         self.stop()
-        raise DistillError(f"llama.cpp server did not answer on {self.base_url} within {self.startup_timeout_s:.0f} s")
+        raise DistillError(f"{self.what} did not answer on {self.base_url} within {self.startup_timeout_s:.0f} s")
 
     def _log_tail(self, n: int = 5) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -120,14 +114,39 @@ class LlamaCppServer:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
-            log.info("stopped llama.cpp server on port %d", self.port)
+            log.info("stopped %s on port %d", self.what, self.port)
         if self._log_fh:
             self._log_fh.close()
             self._log_fh = None
         atexit.unregister(self.stop)
 
-    def __enter__(self) -> "LlamaCppServer":
+    def __enter__(self):
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class LlamaCppServer(LoopbackServer):
+    """A `python -m llama_cpp.server` child process bound to 127.0.0.1."""
+
+    def __init__(self, model_path: Path, *, alias: str = "model", n_ctx: int = 4096, n_threads: int | None = None,
+                 log_path: Path | None = None, startup_timeout_s: float = 120, logits_all: bool = False):
+        self.model_path = Path(model_path)
+        if not self.model_path.exists():
+            raise DistillError(f"GGUF model {self.model_path} does not exist")
+        super().__init__(log_path=log_path, startup_timeout_s=startup_timeout_s)
+        self.alias = alias
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self.logits_all = logits_all  # needed for top_logprobs (teacher.method=score)
+        self.what = f"llama.cpp server ({self.model_path.name})"
+
+    def command(self) -> list[str]:
+        try:
+            import llama_cpp.server  # noqa: F401
+        except ImportError as exc:
+            raise DistillError(f"llama-cpp-python[server] is not importable ({exc}); run `make setup`") from None
+        return [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path), "--host", "127.0.0.1",
+                "--port", str(self.port), "--n_ctx", str(self.n_ctx), "--n_threads", str(self.n_threads),
+                "--model_alias", self.alias, "--logits_all", str(self.logits_all)]
