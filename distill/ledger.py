@@ -275,8 +275,8 @@ class Ledger:
         now = time.time() if now is None else now
         online = self.db.execute("SELECT COALESCE(SUM(estimate_usd), 0), COUNT(*) FROM claims "
                                  "WHERE expires_at > ? AND key IS NOT ?", (now, except_key)).fetchone()
-        batch = self.db.execute(f"SELECT COALESCE(SUM(l.estimate_usd), 0), COUNT(*) FROM batch_lines l JOIN batches b "
-                                f"USING (submission) WHERE b.status IN {OPEN_BATCH}").fetchone()
+        batch = self.db.execute(f"SELECT COALESCE(SUM(estimate_usd), 0), COUNT(*) FROM batch_lines WHERE submission IN "
+                                f"(SELECT submission FROM batches WHERE status IN {OPEN_BATCH})").fetchone()
         return online[0] + batch[0], online[1] + batch[1]
 
     def count(self) -> int:
@@ -402,8 +402,8 @@ class Ledger:
                                          "owner": row[3], "claim_expires_at": row[4]}
 
     def keys_in_open_batches(self) -> set[str]:
-        return {r[0] for r in self.db.execute(f"SELECT l.key FROM batch_lines l JOIN batches b USING (submission) "
-                                              f"WHERE b.status IN {OPEN_BATCH}")}
+        return {r[0] for r in self.db.execute(f"SELECT key FROM batch_lines WHERE submission IN "
+                                              f"(SELECT submission FROM batches WHERE status IN {OPEN_BATCH})")}
 
     @_writes
     def claim_batch_round(self, owner: str, candidates: list[tuple[str, dict, float]], *, cap: float | None,
