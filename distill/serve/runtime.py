@@ -161,7 +161,7 @@ class StudentRuntime(LoopbackServer):
                 raise DistillError(f"the published student file {path} does not exist; re-run publish")
         super().__init__(log_path=log_path, startup_timeout_s=startup_timeout_s)
         self.alias, self.n_ctx, self.n_threads = alias, n_ctx, n_threads
-        self.what = f"the student runtime ({self.gguf.name})"
+        self.what, self.model_name = "the student runtime", self.gguf.name
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "distill.serve.runtime", "--model", str(self.gguf), "--tokenizer",

@@ -55,6 +55,7 @@ class LoopbackServer:
     """
 
     what = "server"
+    model_name = "its model"
 
     def __init__(self, *, log_path: Path | None = None, startup_timeout_s: float = 120):
         self.log_path = log_path
@@ -75,7 +76,7 @@ class LoopbackServer:
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_fh = open(self.log_path, "ab")
-        log.info("starting %s on %s", self.what, self.base_url)
+        log.info("starting %s on %s with %s", self.what, self.base_url, self.model_name)
         self.proc = subprocess.Popen(cmd, stdout=self._log_fh or subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, start_new_session=True)
         atexit.register(self.stop)
@@ -88,7 +89,8 @@ class LoopbackServer:
             if (code := self.proc.poll()) is not None:
                 tail = self._log_tail()
                 self.stop()
-                raise DistillError(f"{self.what} exited with code {code} while starting; last log lines: {tail}")
+                raise DistillError(f"{self.what} exited with code {code} while starting (model {self.model_name}); "
+                                   f"last log lines: {tail}")
             try:
                 with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as resp:
                     if resp.status == 200:
@@ -140,7 +142,7 @@ class LlamaCppServer(LoopbackServer):
         self.n_ctx = n_ctx
         self.n_threads = n_threads or os.cpu_count() or 1
         self.logits_all = logits_all  # needed for top_logprobs (teacher.method=score)
-        self.what = f"llama.cpp server ({self.model_path.name})"
+        self.what, self.model_name = "llama.cpp server", self.model_path.name
 
     def command(self) -> list[str]:
         try:
