@@ -412,3 +412,67 @@ def test_evaluate_endpoint_that_answers_garbage_or_is_down(trained_run, capsys):
     assert code == 2 and len(errors) == 1 and "connection_error 1" in errors[0]
     report = (run_dir / "evaluate" / paths.REPORT).read_text()
     assert "not_sent_endpoint_down" in report and "connection_error" in report
+
+
+def _prompt_cache(model, tokenizer, prompts: list[str]):
+    """(cache, mask, log-probs after the prompt) as `_scored_batch` builds them for its candidates."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    ids, mask = evaluate._encode_left(tokenizer, [evaluate._ids(tokenizer, p) for p in prompts])
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True, logits_to_keep=1)
+    cache = out.cache if evaluate._cache_kw() == "cache" else out.past_key_values
+    return cache, mask, torch.log_softmax(out.logits[:, -1].float(), -1)
+
+
+def test_trie_scoring_of_many_values_equals_scoring_each_value_on_its_own(tiny):
+    """120 enum values sharing token prefixes (plus numbers, null, booleans, non-ASCII), after heads of different
+    lengths, as a middle and as a last field: the shared-head + trie pass gives the per-candidate probabilities."""
+    import torch
+
+    from distill.task import answer_head
+    from distill.template import end_of_turn, render_prompt
+
+    cfg, task, model, tokenizer = tiny
+    eot = end_of_turn(tokenizer)
+    prompts = [render_prompt(tokenizer, task.student_messages(r["input"])) for r in ROWS]
+    cache, mask, last_logp = _prompt_cache(model, tokenizer, prompts)
+    stems = ["card", "card_arrival", "cash", "account", "top_up", "transfer", "exchange_rate", "pin", "refund",
+             "beneficiary", "Überweisung", "direct debit"]
+    values = [f"{s}_{e}" for s in stems for e in ("fee", "failed", "pending", "limit", "not_working", "x", "")]
+    values = values[:115] + [1, 22, None, True, False]
+    heads_sets = {"first field": [answer_head({}, "intent")] * len(ROWS),
+                  "after other fields": [answer_head({"category": "billing"}, "intent"),
+                                         answer_head({"category": "technical", "note": "a b"}, "intent"),
+                                         answer_head({"n": 3}, "intent")]}
+    for where, heads in heads_sets.items():
+        for last in (False, True):
+            tails = [json.dumps(v, ensure_ascii=False) + ("}" + eot if last else ",") for v in values]
+            with torch.inference_mode():
+                reference = evaluate._tail_probs_per_candidate(model, tokenizer, cache, mask, last_logp, heads,
+                                                               tails)
+                fast = evaluate._tail_probs(model, tokenizer, cache, mask, last_logp, heads, tails)
+            assert fast.shape == (len(ROWS), len(values))
+            # the values really differ in probability, so a wrong token or position would show
+            assert (reference.max(-1).values / reference.min(-1).values > 3).all(), where
+            assert torch.equal(fast.argmax(-1), reference.argmax(-1)), (where, last)
+            assert torch.allclose(fast, reference, atol=1e-4, rtol=0), (where, last)
+            assert torch.allclose(fast.log(), reference.log(), atol=1e-3), (where, last)
+
+
+def test_trie_scoring_does_not_touch_the_prompt_cache(tiny):
+    """Every field scores on the same prompt cache: scoring one field leaves it as it was."""
+    import torch
+
+    from distill.task import answer_head
+    from distill.template import render_prompt
+
+    cfg, task, model, tokenizer = tiny
+    cache, mask, last_logp = _prompt_cache(model, tokenizer, [render_prompt(tokenizer, task.student_messages("hi"))])
+    before = cache.get_seq_length()
+    with torch.inference_mode():
+        evaluate._tail_probs(model, tokenizer, cache, mask, last_logp, [answer_head({"a": 1}, "b")],
+                             ['"x",', '"xy",', "null,"])
+    assert cache.get_seq_length() == before

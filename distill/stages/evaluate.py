@@ -245,7 +245,116 @@ def _scored_batch(model, tokenizer, prompts: list[str], schema: OutputSchema, eo
 
 
 def _tail_probs(model, tokenizer, cache, mask, last_logp, heads: list[str], tails: list[str]) -> torch.Tensor:
-    """(items x tails) probabilities of each tail after each item's answer head, normalised over the tails."""
+    """(items x tails) probabilities of each tail after each item's answer head, normalised over the tails.
+
+    The same teacher-forced log-likelihoods as scoring each candidate on its own (`_tail_probs_per_candidate`),
+    at a cost that does not grow with the head or repeat the prompt cache per candidate: each item's cache is
+    extended once with the head tokens every candidate's tokenization shares, then the candidates' remaining
+    tokens are scored as one token trie per item in a single forward pass (`_trie_logprob`)."""
+    n, k = len(heads), len(tails)
+    head_ids = tokenizer(heads, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer([h + t for h in heads for t in tails], add_special_tokens=False)["input_ids"]
+    shared_ctx, suffixes, offsets = [], [], []
+    for b, hid in enumerate(head_ids):
+        fulls = full_ids[b * k:(b + 1) * k]
+        # head+tail can tokenize across the boundary (`: ` + `"` -> ` "`): a candidate's own tokens start where
+        # its tokens leave the head's; the tokens before the earliest such start are shared by every candidate.
+        starts = [common_prefix(hid, f) for f in fulls]
+        shared = min(starts)
+        shared_ctx.append(hid[:shared])
+        suffixes.append([f[shared:] for f in fulls])
+        offsets.append([s - shared for s in starts])
+    cache, mask, root_logp = _extend_cache(model, tokenizer, cache, mask, last_logp, shared_ctx)
+    logp = _trie_logprob(model, tokenizer, cache, mask, root_logp, suffixes, offsets)
+    return torch.softmax(logp, -1)
+
+
+def _extend_cache(model, tokenizer, cache, mask, last_logp, ctx: list[list[int]]):
+    """(a copy of ``cache`` extended with each item's ``ctx`` tokens, its attention mask, the log-probs after each
+    item's last token). ``ctx`` is left-padded, so its padding sits masked between the prompt and the ctx."""
+    cache = copy.deepcopy(cache)  # the prompt cache is reused by every field
+    if not any(ctx):
+        return cache, mask, last_logp
+    device = mask.device
+    ids, ctx_mask = _encode_left(tokenizer, ctx)
+    ids, ctx_mask = ids.to(device), ctx_mask.to(device)
+    attn = torch.cat([mask, ctx_mask], 1)
+    pos = mask.sum(-1, keepdim=True) + (ctx_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
+                **{_cache_kw(): cache})
+    cache = out.cache if _cache_kw() == "cache" else out.past_key_values
+    has_ctx = torch.tensor([len(c) > 0 for c in ctx], device=device)[:, None]
+    return cache, attn, torch.where(has_ctx, torch.log_softmax(out.logits[:, -1].float(), -1), last_logp)
+
+
+def _trie_logprob(model, tokenizer, cache, mask, root_logp, suffixes, offsets) -> torch.Tensor:
+    """(items x candidates) sum of the log-probs of ``suffixes[b][c][offsets[b][c]:]`` after item b's cache.
+
+    Per item, the candidates' token sequences form a trie; its internal nodes (token prefixes that some longer
+    candidate extends) are one row of the batch, each attending to the cache and to its own ancestors only (tree
+    attention through a 4D mask, positions by depth). A prefix shared by several candidates runs once, and a
+    candidate's last token needs no forward: it is read off its parent's logits (or ``root_logp``)."""
+    n, k = len(suffixes), len(suffixes[0])
+    device = mask.device
+    tokens: list[list[int]] = []
+    parents: list[list[int]] = []
+    depths: list[list[int]] = []
+    root_hits: list[tuple[int, int, int]] = []  # (item, token, candidate row) scored after the root
+    node_hits: list[tuple[int, int, int, int]] = []  # (item, node, token, candidate row) scored after a node
+    for b in range(n):
+        index: dict[tuple[int, int], int] = {}
+        tok, par, dep = [], [], []
+        for c, seq in enumerate(suffixes[b]):
+            node = -1  # the root: the end of the item's extended cache
+            for d, t in enumerate(seq):
+                if d >= offsets[b][c]:
+                    if node < 0:
+                        root_hits.append((b, t, b * k + c))
+                    else:
+                        node_hits.append((b, node, t, b * k + c))
+                if d == len(seq) - 1:
+                    break
+                key = (node, t)
+                if key not in index:
+                    index[key] = len(tok)
+                    tok.append(t), par.append(node), dep.append(d)
+                node = index[key]
+        tokens.append(tok), parents.append(par), depths.append(dep)
+    scores = torch.zeros(n * k, device=device)
+    if root_hits:
+        b, t, r = torch.tensor(root_hits, device=device).T
+        scores.index_add_(0, r, root_logp[b, t])
+    if not node_hits:
+        return scores.view(n, k).cpu()
+    width = max(len(t) for t in tokens)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([t + [pad] * (width - len(t)) for t in tokens], device=device)
+    par = torch.tensor([p + [-1] * (width - len(p)) for p in parents], device=device)
+    pos = mask.sum(-1, keepdim=True) + torch.tensor([d + [0] * (width - len(d)) for d in depths], device=device)
+    # each node sees the cache's unpadded positions, itself and its ancestors (found by walking up the parents)
+    tree = torch.eye(width, dtype=torch.bool, device=device).repeat(n, 1, 1)
+    rows = torch.arange(n, device=device)[:, None].expand(n, width)
+    cols = torch.arange(width, device=device)[None].expand(n, width)
+    up = par
+    while (valid := up >= 0).any():
+        tree[rows[valid], cols[valid], up[valid]] = True
+        up = torch.where(valid, par.gather(1, up.clamp(min=0)), -1)
+    allowed = torch.cat([mask.bool()[:, None, :].expand(n, width, mask.shape[1]), tree], -1)
+    dtype = model.get_input_embeddings().weight.dtype
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    out = model(input_ids=ids, attention_mask=bias[:, None], position_ids=pos, use_cache=True,
+                **{_cache_kw(): cache})
+    logits = out.logits.float()  # items x nodes x vocab
+    lse = torch.logsumexp(logits, -1)
+    b, node, t, r = torch.tensor(node_hits, device=device).T
+    scores.index_add_(0, r, logits[b, node, t] - lse[b, node])
+    return scores.view(n, k).cpu()
+
+
+def _tail_probs_per_candidate(model, tokenizer, cache, mask, last_logp, heads: list[str],
+                              tails: list[str]) -> torch.Tensor:
+    """`_tail_probs` the slow way, kept as its reference (tests, benchmarks/scored_decoding.py): every candidate's
+    whole head+tail run on its own copy of the prompt cache, so the cost grows with candidates x head length."""
     seqs, starts = [], []
     for head in heads:
         head_ids = _ids(tokenizer, head)
