@@ -82,9 +82,25 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def iter_jsonl_lenient(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    """Yield (line_no, object or None, error or None) so callers can skip and count bad lines."""
-    with open(path, encoding="utf-8") as fh:
-        for no, line in enumerate(fh, 1):
+    """(line number, object or None, error or None) for every non-blank line, so callers can skip and count bad lines.
+
+    A leading UTF-8 BOM is dropped (the first row is kept); bytes that are not UTF-8 stop with one line naming the
+    file, the line and the byte offset: a wrongly encoded file would lose rows or mangle text silently.
+    """
+    from distill import DistillError
+
+    offset = 0
+    with open(path, "rb") as fh:
+        for no, raw in enumerate(fh, 1):
+            start, offset = offset, offset + len(raw)
+            if no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, start = raw[3:], 3
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DistillError(f"{path}: line {no} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte offset "
+                                   f"{start + exc.start}; save the file as UTF-8 (e.g. iconv -f cp1252 -t utf-8 OLD "
+                                   f"> NEW)") from None
             if not line.strip():
                 continue
             try:

@@ -185,7 +185,7 @@ class Task:
         if not path.exists():
             raise DistillError(f"recipe {self.recipe.name!r}: few_shot file {path} does not exist")
         shots = []
-        for no, obj, err in iter_jsonl(path):
+        for no, obj, err in runio.iter_jsonl_lenient(path):
             if err or "text" not in obj or "label" not in obj:
                 raise DistillError(f"{path}:{no}: a few-shot line needs JSON with 'text' and 'label'")
             if problems := self.schema.errors(obj["label"]):
@@ -308,38 +308,7 @@ def iter_records(path: Path):
         for no, row in enumerate(pq.read_table(path).to_pylist(), 1):
             yield no, row, None
         return
-    yield from iter_jsonl(path)
-
-
-def iter_jsonl(path: Path):
-    """(line number, object or None, error or None) for every non-blank line of a JSONL file the user wrote.
-
-    A leading UTF-8 BOM is dropped (the first row is kept); bytes that are not UTF-8 stop with one line naming the
-    file, the line and the byte offset: a wrongly encoded file would lose rows or mangle text silently.
-    """
-    offset = 0
-    with open(path, "rb") as fh:
-        for no, raw in enumerate(fh, 1):
-            start, offset = offset, offset + len(raw)
-            if no == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw, start = raw[3:], 3
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DistillError(f"{path}: line {no} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at byte offset "
-                                   f"{start + exc.start}; save the file as UTF-8 (e.g. iconv -f cp1252 -t utf-8 OLD "
-                                   f"> NEW)") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield no, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
-                continue
-            if not isinstance(obj, dict):
-                yield no, None, "not a JSON object"
-                continue
-            yield no, obj, None
+    yield from runio.iter_jsonl_lenient(path)
 
 
 def load_split(run_dir: Path, split: str) -> list[dict]:
