@@ -16,6 +16,7 @@ from distill import DistillError, paths, pipeline, runio
 from distill.config import load_config
 from distill.stages import generate, train
 from distill.testing.fake_teacher import FakeTeacher
+from test_train import _fake_checkpoint
 
 NO_TEACHER = "http://127.0.0.1:9/v1"  # for stages that never call the teacher
 # Config B: the same inputs and teacher (so every answer comes from the ledger), other split fractions.
@@ -134,16 +135,6 @@ def test_downstream_fingerprint_follows_upstream_files_not_only_upstream_config(
 
 # ---------------------------------------------------------------------------------------------------------------
 # train: a checkpoint never resumes over other data
-
-
-def _fake_checkpoint(ckpt_dir, step: int, key: str):
-    folder = ckpt_dir / f"checkpoint-{step}"
-    folder.mkdir(parents=True)
-    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
-        (folder / name).write_bytes(os.urandom(64))
-    runio.write_json(folder / "trainer_state.json", {"global_step": step, "log_history": []})
-    train.seal_checkpoint(folder, step, key)
-    return folder
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
