@@ -175,3 +175,20 @@ def mcnemar_drop(baseline: Sequence[bool], current: Sequence[bool]) -> dict:
     c = int((~base & cur).sum())
     p = binomtest(b, b + c, 0.5, alternative="greater").pvalue if b + c else 1.0
     return {"n": int(len(base)), "b": b, "c": c, "p_value": round(float(p), 6)}
+
+
+def format_interval(d: dict | None, *, percent: bool = True) -> str:
+    """The one way an interval ``{"value", "low", "high"}`` is written: ``81.0% [72.0, 88.0]`` (``percent``) or
+    ``0.81 [0.72, 0.88]``; ``n/a`` when there is no value, the bare value when there is no interval."""
+    if not d or d.get("value") is None:
+        return "n/a"
+
+    def fmt(x: float) -> str:
+        if percent:
+            return f"{100 * x:.1f}"
+        return f"{x:.4g}" if isinstance(x, float) else str(x)
+
+    head = fmt(d["value"]) + ("%" if percent else "")
+    if d.get("low") is None or d.get("high") is None:
+        return head
+    return f"{head} [{fmt(d['low'])}, {fmt(d['high'])}]"
