@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from distill import DistillError
-from distill.config import group_options, load_config
+from distill.config import CONF_DIR, group_options, load_config, load_yaml
 
 
 def _options():
@@ -22,9 +22,22 @@ def test_every_option_of_every_group_composes(group, option, tmp_path):
         assert cfg.train.max_steps >= 1
     elif group == "recipe":
         assert cfg.recipe.name == option and cfg.recipe.dir.is_dir()
-    else:
-        picked = getattr(cfg, group)
-        assert picked is not None
+    else:  # every value the option's file sets is what the config holds (unless the default profile resizes it)
+        picked = getattr(cfg, group).model_dump(mode="json")
+        resized = load_yaml(CONF_DIR / "profile" / "demo.yaml").get(group) or {}
+        for key, value in load_yaml(CONF_DIR / group / f"{option}.yaml").items():
+            if key in resized or key == "defaults":
+                continue
+            if extra and key == "model":
+                value = "served-model"
+            assert _subset(value, picked[key]), (group, option, key, value, picked[key])
+
+
+def _subset(want, got) -> bool:
+    """``want`` (a YAML value) is ``got``: dicts may hold more keys than the YAML names (model defaults)."""
+    if isinstance(want, dict):
+        return isinstance(got, dict) and all(k in got and _subset(v, got[k]) for k, v in want.items())
+    return want == got
 
 
 def test_profiles_resize_the_run(tmp_path):
