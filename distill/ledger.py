@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distill import DistillError, runio
+from distill import DistillError, LedgerWriteError, runio
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
@@ -131,10 +131,6 @@ CREATE TRIGGER IF NOT EXISTS unspend_responses AFTER DELETE ON responses
 """
 
 OPEN_BATCH = "('claimed', 'uploaded', 'submitted')"
-
-
-class LedgerWriteError(DistillError):
-    """The ledger could not record a paid answer: the run stops rather than pay on without a record."""
 
 
 def request_key(request: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ import logging
 import time
 from pathlib import Path
 
-from distill import DistillError, __version__, paths, runio
+from distill import DistillError, GateFailed, __version__, paths, runio
 from distill.config import Config, public_dict
 
 log = logging.getLogger("distill")
@@ -37,10 +37,6 @@ _NOT_CONTENT = {"teacher": {"concurrency", "timeout_s", "max_retries", "startup_
                 "generate": {"dry_run", "budget_usd", "shared_ledger", "mode", "batch"},
                 "eval": {"batch_size", "junit_xml", "summary_md", "worst"}}
 _NOT_CONTENT_NESTED = {("eval", "endpoint"): {"concurrency", "timeout_s", "max_retries"}}
-
-
-class GateFailed(DistillError):
-    """The evaluate gate failed: the message says which threshold and by how much."""
 
 
 def _slice(cfg: Config, stage: str) -> dict:

@@ -29,15 +29,11 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
                       model_validator)
 
-from distill import DistillError
+from distill import DistillError, RoutingRuleError
 from distill.config import EnvName
 from distill.task import OutputSchema
 
 SCHEMA_VERSION = 1
-
-
-class RoutingRuleError(DistillError):
-    """A routing file that is missing, unreadable or breaks the schema."""
 
 
 class _Strict(BaseModel):

@@ -28,16 +28,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distill import DistillError, paths, runio
+from distill import DistillError, EndpointFailed, paths, runio
 from distill.config import Config
 from distill.task import OutputSchema, Task, answer_head, common_prefix, dump_answer, literal_options, load_split
 from distill.template import end_of_turn, render_prompt
 
 log = logging.getLogger("distill")
-
-
-class EndpointFailed(DistillError):
-    """The scored endpoint gave no valid answer at all (down, wrong URL, or garbage); the report counts why."""
 
 
 @dataclass
