@@ -79,8 +79,11 @@ def split_path(run_dir: Path, split: str) -> Path:
     return stage_dir(run_dir, "generate") / DATA_DIR / f"{split}.jsonl"
 
 
-def ledger_path(run_dir: Path) -> Path:
-    return stage_dir(run_dir, "generate") / LEDGER
+def ledger_path(run_dir: Path, shared: str | Path | None = None) -> Path:
+    """The teacher ledger a run uses: ``shared`` (``generate.shared_ledger``) when set, else
+    ``generate/ledger.sqlite``. The one place this rule is written: generate, evaluate, serve, the ``ledger``
+    command and the notebooks all ask here."""
+    return Path(shared).expanduser() if shared else stage_dir(run_dir, "generate") / LEDGER
 
 
 def adapter_path(run_dir: Path) -> Path:
