@@ -21,35 +21,23 @@ import time
 from pathlib import Path
 
 from distill import DistillError, GateFailed, __version__, paths, runio
-from distill.config import Config, public_dict
+from distill.config import Config, check_startup, public_dict, without_speed_only
+from distill.metrics.gate import failure_reasons
 
 log = logging.getLogger("distill")
 
 UPSTREAM = {"generate": (), "train": ("generate",), "evaluate": ("generate", "train"),
             "publish": ("generate", "train", "evaluate")}
 
-# Config each stage reads. Knobs that change how fast, not what, are left out (concurrency, timeouts, threads,
-# the loopback URL of a server distill starts itself), so turning them never invalidates finished work.
-_NOT_CONTENT = {"teacher": {"concurrency", "timeout_s", "max_retries", "startup_timeout_s", "n_threads", "rpm", "tpm",
-                            "backoff_initial_s", "backoff_max_s", "max_wait_s", "max_billed_attempts",
-                            "claim_lease_s"},
-                "train": {"threads", "report_to"},
-                "generate": {"dry_run", "budget_usd", "shared_ledger", "mode", "batch"},
-                "eval": {"batch_size", "junit_xml", "summary_md", "worst"}}
-_NOT_CONTENT_NESTED = {("eval", "endpoint"): {"concurrency", "timeout_s", "max_retries"}}
+# Config each stage reads. Knobs that change how fast, not what (concurrency, timeouts, threads, where copies of a
+# report go) are marked SPEED_ONLY on their config fields and left out, so turning them never invalidates finished
+# work; so is the loopback URL of a server distill starts itself.
+_SLICES = {"generate": ("recipe", "teacher", "generate", "seed"), "train": ("student", "train", "seed"),
+           "evaluate": ("eval",), "publish": ("publish",)}
 
 
 def _slice(cfg: Config, stage: str) -> dict:
-    data = public_dict(cfg)
-    keys = {"generate": ("recipe", "teacher", "generate", "seed"), "train": ("student", "train", "seed"),
-            "evaluate": ("eval",), "publish": ("publish",)}[stage]
-    out = {k: data[k] for k in keys}
-    for group, drop in _NOT_CONTENT.items():
-        if group in out:
-            out[group] = {k: v for k, v in out[group].items() if k not in drop}
-    for (group, sub), drop in _NOT_CONTENT_NESTED.items():
-        if isinstance(out.get(group, {}).get(sub), dict):
-            out[group][sub] = {k: v for k, v in out[group][sub].items() if k not in drop}
+    out = without_speed_only(Config, {k: v for k, v in public_dict(cfg).items() if k in _SLICES[stage]})
     if stage == "generate":
         out["recipe"] = {k: v for k, v in out["recipe"].items() if k != "dir"}
         out["recipe_files"] = runio.sha256_tree(Path(cfg.recipe.dir))
@@ -134,7 +122,9 @@ def save_config(cfg: Config) -> None:
 
 
 def run(cfg: Config, stages: tuple[str, ...] = paths.STAGES) -> dict[str, dict]:
-    """Run stages in order; stops with GateFailed before publish when the evaluate gate fails."""
+    """Run stages in order; stops with GateFailed before publish when the evaluate gate fails. Every start-up
+    check of every stage (config.check_startup) runs before the first one starts."""
+    check_startup(cfg, stages)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     save_config(cfg)
     summaries = {}
@@ -146,6 +136,7 @@ def run(cfg: Config, stages: tuple[str, ...] = paths.STAGES) -> dict[str, dict]:
 
 
 def check_gate(summary: dict) -> None:
-    gate = summary.get("gate", {})
-    if not gate.get("passed", True):
-        raise GateFailed("evaluate gate failed: " + "; ".join(gate.get("reasons", [])))
+    """Raise GateFailed when the gate evaluate recorded in ``summary`` failed (metrics.gate.failure_reasons)."""
+    reasons = failure_reasons(summary)
+    if reasons is not None:
+        raise GateFailed("evaluate gate failed: " + "; ".join(reasons))

@@ -18,41 +18,16 @@ import asyncio
 import itertools
 import logging
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
 from distill import DistillError, runio
-from distill.config import Config
+from distill.config import Config, synthesis_spec
 from distill.task import Example, Task
 
 log = logging.getLogger("distill")
 
 
-class SynthesisSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    prompt: str
-    per_cell: int = Field(1, ge=1)
-    seeds: int = Field(3, ge=0)
-    grid: dict[str, list[str]]
-
-
-def spec(cfg: Config) -> SynthesisSpec:
-    if not cfg.recipe.synthesis:
-        raise DistillError(f"generate.source=synthesize needs a synthesis section in recipe {cfg.recipe.name!r} "
-                           f"(prompt, grid, per_cell); see distill/stages/synthesize.py")
-    try:
-        out = SynthesisSpec(**cfg.recipe.synthesis)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise DistillError(f"recipe {cfg.recipe.name!r} synthesis.{'.'.join(map(str, err['loc']))}: "
-                           f"{err['msg']}") from None
-    if not out.grid or any(not v for v in out.grid.values()):
-        raise DistillError(f"recipe {cfg.recipe.name!r}: synthesis.grid needs at least one axis, each with values")
-    return out
-
-
 def plan(cfg: Config, task: Task) -> list[tuple[dict, int, list[dict]]]:
     """(cell attributes, sample index, messages) for every input to write, in a fixed order."""
-    s = spec(cfg)
+    s = synthesis_spec(cfg)
     path = cfg.recipe.dir / s.prompt if cfg.recipe.dir and (cfg.recipe.dir / s.prompt).is_file() else None
     instructions = path.read_text(encoding="utf-8").strip() if path else s.prompt.strip()
     seeds = [text for text, _ in task.few_shot][: s.seeds]

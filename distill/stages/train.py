@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from distill import DistillError, paths, runio
-from distill.config import Config
+from distill.config import Config, speed_only_fields
 from distill.students import embed_classifier
 from distill.task import Task, dump_answer, load_split
 from distill.template import encode_example, end_of_turn
@@ -61,7 +61,7 @@ def resume_key(cfg: Config, run_dir: Path) -> str:
         path = paths.split_path(run_dir, split)
         data[split] = runio.sha256_file(path) if path.is_file() else None
     train = cfg.train.model_dump(mode="json")
-    for speed_only in ("threads", "report_to"):
+    for speed_only in speed_only_fields(type(cfg.train)):
         train.pop(speed_only, None)
     return runio.sha256_obj({"student": cfg.student.model_dump(mode="json"), "train": train, "seed": cfg.seed,
                              "data": done.get("fingerprint"), "splits_sha256": data})[:16]
