@@ -4,7 +4,8 @@
 
 A loopback OpenAI-compatible server (distill's fake teacher, in its own process) answers every request after a fixed
 latency. Measured in this process, side by side, median of ``--runs``:
-  - distill: the generate stage's labelling loop (ledger look-up, retry layer, schema validation, ledger write);
+  - distill: ``distill.teacher.labelling.label_all``, generate's labelling loop (ledger look-up, retry layer, schema
+    validation, ledger write);
   - baseline: ``asyncio.gather`` over the ``openai`` async client behind a semaphore (no ledger, no validation);
   - re-run: distill again over the same ledger: paid calls (must be 0) and wall time.
 Ideal wall time = requests x latency / concurrency. Client CPU per request = process CPU time / requests.
@@ -40,9 +41,9 @@ with FakeTeacher(answer, latency_s=float(sys.argv[1])) as t:
 def distill_run(base_url: str, ledger_path: Path, messages: list, concurrency: int) -> dict:
     from distill.config import load_config
     from distill.ledger import Ledger
-    from distill.stages.generate import _label_all
     from distill.task import Task
     from distill.teacher.client import TeacherClient
+    from distill.teacher.labelling import label_all
 
     cfg = load_config(["teacher=openai", f"teacher.base_url={base_url}", "teacher.model=fake-teacher",
                        "teacher.api_key_env=null", f"teacher.concurrency={concurrency}", "run_dir=/tmp/unused"])
@@ -52,7 +53,7 @@ def distill_run(base_url: str, ledger_path: Path, messages: list, concurrency: i
 
         async def go():
             try:
-                return await _label_all(client, messages, client.budget)
+                return await label_all(client, messages, client.budget)
             finally:
                 await client.close()
 

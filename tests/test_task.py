@@ -10,7 +10,7 @@ from distill import paths, runio
 from distill.config import load_config
 from distill.ledger import Ledger, request_key
 from distill.pipeline import _slice
-from distill.stages.generate import assign_split
+from distill.data.split import assign_split
 from distill.task import OutputSchema, Task
 
 SCHEMA = {"type": "object", "properties": {"category": {"type": "string", "enum": ["a", "b"]},

@@ -26,8 +26,10 @@ import openai
 
 from distill import DistillError, paths, runio
 from distill.ledger import request_key
-from distill.teacher.client import (ANSWER_REASONS, Outcome, RequestFailed, TeacherClient, _ChatReader, _usage,
-                                    namespace, wire_body)
+from distill.teacher.answers import ANSWER_REASONS, BUDGET, ChatReader, Outcome, usage_tokens
+from distill.teacher.client import TeacherClient
+from distill.teacher.request import wire_body
+from distill.teacher.transport import RequestFailed
 
 log = logging.getLogger("distill")
 
@@ -152,7 +154,7 @@ class BatchRunner:
         successes, failures, raws = [], [], []
         bodies = self.ledger.batch_lines(submission)
         model = self.client.tcfg.model or ""
-        reader = _ChatReader(self.client.schema.parse)
+        reader = ChatReader(self.client.schema.parse)
         for line in text.splitlines():
             if not line.strip():
                 continue
@@ -170,7 +172,7 @@ class BatchRunner:
                 continue
             completion = response.get("body") if isinstance(response.get("body"), dict) else {}
             usage = completion.get("usage") if isinstance(completion.get("usage"), dict) else {}
-            tokens = _usage(namespace(usage))
+            tokens = usage_tokens(usage)
             cost = self.client.cost(*tokens, batch=True)
             request = {**bodies[key]}
             try:
@@ -191,8 +193,6 @@ class BatchRunner:
 
 async def label_batch(client: TeacherClient, cfg, messages: list[list[dict]], budget, run_dir) -> list:
     """Outcomes for every input, in order; ``Outcome(reason=BUDGET)`` where the budget stopped it."""
-    from distill.teacher.client import BUDGET
-
     runner = BatchRunner(client, cfg, paths.stage_dir(run_dir, "generate"))
     n = len(messages)
     max_attempts = client.max_attempts
@@ -217,7 +217,7 @@ async def label_batch(client: TeacherClient, cfg, messages: list[list[dict]], bu
                 continue
             key = request_key(request)
             if key not in owners:
-                estimate = client.estimate(request) * client.tcfg.price.batch_discount
+                estimate = client.estimate(request, batch=True)
                 candidates.append((key, wire_body(request), estimate))
             owners.setdefault(key, []).append(i)
         if not candidates:
@@ -252,7 +252,7 @@ async def label_batch(client: TeacherClient, cfg, messages: list[list[dict]], bu
 def _state(client: TeacherClient, messages: list[dict], max_attempts: int) -> tuple[Outcome | None, dict]:
     """Where one input stands in the ledger: its outcome if decided, else the request to send next."""
     reason = None
-    reader = _ChatReader(client.schema.parse)
+    reader = ChatReader(client.schema.parse)
     for attempt in range(max_attempts):
         request = client.build_request(messages, attempt)
         key = request_key(request)

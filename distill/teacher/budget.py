@@ -1,7 +1,7 @@
 """The hard cap on teacher spend (``generate.budget_usd``), counted over the whole ledger and shared by every process.
 
 The cap is never crossed, however many processes share the ledger. Every paid attempt is admitted at its upper-bound
-price (every prompt byte a token, every completion token used: ``client.prompt_token_bound``) by a claim in the
+price (every prompt byte a token, every completion token used: ``pricing.prompt_token_bound``) by a claim in the
 ledger, granted only while what the ledger records + what every process has reserved + this bound fit under the
 cap (``Ledger.claim``, one transaction). It is settled at what it really cost when the claim is released; a failure
 that may have been billed settles at its bound. When the bound does not fit but something is still in flight

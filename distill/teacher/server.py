@@ -10,6 +10,8 @@ the CLI. It listens on 127.0.0.1 only.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import importlib.util
 import logging
 import os
 import socket
@@ -18,10 +20,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-import importlib.util
 from pathlib import Path
 
 from distill import DistillError
+from distill.config import Config
 
 log = logging.getLogger("distill")
 
@@ -152,3 +154,20 @@ class LlamaCppServer(LoopbackServer):
         return [sys.executable, "-m", "llama_cpp.server", "--model", str(self.model_path), "--host", "127.0.0.1",
                 "--port", str(self.port), "--n_ctx", str(self.n_ctx), "--n_threads", str(self.n_threads),
                 "--model_alias", self.alias, "--logits_all", str(self.logits_all)]
+
+
+@contextlib.contextmanager
+def teacher_endpoint(cfg: Config, log_dir: Path, logits_all: bool = False):
+    """Yield the teacher's base URL, starting (and always stopping) the llama.cpp server for teacher=local.
+
+    Used by generate and by ``python -m distill serve`` (the gateway's teacher fallback).
+    """
+    if cfg.teacher.kind != "llama_cpp":
+        yield cfg.teacher.base_url
+        return
+    model = Path(cfg.teacher.model_path) if cfg.teacher.model_path else embedded_gguf()
+    server = LlamaCppServer(model, alias=cfg.teacher.model or "teacher", n_ctx=cfg.teacher.n_ctx or 4096,
+                            n_threads=cfg.teacher.n_threads, log_path=log_dir / "teacher_server.log",
+                            startup_timeout_s=cfg.teacher.startup_timeout_s or 120, logits_all=logits_all)
+    with server:
+        yield server.base_url

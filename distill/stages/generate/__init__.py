@@ -16,90 +16,24 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from tqdm import tqdm
-
-from distill import DistillError, dataqa, paths, runio
-from distill.config import Config
-from distill.ledger import Ledger, request_key
+from distill import DistillError, paths, runio
+from distill.config import Config, resolve_method
+from distill.data import dedup, pii
+from distill.data.embed import nearest
+from distill.data.split import assign_split
+from distill.ledger import Ledger
+from distill.stages.generate.synthesize import synthesize
 from distill.task import Example, Task
+from distill.teacher import pricing
+from distill.teacher.answers import BUDGET, Outcome
 from distill.teacher.budget import Budget
-from distill.teacher.client import TOKEN_BOUND, prompt_token_bound
+from distill.teacher.client import TeacherClient
+from distill.teacher.labelling import teach
+from distill.teacher.request import build_chat_request, build_score_request
+from distill.teacher.scoring import field_messages
+from distill.teacher.server import teacher_endpoint
 
 log = logging.getLogger("distill")
-
-assign_split = dataqa.assign_split  # kept importable from here: the split rule belongs to generate's contract
-
-
-class DryRunStop(DistillError):
-    """generate.dry_run=true: the estimate was printed and nothing was paid."""
-
-
-def resolve_method(cfg: Config, task: Task) -> str:
-    """``teacher.method=auto``: score when every field has a fixed value set, generate otherwise."""
-    method = cfg.teacher.method
-    free = [f for f in task.schema.fields if f not in task.schema.enums]
-    if method == "auto":
-        method = "generate" if free else "score"
-    if method == "score" and free:
-        raise DistillError(f"teacher.method=score needs a fixed set of values (enum) for every field; "
-                           f"{', '.join(free)} have none. Use teacher.method=generate (or auto) for this recipe")
-    if method == "score" and cfg.generate.self_consistency > 1:
-        raise DistillError("generate.self_consistency > 1 needs teacher.method=generate (score already gives a "
-                           "confidence per field)")
-    if cfg.generate.mode == "batch" and (method != "generate" or cfg.teacher.kind != "openai"
-                                         or cfg.generate.self_consistency > 1):
-        raise DistillError("generate.mode=batch needs an OpenAI-compatible Batch API (teacher=openai), "
-                           "teacher.method=generate and generate.self_consistency=1")
-    return method
-
-
-def chat_request(cfg: Config, task: Task, messages: list[dict]) -> dict:
-    """The attempt-0 request exactly as the client builds it (for estimates and ledger look-ups)."""
-    from distill.teacher.client import build_chat_request
-
-    return build_chat_request(cfg.teacher, task.schema, messages, 0, None)
-
-
-def estimate_cost(cfg: Config, task: Task, examples: list[Example], requests: list[dict] | None = None,
-                  ledger: Ledger | None = None) -> dict:
-    """Pre-run estimate (4 characters per token, half the completion budget used) of the calls the ledger does
-    not already hold."""
-    requests = requests if requests is not None else [
-        {"messages": task.teacher_messages(ex.text), "max_tokens": cfg.teacher.max_tokens} for ex in examples]
-    todo = [r for r in requests if ledger is None or ledger.get(request_key(r)) is None]
-    prompt_tokens = sum(len(m["content"]) for r in todo for m in r["messages"]) / 4
-    completion_tokens = sum(r.get("max_tokens", cfg.teacher.max_tokens) for r in todo) / 2
-    p = cfg.teacher.price
-    usd = (prompt_tokens * p.input_per_1m + completion_tokens * p.output_per_1m) / 1e6
-    usd *= cfg.generate.self_consistency
-    if cfg.generate.mode == "batch":
-        usd *= p.batch_discount
-    # What the budget admits each request at: a bound that holds for any tokenizer, not a forecast.
-    bound_tokens = sum(prompt_token_bound(r["messages"]) for r in todo)
-    bound = (bound_tokens * p.input_per_1m + sum(r.get("max_tokens", cfg.teacher.max_tokens) for r in todo)
-             * p.output_per_1m) / 1e6 * cfg.generate.self_consistency
-    if cfg.generate.mode == "batch":
-        bound *= p.batch_discount
-    return {"requests": len(todo) * cfg.generate.self_consistency, "already_paid": len(requests) - len(todo),
-            "prompt_tokens": int(prompt_tokens), "completion_tokens": int(completion_tokens), "usd": round(usd, 4),
-            "upper_bound_usd": round(bound, 4), "token_bound": TOKEN_BOUND}
-
-
-@contextlib.contextmanager
-def teacher_endpoint(cfg: Config, log_dir: Path, logits_all: bool = False):
-    """Yield the teacher's base URL, starting (and always stopping) the llama.cpp server for teacher=local."""
-    if cfg.teacher.kind != "llama_cpp":
-        yield cfg.teacher.base_url
-        return
-    from distill.teacher.server import LlamaCppServer, embedded_gguf
-
-    model = Path(cfg.teacher.model_path) if cfg.teacher.model_path else embedded_gguf()
-    server = LlamaCppServer(model, alias=cfg.teacher.model or "teacher", n_ctx=cfg.teacher.n_ctx or 4096,
-                            n_threads=cfg.teacher.n_threads, log_path=log_dir / "teacher_server.log",
-                            startup_timeout_s=cfg.teacher.startup_timeout_s or 120, logits_all=logits_all)
-    with server:
-        yield server.base_url
-
 
 def prepare(cfg: Config, task: Task, examples: list[Example]) -> tuple[list[Example], list[str], dict]:
     """PII redaction and duplicate removal. Returns (kept examples, the text that decides each one's split, QA
@@ -108,12 +42,12 @@ def prepare(cfg: Config, task: Task, examples: list[Example]) -> tuple[list[Exam
     if cfg.generate.redact_pii:
         totals: Counter = Counter()
         for ex in examples:
-            ex.text, counts = dataqa.redact(ex.text)
+            ex.text, counts = pii.redact(ex.text)
             totals.update(counts)
         qa["pii_redacted"] = dict(totals)
     d = cfg.generate.dedup
-    groups = dataqa.duplicate_groups([ex.text for ex in examples], d.threshold, d.num_perm, cfg.seed)
-    norms = [dataqa.normalise(ex.text) for ex in examples]
+    groups = dedup.duplicate_groups([ex.text for ex in examples], d.threshold, d.num_perm, cfg.seed)
+    norms = [dedup.normalise(ex.text) for ex in examples]
     dupes = [i for i, g in enumerate(groups) if g != i]
     first_of = {}
     for i, norm in enumerate(norms):
@@ -127,13 +61,13 @@ def prepare(cfg: Config, task: Task, examples: list[Example]) -> tuple[list[Exam
     return [examples[i] for i in keep], [examples[i].text for i in keep], qa
 
 
-def run(cfg: Config, run_dir: Path) -> dict:
-    from distill.teacher.client import BUDGET, TeacherClient
-
+def run(cfg: Config, run_dir: Path) -> dict | pricing.DryRun:
+    """Label (or synthesize, then label) the recipe's inputs; returns the stage summary, or a ``pricing.DryRun``
+    with the estimate when ``generate.dry_run`` is set (nothing is sent then, and no DONE.json is written)."""
     out_dir = paths.stage_dir(run_dir, "generate")
     task = Task(cfg)
     method = resolve_method(cfg, task)
-    ledger_file = Path(cfg.generate.shared_ledger) if cfg.generate.shared_ledger else paths.ledger_path(run_dir)
+    ledger_file = paths.ledger_path(run_dir, cfg.generate.shared_ledger)
     skipped: dict = {}
     bad_gold = 0
     if cfg.generate.source == "label":
@@ -160,16 +94,17 @@ def run(cfg: Config, run_dir: Path) -> dict:
                                                 lease_s=cfg.teacher.claim_lease_s))
             synth_summary = None
             if cfg.generate.source == "synthesize":
-                from distill.stages.synthesize import synthesize
-
-                examples, synth_summary = synthesize(cfg, task, ledger, endpoint, budget)
+                written = synthesize(cfg, task, ledger, endpoint, budget)
+                if isinstance(written, pricing.DryRun):  # the labelling estimate needs the texts: stop here
+                    return written
+                examples, synth_summary = written
 
             examples, split_keys, qa = prepare(cfg, task, examples)
             shots = _choose_shots(cfg, task, examples)
             trusted = [ex for ex in examples if ex.trusted is not None]
             to_label = [ex for ex in examples if ex.trusted is None]
             requests = _planned_requests(cfg, task, method, to_label, shots)
-            estimate = estimate_cost(cfg, task, to_label, requests, ledger)
+            estimate = pricing.estimate_run(cfg, requests, ledger)
             log.info("generate: %d inputs (%d skipped, %d duplicates removed, %d with trusted labels), teacher %s "
                      "(%s); %d requests already in the ledger; estimate for the rest: %d requests, ~%d prompt "
                      "tokens, ~$%.4f", len(examples), sum(skipped.values()),
@@ -177,15 +112,16 @@ def run(cfg: Config, run_dir: Path) -> dict:
                      len(trusted), cfg.teacher.model, method, estimate["already_paid"], estimate["requests"],
                      estimate["prompt_tokens"], estimate["usd"])
             if cfg.generate.dry_run:
-                raise DryRunStop(f"dry run: {estimate['requests']} requests to send ({estimate['already_paid']} "
-                                 f"already in the ledger), ~{estimate['prompt_tokens']} prompt tokens, "
-                                 f"~${estimate['usd']:.4f} at teacher {cfg.teacher.model}; nothing was sent")
+                return pricing.DryRun(f"dry run: {estimate['requests']} requests to send ({estimate['already_paid']} "
+                                      f"already in the ledger), ~{estimate['prompt_tokens']} prompt tokens, "
+                                      f"~${estimate['usd']:.4f} at teacher {cfg.teacher.model}; nothing was sent",
+                                      estimate)
 
             if to_label:
                 client = TeacherClient(cfg.teacher, endpoint(), task.schema, ledger, cfg.generate.max_attempts,
                                        votes=cfg.generate.self_consistency,
                                        min_vote_share=cfg.generate.min_vote_share, budget=budget)
-                labelled_outcomes = asyncio.run(_teach(client, cfg, task, method, to_label, requests, shots,
+                labelled_outcomes = asyncio.run(teach(client, cfg, task, method, to_label, requests, shots,
                                                        budget, run_dir))
                 labelled_outcomes = [None if o is not None and o.reason == BUDGET else o for o in labelled_outcomes]
                 transport = dict(client.transport_errors)
@@ -266,27 +202,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     return summary
 
 
-async def _teach(client, cfg: Config, task: Task, method: str, examples: list[Example], requests: list[dict],
-                 shots, budget: Budget, run_dir: Path) -> list:
-    """All teacher traffic of one run in one event loop (the client's connection pool lives in it)."""
-    from distill.teacher.client import probe
-
-    try:
-        await probe(client)
-        if cfg.generate.mode == "batch":
-            from distill.teacher.batch import label_batch
-
-            return await label_batch(client, cfg, [r["messages"] for r in requests], budget, run_dir)
-        if method == "score":
-            return await _score_all(client, task, examples, shots, cfg.teacher.calibrate, budget)
-        return await _label_all(client, [r["messages"] for r in requests], budget)
-    finally:
-        await client.close()
-
-
-def _trusted(ex: Example):
-    from distill.teacher.client import Outcome
-
+def _trusted(ex: Example) -> Outcome:
     return Outcome(ex.trusted, None, "trusted", 0, 0)
 
 
@@ -297,8 +213,6 @@ def _choose_shots(cfg: Config, task: Task, examples: list[Example]) -> list | No
     if not task.few_shot:
         raise DistillError(f"generate.few_shot=nearest needs labelled seeds: recipe {task.recipe.name!r} has no "
                            f"few_shot file")
-    from distill.embed import nearest
-
     pool = [text for text, _ in task.few_shot]
     order = nearest([ex.text for ex in examples], pool, cfg.generate.few_shot_k)
     return [[task.few_shot[j] for j in idx] for idx in order]
@@ -306,9 +220,6 @@ def _choose_shots(cfg: Config, task: Task, examples: list[Example]) -> list | No
 
 def _planned_requests(cfg: Config, task: Task, method: str, examples: list[Example], shots) -> list[dict]:
     """The attempt-0 requests this run would send, in input order (per field for the score method)."""
-    from distill.teacher.client import build_chat_request, build_score_request
-    from distill.teacher.scoring import field_messages
-
     out = []
     for i, ex in enumerate(examples):
         mine = shots[i] if shots is not None else None
@@ -319,96 +230,6 @@ def _planned_requests(cfg: Config, task: Task, method: str, examples: list[Examp
             out.append(build_chat_request(cfg.teacher, task.schema, task.teacher_messages(ex.text, mine), 0,
                                           None if cfg.generate.self_consistency == 1 else 0))
     return out
-
-
-async def _label_all(client, messages: list[list[dict]], budget: Budget) -> list:
-    """Label every input with bounded concurrency; every paid attempt is admitted by the budget inside the client."""
-    from distill.teacher.client import Outcome
-
-    results: list = [None] * len(messages)
-    bar = tqdm(total=len(messages), desc="teacher", unit="input", leave=False)
-    admit = asyncio.Semaphore(client.tcfg.concurrency)
-
-    async def one(i: int) -> None:
-        async with admit:
-            if client.fatal:
-                return
-            try:
-                results[i] = await client.label(messages[i])
-            except DistillError:
-                raise
-            except Exception as exc:  # one odd answer must not cancel the calls in flight (already paid for)
-                log.warning("input %d: unexpected %s: %s", i, type(exc).__name__, client.scrub(str(exc))[:200])
-                results[i] = Outcome(None, f"client_error_{type(exc).__name__}", None, 0, 0)
-        bar.update(1)
-        bar.set_postfix(spent=f"${budget.spent_this_run:.4f}", refresh=False)
-
-    try:
-        await asyncio.gather(*(one(i) for i in range(len(messages))))
-    finally:
-        bar.close()
-    return results
-
-
-async def _score_all(client, task: Task, examples: list[Example], shots, calibrate: bool, budget: Budget) -> list:
-    """Score every allowed value of every field by first-token log-probs, field by field (so a server's prompt
-    cache keeps the shared prefix), then calibrate each field over all inputs and pick the best value."""
-    import numpy as np
-
-    from distill.teacher.client import BUDGET, Outcome
-    from distill.teacher.scoring import calibrate as calibrate_scores
-    from distill.teacher.scoring import few_shot_log_prior, field_messages, value_scores
-
-    fields = task.schema.fields
-    per_field: dict[str, list] = {}
-    bar = tqdm(total=len(examples) * len(fields), desc="teacher (score)", unit="call", leave=False)
-    admit = asyncio.Semaphore(client.tcfg.concurrency)
-
-    async def one(i: int, field: str):
-        messages = field_messages(task, examples[i].text, field, shots[i] if shots is not None else None)
-        async with admit:
-            if client.fatal:
-                return None
-            outcome = await client.top_logprobs(messages)
-        bar.update(1)
-        bar.set_postfix(spent=f"${budget.spent_this_run:.4f}", refresh=False)
-        return None if outcome.reason == BUDGET else outcome
-
-    try:
-        for field in fields:
-            per_field[field] = await asyncio.gather(*(one(i, field) for i in range(len(examples))))
-    finally:
-        bar.close()
-
-    labels, confidence = {}, {}
-    for field in fields:
-        values = task.schema.enums[field]
-        ok = [i for i, o in enumerate(per_field[field]) if o is not None and o.answer is not None]
-        if not ok:
-            continue
-        matrix = np.array([value_scores(per_field[field][i].answer["top"], values) for i in ok])
-        prior = few_shot_log_prior([str(label[field]) for _, label in task.few_shot], values)
-        idx, conf = calibrate_scores(matrix, calibrate, prior)
-        for row, i in enumerate(ok):
-            labels.setdefault(i, {})[field] = values[idx[row]]
-            confidence.setdefault(i, {})[field] = round(float(conf[row]), 4)
-
-    results = []
-    for i in range(len(examples)):
-        outs = [per_field[f][i] for f in fields]
-        if any(o is None for o in outs):  # not asked: the budget ran out first
-            results.append(None)
-            continue
-        paid = sum(o.paid_calls for o in outs)
-        cost = sum(o.cost_usd for o in outs)
-        failed = next((o.reason for o in outs if o.answer is None), None)
-        keys = ",".join(o.key for o in outs)
-        if failed:
-            results.append(Outcome(None, failed, keys, 0, paid, cost_usd=cost))
-            continue
-        results.append(Outcome(labels[i], None, keys, 0, paid, cache_hit=all(o.cache_hit for o in outs),
-                               cost_usd=cost, confidence=confidence[i]))
-    return results
 
 
 def _distribution(rows: list[dict], task: Task) -> dict:

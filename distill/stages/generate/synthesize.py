@@ -20,7 +20,13 @@ import logging
 
 from distill import DistillError, runio
 from distill.config import Config, synthesis_spec
+from distill.ledger import Ledger
 from distill.task import Example, Task
+from distill.teacher import pricing
+from distill.teacher.answers import BUDGET
+from distill.teacher.budget import Budget
+from distill.teacher.client import TeacherClient
+from distill.teacher.request import build_chat_request
 
 log = logging.getLogger("distill")
 
@@ -35,7 +41,7 @@ def plan(cfg: Config, task: Task) -> list[tuple[dict, int, list[dict]]]:
     out = []
     for values in itertools.product(*(s.grid[a] for a in axes)):
         cell = dict(zip(axes, values))
-        lines = [f"Write one new input with these attributes: "
+        lines = ["Write one new input with these attributes: "
                  + "; ".join(f"{k}: {v}" for k, v in cell.items()) + "."]
         if seeds:
             lines += ["", "Real inputs look like these:"] + [f"- {t}" for t in seeds]
@@ -47,23 +53,20 @@ def plan(cfg: Config, task: Task) -> list[tuple[dict, int, list[dict]]]:
     return out
 
 
-def synthesize(cfg: Config, task: Task, ledger, endpoint, budget) -> tuple[list[Example], dict]:
-    """Have the teacher write the inputs; returns them as Examples (ids from the cell and sample) and a summary."""
-    from distill.teacher.client import BUDGET, TeacherClient
-
+def synthesize(cfg: Config, task: Task, ledger: Ledger, endpoint, budget: Budget
+               ) -> tuple[list[Example], dict] | pricing.DryRun:
+    """Have the teacher write the inputs; returns them as Examples (ids from the cell and sample) and a summary, or
+    on a dry run the estimate of the writing calls (the labelling estimate needs their texts)."""
     jobs = plan(cfg, task)
-    if cfg.generate.dry_run:  # the labelling estimate needs texts: estimate the writing calls and stop
-        from distill.stages.generate import DryRunStop
-
-        chars = sum(len(m["content"]) for _, _, msgs in jobs for m in msgs)
-        p = cfg.teacher.price
-        usd = (chars / 4 * p.input_per_1m + len(jobs) * cfg.teacher.max_tokens * p.output_per_1m) / 1e6
-        raise DryRunStop(f"dry run: {len(jobs)} inputs to write (~${usd:.4f}), then the same number to label; "
-                         f"nothing was sent")
     tcfg = cfg.teacher.model_copy(update={"max_tokens": max(cfg.teacher.max_tokens, 160)})
-    chars = sum(len(m["content"]) for _, _, msgs in jobs for m in msgs)
+    requests = [build_chat_request(tcfg, task.schema, msgs, 0, k, structured=False) for _, k, msgs in jobs]
+    estimate = pricing.estimate(tcfg.price, requests, tcfg.max_tokens, ledger=ledger)
+    if cfg.generate.dry_run:
+        return pricing.DryRun(f"dry run: {len(jobs)} inputs to write ({estimate['already_paid']} already in the "
+                              f"ledger, ~${estimate['usd']:.4f}), then the same number to label; nothing was sent",
+                              estimate)
     log.info("synthesize: %d inputs to write over the grid, ~%d prompt tokens (labelling is estimated after)",
-             len(jobs), chars // 4)
+             len(jobs), estimate["prompt_tokens"])
     client = TeacherClient(tcfg, endpoint(), task.schema, ledger, cfg.generate.max_attempts, budget=budget)
 
     async def main():
