@@ -23,6 +23,7 @@ from pathlib import Path
 from distill import DistillError, GateFailed, __version__, paths, runio
 from distill.config import Config, check_startup, public_dict, without_speed_only
 from distill.metrics.gate import failure_reasons
+from distill.teacher.pricing import DryRun
 
 log = logging.getLogger("distill")
 
@@ -108,6 +109,9 @@ def run_stage(cfg: Config, stage: str, *, force: bool = False) -> dict:
     log.info("%-8s running (fingerprint %s): %s", stage, fp[:12], reason)
     started = time.perf_counter()
     summary = module.run(cfg, cfg.run_dir)
+    if isinstance(summary, DryRun):  # generate.dry_run=true: an estimate, nothing sent, so no DONE.json
+        log.info("%-8s stopped after the dry run", stage)
+        return summary
     summary["wall_s"] = round(time.perf_counter() - started, 2)
     runio.write_done(cfg.run_dir, stage, fp, summary)
     log.info("%-8s done in %.1f s", stage, summary["wall_s"])
@@ -130,6 +134,8 @@ def run(cfg: Config, stages: tuple[str, ...] = paths.STAGES) -> dict[str, dict]:
     summaries = {}
     for stage in stages:
         summaries[stage] = run_stage(cfg, stage)
+        if isinstance(summaries[stage], DryRun):  # nothing downstream can run on an estimate
+            break
         if stage == "evaluate" and not cfg.publish.force:
             check_gate(summaries[stage])
     return summaries
