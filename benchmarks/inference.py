@@ -34,8 +34,9 @@ def main() -> None:
 
     from distill import paths
     from distill.config import load_config
-    from distill.models import load_student
-    from distill.stages import evaluate
+    from distill.student.endpoint import predict_endpoint
+    from distill.student.models import load_student
+    from distill.student.predict import predict_in_process
     from distill.task import Task, load_split
     from distill.teacher.server import LlamaCppServer
 
@@ -62,7 +63,7 @@ def main() -> None:
         walls = []
         for _ in range(args.runs):
             started = time.perf_counter()
-            evaluate.predict_in_process(c, task, rows, model, tokenizer)
+            predict_in_process(c, task, rows, model, tokenizer)
             walls.append(time.perf_counter() - started)
         med, lo, hi = summary(walls)
         results.append([f"student, transformers, {decode} (batch {c.eval.batch_size})", med / len(rows), lo, hi])
@@ -75,10 +76,10 @@ def main() -> None:
         walls = []
         log_path = Path(tempfile.gettempdir()) / "distill-inference-bench.log"
         with LlamaCppServer(rel, alias="student", n_ctx=2048, log_path=log_path) as srv:
-            evaluate.predict_endpoint(c, task, rows[:2], srv.base_url, "student")  # warm-up
+            predict_endpoint(c, task, rows[:2], srv.base_url, "student")  # warm-up
             for _ in range(args.runs):
                 started = time.perf_counter()
-                evaluate.predict_endpoint(c, task, rows, srv.base_url, "student")
+                predict_endpoint(c, task, rows, srv.base_url, "student")
                 walls.append(time.perf_counter() - started)
         med, lo, hi = summary(walls)
         results.append([f"student, llama.cpp server, {rel.name.rsplit('-', 1)[-1][:-5]} (1 at a time)",

@@ -4,15 +4,15 @@
                                          [--items 8] [--runs 3] [--old-runs 3] [--threads N] [--no-record]
 
 One batch of ``--items`` support tickets (the support_tickets recipe's student prompt, rendered with the student's
-chat template) is decoded by evaluate's ``_scored_batch`` for an answer schema with a single enum field of k
+chat template) is decoded by ``distill.student.scored.scored_batch`` for an answer schema with a single enum field of k
 synthetic intent names that share prefixes (``card_arrival``, ``card_fee``, ...; the k-value set is the first k of
 one fixed shuffle, so the sets are nested). The prompt stays the same for every k: only the number of candidates
 changes. Per-item time = the batch's wall time / items, median of ``--runs``:
   - new: the shipped path (the shared head run once per item, then one token trie of the candidates per item);
-  - old: the per-candidate reference kept in evaluate (``_tail_probs_per_candidate``: every candidate's head+tail
+  - old: the per-candidate reference kept in the same module (``_tail_probs_per_candidate``: every candidate's head+tail
     on its own copy of the prompt cache), patched in for the measurement only.
 The students are base models (no adapter): cost does not depend on the weights. smollm2_135m is the embedded GGUF,
-dequantized once and cached by distill.models. Prints the table last and appends it to BENCHMARKS.md
+dequantized once and cached by distill.student.models. Prints the table last and appends it to BENCHMARKS.md
 (``--no-record`` to skip). ``--threads 1`` keeps torch off a core that something else is busy on (with both
 cores shared, every op waits for the scheduler and the timings are noise).
 """
@@ -65,12 +65,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from distill.config import load_config
-    from distill.models import load_base
-    from distill.stages import evaluate
+    from distill.student import scored
+    from distill.student.models import load_base
+    from distill.student.template import end_of_turn, render_prompt
     from distill.task import OutputSchema, Task
-    from distill.template import end_of_turn, render_prompt
 
-    new_path = evaluate._tail_probs
+    new_path = scored._tail_probs
     rows, ratios = [], []
     for student in args.students:
         cfg = load_config(["recipe=support_tickets", f"student={student}", f"run_dir={tempfile.mkdtemp()}"])
@@ -88,20 +88,20 @@ def main() -> None:
             schema = OutputSchema({"type": "object", "properties": {"intent": {"enum": intent_values(k)}},
                                    "required": ["intent"]})
             answers = {}
-            for name, path, runs in (("new", new_path, args.runs), ("old", evaluate._tail_probs_per_candidate,
+            for name, path, runs in (("new", new_path, args.runs), ("old", scored._tail_probs_per_candidate,
                                                                     args.old_runs)):
                 if runs <= 0:
                     continue
-                evaluate._tail_probs = path
+                scored._tail_probs = path
                 try:
-                    evaluate._scored_batch(model, tokenizer, prompts[:1], schema, eot, 8)  # warm-up
+                    scored.scored_batch(model, tokenizer, prompts[:1], schema, eot, 8)  # warm-up
                     walls = []
                     for _ in range(runs):
                         t0 = time.perf_counter()
-                        out = evaluate._scored_batch(model, tokenizer, prompts, schema, eot, 8)
+                        out = scored.scored_batch(model, tokenizer, prompts, schema, eot, 8)
                         walls.append(time.perf_counter() - t0)
                 finally:
-                    evaluate._tail_probs = new_path
+                    scored._tail_probs = new_path
                 answers[name] = [(a, c) for a, _, _, c, _ in out]
                 med, lo, hi = summary(walls)
                 per_item[(name, k)] = med / len(prompts)

@@ -6,7 +6,7 @@ Bitext's 27 intents (../shared/data, never copied) with the gold labels standing
 fixed, stratified test set (``--test-per-intent`` messages per intent) and val set (``--val-per-intent``, what the
 head's C is chosen on); for each budget n, the first n remaining messages of every intent train student=embed_classifier
 with its shipped settings (distill/conf/student/embed_classifier.yaml) through the package's own code (the frozen
-MiniLM, distill.students.embed_classifier.fit_heads). Exact duplicate messages (case-insensitive) are dropped first,
+MiniLM, distill.student.embed_classifier.fit_heads). Exact duplicate messages (case-insensitive) are dropped first,
 so no test message is also a training one. Reported: accuracy vs gold with a 95% percentile bootstrap interval
 (distill.metrics.stats.rate, 1,000 resamples), seconds to train (embed train + val, fit the heads) and to score the
 test set (embed + heads), the rung's wall time, and $ per 1,000 requests at eval.cost.student_usd_per_hour over the
@@ -71,7 +71,7 @@ def main() -> None:
 
     from distill.config import load_config
     from distill.metrics.stats import rate
-    from distill.students.embed_classifier import EmbedClassifier, encoder_folder, fit_heads
+    from distill.student.embed_classifier import EmbedClassifier, encoder_folder, fit_heads
 
     cfg = load_config(["student=embed_classifier", "run_dir=/tmp/distill-ladder-unused"])
     scfg, hourly = cfg.student, cfg.eval.cost.student_usd_per_hour

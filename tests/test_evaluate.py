@@ -12,9 +12,14 @@ from conftest import tiny_overrides
 
 from distill import DistillError, paths, runio
 from distill.config import load_config
-from distill.metrics import decontam, stats
+from distill.data import dedup as decontam
+from distill.metrics import stats
 from distill.metrics.gate import evaluate_gate, junit_xml
 from distill.stages import evaluate
+from distill.student import scored
+from distill.student.endpoint import predict_endpoint
+from distill.student.predict import predict_in_process
+from distill.student.predictions import agreement
 from distill.task import common_prefix
 from distill.task import Task
 from distill.testing.fake_teacher import FakeTeacher
@@ -107,7 +112,7 @@ def test_decontamination_finds_exact_and_near_duplicates_only():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(cfg, task, model, tokenizer) of the tiny random student; no training needed to test the decoders."""
-    from distill.models import load_base
+    from distill.student.models import load_base
 
     cfg = load_config(tiny_overrides(tmp_path_factory.mktemp("run"), "http://127.0.0.1:9/v1"))
     model, tokenizer = load_base(cfg)
@@ -124,10 +129,10 @@ def test_scored_decoding_equals_brute_force_log_likelihood(tiny):
     import torch
 
     from distill.task import dump_answer
-    from distill.template import end_of_turn, render_prompt
+    from distill.student.template import end_of_turn, render_prompt
 
     cfg, task, model, tokenizer = tiny
-    preds = evaluate.predict_in_process(cfg, task, ROWS, model, tokenizer)
+    preds = predict_in_process(cfg, task, ROWS, model, tokenizer)
     assert all(a is not None for a in preds.answers) and preds.failures == {}
     eot = end_of_turn(tokenizer)
     enums = task.schema.enums
@@ -161,7 +166,7 @@ def test_free_decoding_reports_invalid_answers_honestly(tiny):
     cfg, task, model, tokenizer = tiny
     cfg = cfg.model_copy(deep=True)
     cfg.eval.decode, cfg.eval.max_new_tokens = "free", 6
-    preds = evaluate.predict_in_process(cfg, task, ROWS, model, tokenizer)
+    preds = predict_in_process(cfg, task, ROWS, model, tokenizer)
     assert len(preds.raw) == 3 and all(isinstance(t, str) for t in preds.raw)
     # a random model does not write valid JSON: every item is counted, none is dropped
     assert sum(preds.failures.values()) == sum(a is None for a in preds.answers) == 3
@@ -176,7 +181,7 @@ def test_free_text_fields_are_generated_in_scored_mode(tiny):
         "required": ["order_id", "category"]}
     cfg.recipe.few_shot = None  # the shipped few-shot labels follow the shipped schema
     cfg.eval.max_new_tokens = 6
-    preds = evaluate.predict_in_process(cfg, Task(cfg), ROWS, model, tokenizer)
+    preds = predict_in_process(cfg, Task(cfg), ROWS, model, tokenizer)
     for answer, why, raw in zip(preds.answers, preds.invalid_reason, preds.raw):
         # a random model rarely closes its string: counted with what it wrote, never raised
         assert (answer is None) == (why is not None) and raw.startswith('{"order_id": ')
@@ -205,16 +210,16 @@ def test_a_generated_value_is_cut_at_its_end_and_scored_on_its_own_tokens(tiny):
             return lp
 
     prompts = [[1, 2, 3], [4, 5]]
-    out = list(evaluate._generate_values(Stub(), tokenizer, prompts, ['{"order_id": '] * 2, "<|im_end|>", 8))
+    out = list(scored._generate_values(Stub(), tokenizer, prompts, ['{"order_id": '] * 2, "<|im_end|>", 8))
     assert [(v, why) for v, _, why, _ in out] == [("ORD-7", None), ("ORD-7", None)]
     assert out[0][1] == pytest.approx(0.5)
 
 
 def test_agreement_never_matches_none():
     a = [{"x": 1}, None, {"x": 2}]
-    assert evaluate.agreement(a, [{"x": 1}, None, {"x": 3}]) == pytest.approx(1 / 3)
+    assert agreement(a, [{"x": 1}, None, {"x": 3}]) == pytest.approx(1 / 3)
     with pytest.raises(ValueError):
-        evaluate.agreement(a, a[:2])
+        agreement(a, a[:2])
 
 
 def _cfg(tmp_path, *extra):
@@ -228,7 +233,7 @@ def test_endpoint_down_is_counted_not_raised(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cfg = _cfg(tmp_path, "eval.endpoint.max_retries=0")
-    preds = evaluate.predict_endpoint(cfg, Task(cfg), ROWS, f"http://127.0.0.1:{port}/v1", "student")
+    preds = predict_endpoint(cfg, Task(cfg), ROWS, f"http://127.0.0.1:{port}/v1", "student")
     assert preds.answers == [None, None, None]
     assert preds.failures == {"connection_error": 1, "not_sent_endpoint_down": 2}
 
@@ -238,14 +243,14 @@ def test_endpoint_garbage_and_errors_are_counted(tmp_path, gold_by_text):
     cfg = _cfg(tmp_path)
     cfg.eval.endpoint.concurrency = 1
     with FakeTeacher(lambda messages: next(answers)) as server:
-        preds = evaluate.predict_endpoint(cfg, Task(cfg), ROWS, server.base_url, "student")
+        preds = predict_endpoint(cfg, Task(cfg), ROWS, server.base_url, "student")
         assert len(server.calls) == 3 and server.calls[0]["messages"][-1]["content"] == ROWS[0]["input"]
     assert preds.answers[0] == {"category": "billing", "priority": "high"}
     assert preds.failures == {"invalid_json": 1, "schema_violation": 1}
     assert 0 < preds.confidence[0] <= 1 and preds.confidence[1] is None
     cfg.eval.endpoint.max_retries = 0
     with FakeTeacher(lambda m: "{}", status=500) as broken:
-        failed = evaluate.predict_endpoint(cfg, Task(cfg), ROWS, broken.base_url, "student")
+        failed = predict_endpoint(cfg, Task(cfg), ROWS, broken.base_url, "student")
     assert failed.failures == {"http_500": 3}
 
 
@@ -415,15 +420,15 @@ def test_evaluate_endpoint_that_answers_garbage_or_is_down(trained_run, capsys):
 
 
 def _prompt_cache(model, tokenizer, prompts: list[str]):
-    """(cache, mask, log-probs after the prompt) as `_scored_batch` builds them for its candidates."""
+    """(cache, mask, log-probs after the prompt) as `scored_batch` builds them for its candidates."""
     import torch
 
     tokenizer.padding_side = "left"
-    ids, mask = evaluate._encode_left(tokenizer, [evaluate._ids(tokenizer, p) for p in prompts])
+    ids, mask = scored.encode_left(tokenizer, [scored.token_ids(tokenizer, p) for p in prompts])
     with torch.inference_mode():
         out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     use_cache=True, logits_to_keep=1)
-    cache = out.cache if evaluate._cache_kw() == "cache" else out.past_key_values
+    cache = out.cache if scored._cache_kw() == "cache" else out.past_key_values
     return cache, mask, torch.log_softmax(out.logits[:, -1].float(), -1)
 
 
@@ -433,7 +438,7 @@ def test_trie_scoring_of_many_values_equals_scoring_each_value_on_its_own(tiny):
     import torch
 
     from distill.task import answer_head
-    from distill.template import end_of_turn, render_prompt
+    from distill.student.template import end_of_turn, render_prompt
 
     cfg, task, model, tokenizer = tiny
     eot = end_of_turn(tokenizer)
@@ -451,9 +456,9 @@ def test_trie_scoring_of_many_values_equals_scoring_each_value_on_its_own(tiny):
         for last in (False, True):
             tails = [json.dumps(v, ensure_ascii=False) + ("}" + eot if last else ",") for v in values]
             with torch.inference_mode():
-                reference = evaluate._tail_probs_per_candidate(model, tokenizer, cache, mask, last_logp, heads,
+                reference = scored._tail_probs_per_candidate(model, tokenizer, cache, mask, last_logp, heads,
                                                                tails)
-                fast = evaluate._tail_probs(model, tokenizer, cache, mask, last_logp, heads, tails)
+                fast = scored._tail_probs(model, tokenizer, cache, mask, last_logp, heads, tails)
             assert fast.shape == (len(ROWS), len(values))
             # the values really differ in probability, so a wrong token or position would show
             assert (reference.max(-1).values / reference.min(-1).values > 3).all(), where
@@ -467,12 +472,12 @@ def test_trie_scoring_does_not_touch_the_prompt_cache(tiny):
     import torch
 
     from distill.task import answer_head
-    from distill.template import render_prompt
+    from distill.student.template import render_prompt
 
     cfg, task, model, tokenizer = tiny
     cache, mask, last_logp = _prompt_cache(model, tokenizer, [render_prompt(tokenizer, task.student_messages("hi"))])
     before = cache.get_seq_length()
     with torch.inference_mode():
-        evaluate._tail_probs(model, tokenizer, cache, mask, last_logp, [answer_head({"a": 1}, "b")],
+        scored._tail_probs(model, tokenizer, cache, mask, last_logp, [answer_head({"a": 1}, "b")],
                              ['"x",', '"xy",', "null,"])
     assert cache.get_seq_length() == before

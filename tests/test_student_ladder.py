@@ -23,8 +23,8 @@ from distill.config import HeadConfig, load_config
 from distill.metrics.stats import rate
 from distill.routing import decide, load_rule
 from distill.stages import publish
-from distill.students import embed_classifier
-from distill.students.embed_classifier import EmbedClassifier, fit_heads, predict_heads
+from distill.student import embed_classifier
+from distill.student.embed_classifier import EmbedClassifier, fit_heads, predict_heads
 from distill.testing.fake_teacher import FakeTeacher
 
 pytestmark = pytest.mark.integration

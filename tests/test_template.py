@@ -11,8 +11,8 @@ import json
 import pytest
 
 from distill.config import load_config
-from distill.models import cached_gguf_tokenizer
-from distill.template import encode_example, end_of_turn, end_of_turn_id, render_example, render_prompt
+from distill.student.models import cached_gguf_tokenizer
+from distill.student.template import encode_example, end_of_turn, end_of_turn_id, render_example, render_prompt
 
 SMOLLM2 = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

@@ -5,6 +5,10 @@
 A baseline fails the gate on a *significant* drop: McNemar's exact test on the per-item agreement flags of the
 items both runs scored (``per_item`` in results.json), so a one-item wobble on a small test set does not block a
 merge while a real regression does. ``eval.gate.max_drop`` adds a plain tolerance on top.
+
+evaluate decides the gate (``evaluate_gate``) and records it in results.json and its DONE.json summary; everyone
+downstream (the pipeline before publish, the ``evaluate`` command's exit code, publish) reads that verdict through
+``failure_reasons``, the one place that says what counts as a failed gate.
 """
 
 from __future__ import annotations
@@ -14,7 +18,19 @@ from pathlib import Path
 
 from distill import DistillError, runio
 from distill.config import Config
-from distill.metrics.stats import mcnemar_drop
+from distill.metrics.stats import format_interval, mcnemar_drop
+
+
+def failure_reasons(evaluation: dict) -> list[str] | None:
+    """The recorded gate's verdict: None when it passed, else its one-line reasons.
+
+    ``evaluation`` is evaluate's DONE.json summary or its results.json (both carry ``gate``); a run evaluated
+    without a gate record counts as passed.
+    """
+    gate = evaluation.get("gate") or {}
+    if gate.get("passed", True):
+        return None
+    return list(gate.get("reasons") or ["the gate failed without a recorded reason"])
 
 
 def _check(name: str, value: float | None, op: str, threshold: float, detail: str = "") -> dict:
@@ -139,17 +155,10 @@ def summary_markdown(results: dict) -> str:
     g, m = results["gate"], results["metrics"]
     a = m["agreement_ci"]["exact"]
     lines = [f"### distill evaluate `{results['recipe']}`: {'PASS' if g['passed'] else 'FAIL'}", "",
-             f"Agreement with the teacher {_ci(a)} on {m['n']} items; invalid answers {_ci(m['invalid'])}.", "",
+             f"Agreement with the teacher {format_interval(a)} on {m['n']} items; invalid answers "
+             f"{format_interval(m['invalid'])}.", "",
              "| check | measured | threshold | result |", "|---|---|---|---|"]
     for c in g["checks"]:
         value = "n/a" if c["value"] is None else c["value"]
         lines.append(f"| {c['name']} | {value} | {c['op']} {c['threshold']} | {'pass' if c['passed'] else 'FAIL'} |")
     return "\n".join(lines) + "\n"
-
-
-def _ci(d: dict) -> str:
-    if d.get("value") is None:
-        return "n/a"
-    if d.get("low") is None:
-        return f"{100 * d['value']:.1f}%"
-    return f"{100 * d['value']:.1f}% [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"

@@ -94,7 +94,7 @@ class Scorer:
     def __init__(self, gguf: Path, tokenizer_dir: Path, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None):
         from transformers import AutoTokenizer
 
-        from distill.template import end_of_turn
+        from distill.student.template import end_of_turn
 
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         self.eot = end_of_turn(self.tokenizer)
@@ -108,7 +108,7 @@ class Scorer:
 
         from distill.serve.scored import scored_answer
         from distill.task import OutputSchema
-        from distill.template import render_prompt
+        from distill.student.template import render_prompt
 
         key = json.dumps(schema, sort_keys=True)
         if key not in self._schemas:

@@ -25,9 +25,9 @@ import torch
 
 from distill import DistillError, paths, runio
 from distill.config import Config, speed_only_fields
-from distill.students import embed_classifier
+from distill.student import embed_classifier
 from distill.task import Task, dump_answer, load_split
-from distill.template import encode_example, end_of_turn
+from distill.student.template import encode_example, end_of_turn
 
 log = logging.getLogger("distill")
 
@@ -242,7 +242,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
     from transformers import EarlyStoppingCallback, set_seed
     from trl import SFTConfig
 
-    from distill.models import load_base
+    from distill.student.models import load_base
 
     out_dir = paths.stage_dir(run_dir, "train")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,1 +1,2 @@
-"""Students other than the LoRA causal LMs (distill.models, distill.stages.train): the rungs below them."""
+"""Old home of the embedding classifier, kept because published SERVING.md files of earlier runs import
+``distill.students.embed_classifier``; the code lives in distill.student.embed_classifier."""
