@@ -8,34 +8,25 @@ plus the training time (train/DONE.json) at ``eval.cost.train_usd_per_hour``.
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import numpy as np
 
-from distill.config import Config, Price
+from distill.config import Config
+from distill.ledger import Ledger
+from distill.teacher.pricing import is_free, usd
 
 
 def ledger_usage(ledger_file: Path, rows: list[dict]) -> list[dict]:
     """Per labelled row: {"calls", "prompt_tokens", "cached_tokens", "completion_tokens", "latency_s"} summed
     over the ledger calls named in its provenance (several for teacher.method=score). Rows whose calls are not in
-    the ledger (trusted labels, another ledger) are left out."""
+    the ledger (trusted labels, another ledger) are left out. The ledger is opened read-only."""
     if not Path(ledger_file).exists():
         return []
     keys_of = {r["id"]: [k for k in str((r.get("provenance") or {}).get("request_key") or "").split(",") if k]
                for r in rows}
-    wanted = sorted({k for keys in keys_of.values() for k in keys})
-    found: dict[str, tuple] = {}
-    db = sqlite3.connect(f"file:{Path(ledger_file).resolve()}?mode=ro", uri=True)
-    try:
-        for i in range(0, len(wanted), 500):
-            chunk = wanted[i:i + 500]
-            query = ("SELECT key, prompt_tokens, cached_tokens, completion_tokens, latency_s FROM calls "
-                     f"WHERE key IN ({','.join('?' * len(chunk))})")
-            for key, *vals in db.execute(query, chunk):
-                found[key] = tuple(vals)
-    finally:
-        db.close()
+    with Ledger.read_only(ledger_file) as ledger:
+        found = ledger.usage(k for keys in keys_of.values() for k in keys)
     usage = []
     for keys in keys_of.values():
         if not keys or any(k not in found for k in keys):
@@ -44,15 +35,6 @@ def ledger_usage(ledger_file: Path, rows: list[dict]) -> list[dict]:
         usage.append({"calls": len(keys), "prompt_tokens": vals[0], "cached_tokens": vals[1],
                       "completion_tokens": vals[2], "latency_s": vals[3]})
     return usage
-
-
-def _usd(price: Price, prompt: float, cached: float, completion: float) -> float:
-    return ((prompt - cached) * price.input_per_1m + cached * price.cached_input_per_1m
-            + completion * price.output_per_1m) / 1e6
-
-
-def _free(price: Price) -> bool:
-    return not (price.input_per_1m or price.output_per_1m or price.cached_input_per_1m)
 
 
 def _break_even(one_off: float, teacher: float, student: float) -> int | None:
@@ -70,7 +52,7 @@ def cost_case(cfg: Config, usage: list[dict], items_per_s: float | None, student
     price, source = (c.teacher_price, "eval.cost.teacher_price") if c.teacher_price else (cfg.teacher.price,
                                                                                            "teacher.price")
     priced_as = cfg.teacher.model
-    if _free(price):
+    if is_free(price):
         price, source, priced_as = c.reference_price, "eval.cost.reference_price", c.reference_model
     n = len(usage)
     mean = {k: (float(np.mean([u[k] for u in usage])) if n else 0.0)
@@ -83,14 +65,14 @@ def cost_case(cfg: Config, usage: list[dict], items_per_s: float | None, student
         share, share_source = measured_share, "ledger"
     else:
         share, share_source = static_prefix_share or 0.0, "static prompt prefix"
-    on_demand = _usd(price, mean["prompt_tokens"], 0.0, mean["completion_tokens"])
-    cached = _usd(price, mean["prompt_tokens"], share * mean["prompt_tokens"], mean["completion_tokens"])
-    batch = on_demand * price.batch_discount
+    on_demand = usd(price, mean["prompt_tokens"], 0.0, mean["completion_tokens"])
+    cached = usd(price, mean["prompt_tokens"], share * mean["prompt_tokens"], mean["completion_tokens"])
+    batch = usd(price, mean["prompt_tokens"], 0.0, mean["completion_tokens"], batch=True)
 
     hourly = c.student_usd_per_hour
     student = hourly / 3600.0 / items_per_s if items_per_s else None
     train_rate = c.train_usd_per_hour if c.train_usd_per_hour is not None else hourly
-    teacher_spend = sum(_usd(price, u["prompt_tokens"], u["cached_tokens"], u["completion_tokens"]) for u in usage)
+    teacher_spend = sum(usd(price, u["prompt_tokens"], u["cached_tokens"], u["completion_tokens"]) for u in usage)
     train_usd = (train_wall_s or 0.0) / 3600.0 * train_rate
     one_off = teacher_spend + train_usd
 

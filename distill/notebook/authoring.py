@@ -1,6 +1,6 @@
 """Author a recipe of your own from a notebook: write it, try the teacher on a few inputs, estimate the cost.
 
-    from distill.authoring import write_recipe, preview_teacher, estimate
+    from distill.notebook.authoring import write_recipe, preview_teacher, estimate
     write_recipe("my_recipes", "reviews", description="...", output_schema={...}, teacher_prompt="...",
                  student_prompt="...", inputs=[{"id": "r1", "text": "..."}, ...])
     preview_teacher(["recipe=reviews", "recipe_dir=my_recipes"], n=5)   # five real teacher answers, as a table
@@ -20,10 +20,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
-from distill import DistillError, paths, runio
+from distill import DistillError, paths, pipeline, runio
 from distill.config import load_config
+from distill.task import Task
+from distill.teacher import pricing
 
 
 def off_the_event_loop(fn, *args, **kwargs):
@@ -39,8 +42,6 @@ def off_the_event_loop(fn, *args, **kwargs):
 
 def run_pipeline(cfg, stages: tuple[str, ...] | None = None) -> dict[str, dict]:
     """``distill.pipeline.run`` that also works inside a notebook (see ``off_the_event_loop``)."""
-    from distill import pipeline
-
     return off_the_event_loop(pipeline.run, cfg, *([stages] if stages else []))
 
 
@@ -90,8 +91,6 @@ def write_recipe(folder: str | Path, name: str, *, description: str, output_sche
 
 def check_recipe(overrides: list[str]) -> dict:
     """Load a recipe the way a run does and read its inputs. Returns counts; raises DistillError on a problem."""
-    from distill.task import Task
-
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config([*overrides, f"run_dir={tmp}"])
         task = Task(cfg)  # validates the schema and every few-shot label against it
@@ -111,19 +110,17 @@ def preview_teacher(overrides: list[str], n: int = 5, run_dir: str | Path | None
         A DataFrame indexed by id: input, teacher.<field> and gold.<field> for every field, and the reason when
         the teacher's answer was rejected.
     """
-    import pandas as pd
-
-    from distill.stages import generate
-
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config([*overrides, f"generate.limit={n}", f"run_dir={run_dir or tmp}"])
         failure = None
         try:
-            off_the_event_loop(generate.run, cfg, Path(cfg.run_dir))
-        except generate.DryRunStop:  # generate.dry_run=true in overrides: nothing to show, say so
-            raise
+            result = off_the_event_loop(pipeline.run_stage, cfg, "generate")
         except DistillError as exc:  # e.g. no valid answer at all: show the rejections, then say why
             failure = exc
+        else:
+            if isinstance(result, pricing.DryRun):  # generate.dry_run=true in overrides: nothing to show, say so
+                raise DistillError(f"{result}; preview_teacher shows real answers, so leave generate.dry_run "
+                                   f"out (estimate() gives the cost without sending anything)")
         out_dir = paths.stage_dir(cfg.run_dir, "generate")
         rows = [r for s in paths.SPLITS if paths.split_path(cfg.run_dir, s).exists()
                 for r in runio.read_jsonl(paths.split_path(cfg.run_dir, s))]
@@ -150,8 +147,6 @@ def preview_teacher(overrides: list[str], n: int = 5, run_dir: str | Path | None
 
 
 def _input_ids(cfg) -> list[str]:
-    from distill.task import Task
-
     return [ex.id for ex in Task(cfg).load_inputs(cfg.generate.limit).examples]
 
 
@@ -159,14 +154,13 @@ def estimate(overrides: list[str]) -> dict:
     """Estimated teacher requests, tokens and dollars for labelling every input (``generate.limit`` respected) at
     the configured teacher's price list; nothing is sent. For the exact figure of a planned run, including what
     its ledger already holds, use ``python -m distill generate ... generate.dry_run=true``."""
-    from distill.stages.generate import estimate_cost
-    from distill.task import Task
-
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config([*overrides, f"run_dir={tmp}"])
         task = Task(cfg)
         examples = task.load_inputs(cfg.generate.limit).examples
-        result = estimate_cost(cfg, task, examples)
+        requests = [{"messages": task.teacher_messages(ex.text), "max_tokens": cfg.teacher.max_tokens}
+                    for ex in examples]
+        result = pricing.estimate_run(cfg, requests)
     price = cfg.teacher.price
     return {**result, "teacher": cfg.teacher.model, "usd_per_1m_input": price.input_per_1m,
             "usd_per_1m_output": price.output_per_1m}

@@ -1,6 +1,6 @@
 """Open a run directory from a notebook or a script: the dataset, the teacher's spend, training curves, evaluation.
 
-    from distill.explore import open_run, latest_run
+    from distill.notebook.explore import open_run, latest_run
     run = open_run(latest_run("support_tickets"))      # or open_run("runs/support_tickets/20261127-101500")
     run.stages()                # which stages finished, when, how long they took
     run.dataset()               # one row per labelled input: split, text, teacher answer, gold answer
@@ -15,29 +15,17 @@ shown while training runs, marked as unfinished. Nothing here changes the run di
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from distill import DistillError, paths, runio
-
-
-class NotInRun:
-    """Stands in for a table or plot the run does not have; shows one line and is falsy."""
-
-    def __init__(self, what: str, why: str):
-        self.what, self.why = what, why
-
-    def __bool__(self) -> bool:
-        return False
-
-    def __repr__(self) -> str:
-        return f"not in this run: {self.what} ({self.why})"
-
-    def _repr_markdown_(self) -> str:
-        return f"*not in this run: {self.what} ({self.why})*"
+from distill.data.dedup import normalise
+from distill.ledger import Ledger
+from distill.notebook.missing import NotInRun
+from distill.notebook.plots import RunPlots
 
 
 def latest_run(recipe: str, root: str | Path = "runs", finished: str | None = "evaluate") -> Path:
@@ -62,7 +50,7 @@ def open_run(run_dir: str | Path) -> Run:
     return Run(run_dir)
 
 
-class Run:
+class Run(RunPlots):
     """Everything a run directory holds, as pandas tables, dicts and matplotlib figures."""
 
     def __init__(self, run_dir: str | Path):
@@ -90,8 +78,6 @@ class Run:
 
     def config(self) -> dict | NotInRun:
         """The resolved config of the last invocation (config.yaml; keys appear only as env-variable names)."""
-        import yaml
-
         path = self.dir / paths.CONFIG_YAML
         if not path.exists():
             return NotInRun("config", f"no {paths.CONFIG_YAML}")
@@ -186,8 +172,6 @@ class Run:
     def duplicates(self) -> dict | NotInRun:
         """What generate removed as exact or near-duplicates (with the removed texts where the inputs are readable),
         and any normalised text that still sits in two splits (a leak; should be empty)."""
-        from distill.dataqa import normalise
-
         rows = self.rows()
         if isinstance(rows, NotInRun):
             return rows
@@ -238,17 +222,14 @@ class Run:
 
     def _ledger_file(self) -> Path:
         cfg = self.config()
-        shared = ((cfg or {}).get("generate") or {}).get("shared_ledger") if cfg else None
-        return Path(shared) if shared else paths.ledger_path(self.dir)
+        return paths.ledger_path(self.dir, ((cfg or {}).get("generate") or {}).get("shared_ledger") if cfg else None)
 
     def spend(self) -> dict | NotInRun:
         """Ledger totals: successful calls, tokens, dollars, cache hits, failures by reason."""
         path = self._ledger_file()
         if not path.exists():
             return NotInRun("teacher spend", f"no ledger at {path}")
-        from distill.ledger import Ledger
-
-        with Ledger(path) as ledger:
+        with Ledger.read_only(path) as ledger:
             return ledger.summary()
 
     def ledger_calls(self) -> pd.DataFrame | NotInRun:
@@ -256,13 +237,9 @@ class Run:
         path = self._ledger_file()
         if not path.exists():
             return NotInRun("teacher calls", f"no ledger at {path}")
-        db = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True)
-        try:
-            calls = pd.read_sql_query(
-                "SELECT created_at, model, prompt_tokens, cached_tokens, completion_tokens, cost_usd, latency_s "
-                "FROM calls ORDER BY created_at", db)
-        finally:
-            db.close()
+        with Ledger.read_only(path) as ledger:
+            calls = pd.DataFrame(ledger.calls(), columns=["created_at", "model", "prompt_tokens", "cached_tokens",
+                                                          "completion_tokens", "cost_usd", "latency_s"])
         calls["created_at"] = pd.to_datetime(calls["created_at"], unit="s")
         calls["cumulative_usd"] = calls["cost_usd"].cumsum()
         return calls
@@ -371,138 +348,6 @@ class Run:
                 if c in differs]
         return differs[keep].head(n).reset_index(drop=True)
 
-    # -- plots ----------------------------------------------------------------------------------------------------
-
-    def plot_labels(self, source: str = "teacher"):
-        """Bar charts of every enum field's value counts, stacked by split."""
-        import matplotlib.pyplot as plt
-
-        fields = list(self.enum_fields())
-        data = self.dataset()
-        if not isinstance(data, pd.DataFrame):
-            return data
-        if not fields:
-            return NotInRun("label distribution", "the answer has no field with a fixed value set")
-        fig, axes = plt.subplots(1, len(fields), figsize=(5 * len(fields), 3.6), squeeze=False)
-        for ax, field in zip(axes[0], fields):
-            table = self.label_distribution(field, source)
-            table.drop(columns="total").plot.barh(stacked=True, ax=ax)
-            ax.invert_yaxis()
-            ax.set_title(f"{source} labels: {field}")
-            ax.set_xlabel("inputs")
-        return _finish(fig)
-
-    def plot_lengths(self):
-        """Histogram of input lengths in words, per split."""
-        import matplotlib.pyplot as plt
-
-        data = self.dataset()
-        if not isinstance(data, pd.DataFrame):
-            return data
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        for split, group in data.groupby("split"):
-            ax.hist(group["words"], bins=20, alpha=0.6, label=f"{split} ({len(group)})")
-        ax.set_xlabel("words per input")
-        ax.set_ylabel("inputs")
-        ax.legend()
-        return _finish(fig)
-
-    def plot_spend(self):
-        """Cumulative teacher dollars and tokens over the calls, in call order."""
-        import matplotlib.pyplot as plt
-
-        calls = self.ledger_calls()
-        if not isinstance(calls, pd.DataFrame):
-            return calls
-        if calls.empty:
-            return NotInRun("teacher spend", "the ledger holds no successful call")
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        ax.plot(range(1, len(calls) + 1), calls["cumulative_usd"], label="$ (left)")
-        ax.set_xlabel("teacher calls")
-        ax.set_ylabel("cumulative $")
-        tokens = ax.twinx()
-        tokens.plot(range(1, len(calls) + 1), (calls["prompt_tokens"] + calls["completion_tokens"]).cumsum(),
-                    color="tab:orange", label="tokens (right)")
-        tokens.set_ylabel("cumulative tokens")
-        ax.set_title("teacher spend")
-        fig.legend(loc="upper left")
-        return _finish(fig)
-
-    def plot_training(self):
-        """Training loss (and validation loss, when logged) per step."""
-        import matplotlib.pyplot as plt
-
-        curves = self.training_curves()
-        if not isinstance(curves, pd.DataFrame):
-            return curves
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        for column in ("loss", "eval_loss"):
-            if column in curves and curves[column].notna().any():
-                series = curves[column].dropna()
-                ax.plot(series.index, series.values, marker="o", label=column)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title("training" + ("" if self.done("train") else " (train not finished)"))
-        ax.legend()
-        return _finish(fig)
-
-    def plot_confusion(self, field: str):
-        """Heat map of the student-vs-teacher confusion matrix of an enum field."""
-        import matplotlib.pyplot as plt
-
-        frame = self.confusion(field)
-        if not isinstance(frame, pd.DataFrame):
-            return frame
-        fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(frame), 1 + 0.5 * len(frame)))
-        ax.imshow(frame.values, cmap="Blues")
-        ax.set_xticks(range(len(frame.columns)), frame.columns, rotation=45, ha="right")
-        ax.set_yticks(range(len(frame.index)), frame.index)
-        for i in range(len(frame.index)):
-            for j in range(len(frame.columns)):
-                if frame.values[i, j]:
-                    ax.text(j, i, int(frame.values[i, j]), ha="center", va="center", fontsize=8)
-        ax.set_xlabel("student")
-        ax.set_ylabel("teacher")
-        ax.set_title(f"{field}: student vs teacher")
-        return _finish(fig)
-
-    def plot_coverage(self):
-        """Coverage and agreement against the confidence threshold, test and validation splits."""
-        import matplotlib.pyplot as plt
-
-        curves = {split: self.coverage_curve(split) for split in ("test", "val")}
-        present = {s: c for s, c in curves.items() if isinstance(c, pd.DataFrame)}
-        if not present:
-            return curves["test"]
-        fig, ax = plt.subplots(figsize=(6, 3.4))
-        for split, curve in present.items():
-            ax.plot(curve["coverage"], curve["agreement"], marker=".", label=f"{split} split")
-        ax.set_xlabel("coverage (share of requests the student answers)")
-        ax.set_ylabel("agreement with teacher")
-        ax.set_xlim(0, 1.02)
-        ax.set_ylim(0, 1.02)
-        ax.set_title("coverage vs agreement as the confidence threshold rises")
-        ax.legend()
-        return _finish(fig)
-
-    def plot_cost(self):
-        """Teacher vs student dollars per 1,000 requests."""
-        import matplotlib.pyplot as plt
-
-        cost = self.cost()
-        if isinstance(cost, NotInRun):
-            return cost
-        bars = {"teacher": cost.get("teacher_usd_per_1k"), "student": cost.get("student_usd_per_1k")}
-        if any(v is None for v in bars.values()):
-            return NotInRun("cost per 1,000 requests", "results.json cost has no teacher/student $ per 1k")
-        fig, ax = plt.subplots(figsize=(4.5, 3))
-        ax.bar(list(bars), list(bars.values()), color=["tab:red", "tab:green"])
-        for i, value in enumerate(bars.values()):
-            ax.text(i, value, f"${value:.4g}", ha="center", va="bottom")
-        ax.set_ylabel("$ per 1,000 requests")
-        ax.set_title("cost per 1,000 requests")
-        return _finish(fig)
-
 
 def _point(value: Any) -> Any:
     """A metric as a number: results.json may hold a bare rate or {"value", "low", "high"} with an interval."""
@@ -511,12 +356,3 @@ def _point(value: Any) -> Any:
             if key in value:
                 return value[key]
     return value
-
-
-def _finish(fig):
-    """Lay the figure out and close it: Jupyter shows the returned figure once, scripts leak no open figures."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
