@@ -18,7 +18,9 @@ Faults, each drawn per request at its rate from a seeded generator:
   ``billed_hang`` (the answer is made and billed, then the server hangs past the client's timeout);
   answers (HTTP 200, paid): ``invalid_json``, ``schema`` (valid JSON that breaks the schema), ``refusal``,
   ``length`` (finish_reason "length").
-A fake Batch API (files + batches) serves ``generate.mode=batch``.
+A fake Batch API (files + batches) serves ``generate.mode=batch``. ``batch_end`` gives a batch id the way it ends
+instead of ``completed``: ``failed`` (rejected as a whole: no line runs, ``errors`` says why), ``cancelled`` (reported
+``cancelling`` first; the first half of its lines ran) or ``expired`` (the first half ran).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class FakeTeacher:
                  hang_s: float = 3.0,
                  latency_s: float = 0.0, seed: int = 0, batch_error_rate: float = 0.0,
                  batch_hold: bool = False, batch_hold_create: bool = False, batch_expire_first: bool = False,
+                 batch_end: dict[str, str] | None = None,
                  check_key_on_models: bool = True, content_parts: bool = False, tokens_per_char: bool = False):
         self.answer_fn = answer_fn
         self.content_parts = content_parts      # answer content as a list of text parts, as some servers do
@@ -99,7 +102,13 @@ class FakeTeacher:
         self.batch_create_release = threading.Event()  # batch_hold_create: the batch exists, its id is not sent yet
         if not batch_hold_create:
             self.batch_create_release.set()
-        self.batch_expire_first = batch_expire_first
+        self.batch_end = dict(batch_end or {})
+        if batch_expire_first:
+            self.batch_end.setdefault("batch_1", "expired")
+        unknown_end = set(self.batch_end.values()) - {"failed", "cancelled", "expired"}
+        if unknown_end:
+            raise ValueError(f"unknown batch endings {sorted(unknown_end)}")
+        self.batch_polls: Counter = Counter()  # GET /batches/{id} per batch id
         self.check_key_on_models = check_key_on_models
         self.server = _Server(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -158,9 +167,20 @@ class FakeTeacher:
         self.batch_release.wait()
         lines = self.files[batch["input_file_id"]].decode().splitlines()
         out, err = [], []
-        expire = self.batch_expire_first and batch["id"] == "batch_1"
+        end = self.batch_end.get(batch["id"], "completed")
+        if end == "failed":  # validation failed: nothing ran, nothing is billed
+            with self._lock:
+                batch["errors"] = {"object": "list", "data": [{"code": "invalid_request", "line": None,
+                                                               "param": None,
+                                                               "message": "injected batch failure"}]}
+                batch["request_counts"] = {"total": len(lines), "completed": 0, "failed": 0}
+                batch["status"], batch["failed_at"] = "failed", int(time.time())
+            return
+        if end == "cancelled":
+            with self._lock:
+                batch["status"] = "cancelling"
         for i, line in enumerate(lines):
-            if expire and i >= len(lines) // 2:  # the window closed: the rest were never run
+            if end in ("expired", "cancelled") and i >= len(lines) // 2:  # stopped: the rest never ran
                 break
             item = json.loads(line)
             with self._lock:
@@ -180,8 +200,8 @@ class FakeTeacher:
             if err:
                 batch["error_file_id"] = self._store("\n".join(json.dumps(e) for e in err).encode())
             batch["request_counts"] = {"total": len(lines), "completed": len(out), "failed": len(err)}
-            batch["status"] = "expired" if expire else "completed"
-            batch["completed_at"] = int(time.time())
+            batch["status"] = end
+            batch[f"{end}_at"] = int(time.time())
 
     def _store(self, data: bytes) -> str:
         file_id = f"file-{len(self.files) + 1}"
@@ -239,6 +259,8 @@ class FakeTeacher:
                     self._send(200, {"object": "list", "data": [{"id": "fake-teacher", "object": "model"}]})
                 elif "/batches/" in path:
                     batch = fake.batches.get(path.rsplit("/", 1)[1])
+                    with fake._lock:
+                        fake.batch_polls[path.rsplit("/", 1)[1]] += 1
                     self._send(200, batch) if batch else self._send(404, {"error": {"message": "no such batch"}})
                 elif path.endswith("/batches"):
                     self._send(200, {"object": "list", "data": list(fake.batches.values()), "has_more": False})
