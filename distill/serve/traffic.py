@@ -1,0 +1,173 @@
+"""The gateway's traffic log: one record per task request, written off the request path.
+
+    log = open_traffic_log(cfg, run_dir)          # serve/traffic.sqlite (WAL), or the shared store with serve.store=redis
+    log.record({"task": ..., "input": ..., "route": "student", ...})   # returns at once; a thread writes it
+    log.flush(); log.close()
+    rows = read_traffic(cfg, run_dir)              # [record, ...] oldest first (status, re-distill from traffic)
+
+A record: ``id`` (the request's), ``ts`` (received, epoch seconds), ``answered_ts``, ``task``, ``input`` (the task
+input as the gateway handled it), ``route`` (student | teacher | none), ``reason``, ``confidence``, ``status``,
+``student`` (the student's parsed answer, kept or not; null without one), ``teacher`` (the teacher's answer where
+one was obtained), ``teacher_source`` (fallback | shadow | null), ``rule`` (the routing rule's results sha256: which
+published run answered). A request sent to shadow is recorded once its shadow call ends, with the teacher's answer.
+
+With ``generate.redact_pii`` on, the input and every string in the answers go through ``pii.redact`` (generate's
+redaction) before they are stored. Retention: ``serve.traffic.max_rows`` (the oldest beyond it are dropped) and
+``serve.traffic.max_days``, applied by the writer every ``RETAIN_EVERY`` records and at close.
+
+The log is a stream (``traffic``) of a store (``distill.serve.store``): its own SQLite file by default, so it can be
+copied or pointed at on its own (``generate.traffic=PATH``); the shared Redis when replicas share one.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from distill import paths
+from distill.data import pii
+from distill.config import Config
+from distill.serve.store import SqliteStore, Store, StoreError, open_store
+
+log = logging.getLogger("distill")
+
+TRAFFIC_SQLITE = "traffic.sqlite"
+STREAM = "traffic"
+RETAIN_EVERY = 200        # records between retention passes
+QUEUE_MAX = 10_000        # records waiting for the writer; more are dropped (counted in ``dropped``)
+_STOP = object()
+
+
+class TrafficLog:
+    """A queue and one writer thread in front of a store stream (module docstring)."""
+
+    def __init__(self, store: Store, *, max_rows: int, max_days: float | None, redact: bool,
+                 stream: str = STREAM, own_store: bool = True):
+        self.store, self.stream = store, stream
+        self.max_rows, self.max_days, self.redact = max_rows, max_days, redact
+        self.own_store = own_store
+        self.written = 0
+        self.dropped = 0
+        self.failed = 0
+        self._queue: queue.Queue = queue.Queue(QUEUE_MAX)
+        self._thread = threading.Thread(target=self._write_loop, name="distill-traffic", daemon=True)
+        self._thread.start()
+
+    def record(self, row: dict) -> None:
+        """Queue one record; never blocks (a full queue drops it and counts it)."""
+        try:
+            self._queue.put_nowait(row)
+        except queue.Full:
+            self.dropped += 1
+
+    def flush(self, timeout_s: float = 10.0) -> None:
+        """Wait until every record queued so far is written (tests, shutdown)."""
+        done = threading.Event()
+        self.record({"_flush": done})
+        done.wait(timeout_s)
+
+    def close(self) -> None:
+        """Write what is queued, apply retention, stop the writer, close the store (when this log opened it)."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout=30)
+        if self.own_store:
+            self.store.close()
+
+    def _write_loop(self) -> None:
+        since = 0
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                self._retain()
+                return
+            if "_flush" in item:
+                item["_flush"].set()
+                continue
+            try:
+                self.store.append(self.stream, self._clean(item))
+                self.written += 1
+                since += 1
+                if since >= RETAIN_EVERY:
+                    since = 0
+                    self._retain()
+            except StoreError as exc:  # the log must never take the gateway down; say it once per failure
+                self.failed += 1
+                log.warning("serve: a traffic record was not written: %s", exc)
+
+    def _clean(self, row: dict) -> dict:
+        if not self.redact:
+            return row
+        out = dict(row)
+        if isinstance(out.get("input"), str):
+            out["input"] = pii.redact(out["input"])[0]
+        for key in ("student", "teacher"):
+            out[key] = _redact_strings(out.get(key))
+        return out
+
+    def _retain(self) -> None:
+        """Drop records older than max_days, then the oldest beyond max_rows."""
+        try:
+            if self.max_days is not None:
+                cutoff = time.time() - self.max_days * 86400
+                old, after = 0, 0
+                while True:
+                    batch = self.store.read(self.stream, after=after, limit=500)
+                    young = [seq for seq, rec in batch if (rec.get("ts") or 0) >= cutoff]
+                    old += len(batch) if not young else sum(1 for seq, _ in batch if seq < young[0])
+                    if young or len(batch) < 500:
+                        break
+                    after = batch[-1][0]
+                if old:
+                    self.store.trim(self.stream, keep=self.store.length(self.stream) - old)
+            if self.store.length(self.stream) > self.max_rows:
+                self.store.trim(self.stream, keep=self.max_rows)
+        except StoreError as exc:
+            log.warning("serve: traffic retention failed: %s", exc)
+
+
+def _redact_strings(value: Any) -> Any:
+    if isinstance(value, str):
+        return pii.redact(value)[0]
+    if isinstance(value, dict):
+        return {k: _redact_strings(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact_strings(v) for v in value]
+    return value
+
+
+def traffic_path(cfg: Config, run_dir: Path | str) -> Path:
+    """``serve.traffic_path``, else ``<run_dir>/serve/traffic.sqlite``."""
+    if cfg.serve.traffic_path:
+        return Path(cfg.serve.traffic_path).expanduser()
+    return paths.stage_dir(Path(run_dir), paths.SERVE_DIR) / TRAFFIC_SQLITE
+
+
+def _store(cfg: Config, run_dir: Path | str) -> Store:
+    if cfg.serve.store == "redis" and not cfg.serve.traffic_path:
+        return open_store(cfg, run_dir)
+    return SqliteStore(traffic_path(cfg, run_dir), cfg.serve.store_namespace or cfg.recipe.name)
+
+
+def open_traffic_log(cfg: Config, run_dir: Path | str) -> TrafficLog | None:
+    """The traffic log ``serve.traffic`` configures, or None when ``serve.traffic.enabled`` is false."""
+    t = cfg.serve.traffic
+    if not t.enabled:
+        return None
+    return TrafficLog(_store(cfg, run_dir), max_rows=t.max_rows, max_days=t.max_days,
+                      redact=cfg.generate.redact_pii)
+
+
+def read_traffic(cfg: Config, run_dir: Path | str, limit: int | None = None) -> list[dict]:
+    """Every record of the traffic log, oldest first (at most ``limit``)."""
+    path = traffic_path(cfg, run_dir)
+    if not (cfg.serve.store == "redis" and not cfg.serve.traffic_path) and not path.is_file():
+        return []
+    store = _store(cfg, run_dir)
+    try:
+        return [rec for _, rec in store.read(STREAM, after=0, limit=limit)]
+    finally:
+        store.close()
