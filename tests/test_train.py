@@ -220,7 +220,7 @@ def test_two_processes_with_gloo_train_one_adapter(labelled_run, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import set_seed
 
-    from distill.models import load_base
+    from distill.student.models import load_base
 
     run_dir = _copy(labelled_run, tmp_path / "run")
     args = _train_args(run_dir, "train.max_steps=2", "train.save_steps=2")
@@ -251,7 +251,7 @@ def test_two_processes_with_gloo_train_one_adapter(labelled_run, tmp_path):
 
 
 def test_offline_hub_student_is_one_clear_error(tmp_path):
-    from distill.models import load_base
+    from distill.student.models import load_base
 
     # A hub id that no cache holds: offline (conftest), loading it must fail with what to do, not a traceback.
     cfg = load_config([f"run_dir={tmp_path}", "student=phi3_mini", "student.load_in_4bit=false",
