@@ -1,132 +1,158 @@
 """Command line: python -m distill COMMAND [key=value ...]
 
-Commands:
-    run        generate -> train -> evaluate -> publish; finished stages are skipped on a re-run
-    generate   the teacher labels the recipe's inputs -> dataset + ledger of every paid call
-    train      LoRA / QLoRA fine-tune of the student on the teacher's labels
-    evaluate   student vs teacher (and vs gold): agreement, confusion, coverage, cost, a pass/fail gate
-    publish    merged + quantized model, model card, routing rule for a gateway
-    recipes    known recipes with a one-line description (add recipe_dir=DIR to include a folder of your own)
-    config     the options of every config group, one line each; `config --resolved [overrides]` prints every
-               key of the composed config with its value
-    ledger     teacher calls, tokens, dollars and failures of a run (run_dir=DIR)
-    serve      an OpenAI-compatible gateway over a published run: student when confident, else the teacher
-               (run_dir=DIR; no recipe=, the run's config.yaml holds it; serve.port=8088, serve.* keys)
-
-Examples:
-    python -m distill run recipe=support_tickets                     the embedded demo (offline, CPU)
-    python -m distill run recipe=email_extraction profile=smoke run_dir=runs/emails
-    python -m distill run recipe=support_tickets teacher=openai teacher.model=gpt-4o-mini   (OPENAI_API_KEY set)
-    python -m distill run recipe=my_task recipe_dir=~/my_recipes     a recipe of your own (or ./recipes/)
-    python -m distill evaluate recipe=support_tickets run_dir=DIR eval.gate.min_agreement=0.8
-    python -m distill generate recipe=support_tickets run_dir=DIR generate.dry_run=true   the cost, nothing sent
-    python -m distill serve run_dir=DIR serve.port=8088              the gateway: clients call model "support_tickets"
-
-Overrides are Hydra overrides: group choices (teacher=openai, student=phi3_mini, profile=smoke) and keys
-(train.max_steps=100, teacher.base_url=http://..., eval.gate.min_agreement=0.8).
+The commands are the entries of ``COMMANDS``: each is one ``@command(...)`` over its handler, with its one-line
+summary, what it does, the config groups it reads and examples; ``--help`` (top level and per command) is printed
+from that table, so a new command is one decorated function. Everything after the command is a Hydra override
+(``key=value`` or ``group=option``); distill has no ``--flags`` besides ``-h/--help`` and ``config --resolved``.
 Exit codes: 0 ok, 2 bad input or a failed stage (one line on stderr), 3 evaluate gate failed, 130 interrupted.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
-import re
+import os
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from distill import DistillError, paths
+from distill import DistillError, GateFailed, paths
+from distill.logs import _on_sigterm, _secrets, _setup_logging
 
-COMMANDS = ("run", *paths.STAGES, "recipes", "config", "ledger", "serve")
-
-
-# HTTP stacks log request headers, failed header values and request options at DEBUG: never below WARNING.
-HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "h11", "h2", "hpack", "openai", "anthropic", "aiohttp", "urllib3",
-                "requests", "huggingface_hub", "websockets")
-_BEARER = re.compile(r"(?i)\b(authorization|api[-_]?key|x-api-key|bearer|token)\b(['\"]?\s*[:=]?\s*['\"]?)"
-                     r"(bearer\s+)?([^\s'\",;)\]}]{8,})")
-_DIGEST = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # sha1 / sha256 hex (request keys, fingerprints): not secrets
+HELP_FLAGS = ("-h", "--help")
 
 
-class SecretScrubber(logging.Filter):
-    """Replace the given secrets, ``Authorization: Bearer ...`` values and key-shaped words in every record (its
-    message, arguments and traceback) by ***, so nothing a handler writes holds a key, whatever the level."""
-
-    def __init__(self, secrets=()):
-        super().__init__()
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
-
-    def scrub(self, text: str) -> str:
-        from distill.config import looks_like_key
-
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        text = _BEARER.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3) or ''}***", text)
-        return re.sub(r"[A-Za-z0-9_\-]{20,}", lambda m: "***" if looks_like_key(m.group())
-                      and not _DIGEST.fullmatch(m.group()) else m.group(), text)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a bad format string: keep what can be shown
-            message = str(record.msg)
-        record.msg, record.args = self.scrub(message), None
-        if record.exc_info:
-            text = record.exc_text or logging.Formatter().formatException(record.exc_info)
-            record.exc_text, record.exc_info = self.scrub(text), None
-        elif record.exc_text:
-            record.exc_text = self.scrub(record.exc_text)
-        if record.stack_info:
-            record.stack_info = self.scrub(record.stack_info)
-        return True
+@dataclass(frozen=True)
+class Command:
+    name: str
+    summary: str                  # one line in the command list
+    about: str                    # what it does, for ``COMMAND --help``
+    handler: Callable[[str, list[str]], int]
+    groups: tuple[str, ...] = ()  # config groups whose keys it reads (listed in its help)
+    examples: tuple[str, ...] = ()
+    needs_run_dir: bool = False   # works on an existing run: run_dir=DIR must be given
+    flags: tuple[str, ...] = ()   # the --flags it takes besides -h/--help
 
 
-def _secrets(cfg) -> list[str]:
-    """The values of the environment variables the config names for keys (raw and stripped), to scrub from logs."""
-    import os
-
-    names = [cfg.teacher.api_key_env, cfg.eval.endpoint.api_key_env]
-    values = [os.environ.get(n) for n in names if n]
-    return [v for raw in values if raw for v in (raw, raw.strip())]
+COMMANDS: dict[str, Command] = {}
 
 
-def _setup_logging(run_dir: Path | None, secrets=()) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if run_dir is not None:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(run_dir) / "distill.log", encoding="utf-8"))
-    scrubber = SecretScrubber(secrets)
-    for handler in handlers:
-        handler.addFilter(scrubber)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        handlers=handlers, force=True)
-    for noisy in (*HTTP_LOGGERS, "filelock", "datasets"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+def command(name: str, summary: str, about: str, *, groups=(), examples=(), needs_run_dir=False, flags=()):
+    """Register ``handler(name, overrides) -> exit code`` as the command ``name``."""
+
+    def register(handler):
+        COMMANDS[name] = Command(name, summary, about, handler, tuple(groups), tuple(examples), needs_run_dir,
+                                 tuple(flags))
+        return handler
+
+    return register
 
 
-def _on_sigterm(signum, frame):  # turn SIGTERM into an exception so context managers stop child servers
-    raise KeyboardInterrupt
+EXAMPLES = (
+    ("python -m distill run recipe=support_tickets", "the embedded demo (offline, CPU)"),
+    ("python -m distill run recipe=email_extraction profile=smoke run_dir=runs/emails", ""),
+    ("python -m distill run recipe=support_tickets teacher=openai teacher.model=gpt-4o-mini", "(OPENAI_API_KEY set)"),
+    ("python -m distill run recipe=my_task recipe_dir=~/my_recipes", "a recipe of your own (or ./recipes/)"),
+    ("python -m distill evaluate recipe=support_tickets run_dir=DIR eval.gate.min_agreement=0.8", ""),
+    ("python -m distill generate recipe=support_tickets run_dir=DIR generate.dry_run=true", "the cost, nothing sent"),
+    ("python -m distill serve run_dir=DIR serve.port=8088", "the gateway: clients call model \"support_tickets\""),
+)
+
+
+def main_help() -> str:
+    width = max(len(name) for name in COMMANDS) + 2
+    lines = ["Command line: python -m distill COMMAND [key=value ...]", "", "Commands:"]
+    lines += [f"    {name:{width}s} {c.summary}" for name, c in COMMANDS.items()]
+    lines += ["", "Examples:"]
+    lines += [f"    {cmd}" + (f"   {note}" if note else "") for cmd, note in EXAMPLES]
+    lines += ["", "Overrides are Hydra overrides, key=value (no --flags): group choices (teacher=openai, "
+              "student=phi3_mini,", "profile=smoke) and keys (train.max_steps=100, teacher.base_url=http://..., "
+              "eval.gate.min_agreement=0.8).", "`python -m distill COMMAND --help` explains one command; "
+              "`python -m distill config --resolved` prints every key.",
+              "Exit codes: 0 ok, 2 bad input or a failed stage (one line on stderr), 3 evaluate gate failed, "
+              "130 interrupted."]
+    return "\n".join(lines)
+
+
+def command_help(c: Command) -> str:
+    from distill.config import Config
+
+    run_dir = " run_dir=DIR" if c.needs_run_dir else ""
+    lines = [f"usage: python -m distill {c.name}{run_dir} [key=value ...]"
+             + "".join(f" [{f}]" for f in c.flags), "", c.summary[0].upper() + c.summary[1:] + ".", "", c.about]
+    if c.groups:
+        lines += ["", "Keys it reads (set any with group.key=value; `python -m distill config --resolved` shows "
+                      "their values):"]
+        for group in c.groups:
+            field = Config.model_fields[group]
+            keys = getattr(field.annotation, "model_fields", None)
+            lines.append(f"  {group}: " + (", ".join(keys) if keys else f"{group}=VALUE"))
+    if c.examples:
+        lines += ["", "Examples:"] + [f"    {e}" for e in c.examples]
+    return "\n".join(lines)
+
+
+def _flag_hint(flag: str, following: str | None, c: Command) -> str:
+    """One line for a ``--flag`` given where distill wants ``key=value``."""
+    key, eq, value = flag.lstrip("-").partition("=")
+    if not eq and following and "=" not in following and not following.startswith("-"):
+        value = following
+    example = f"{key}={value or 'VALUE'}"
+    takes = f" ({c.name} takes {', '.join(c.flags)}; everything else is key=value)" if c.flags else ""
+    return f"{flag}: distill takes key=value overrides, not --flags: write {example}{takes}"
+
+
+def _check_arguments(c: Command, overrides: list[str]) -> None:
+    """Refuse --flags and bare words with a hint, and a missing run_dir= where the command needs a run."""
+    for i, item in enumerate(overrides):
+        if item.startswith("--") and item not in c.flags:
+            following = overrides[i + 1] if i + 1 < len(overrides) else None
+            raise DistillError(_flag_hint(item, following, c))
+        if "=" not in item and not item.startswith(("~", "-")):
+            raise DistillError(f"{item!r} is not an override: write key=value (profile=smoke, train.max_steps=100) "
+                               f"or group=option (teacher=openai)")
+    if c.needs_run_dir and not any(o.split("=", 1)[0] == "run_dir" and o.split("=", 1)[1] for o in overrides):
+        raise DistillError(f"{c.name} needs run_dir=DIR: the folder of an existing run (made by `python -m distill "
+                           f"run ...`), e.g. python -m distill {c.name} run_dir=runs/support_tickets/<timestamp>")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(__doc__.strip())
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, so a closed pipe (`config | head -1`) is caught below, not at exit
+        return code
+    except BrokenPipeError:  # the reader stopped reading: not an error, and no traceback at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    command, overrides = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"distill: error: unknown command {command!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+
+
+def _main(argv: list[str]) -> int:
+    if not argv or argv[0] in (*HELP_FLAGS, "help"):
+        topic = argv[1] if len(argv) > 1 and argv[0] == "help" else None
+        print(command_help(COMMANDS[topic]) if topic in COMMANDS else main_help())
+        return 0
+    name, overrides = argv[0], argv[1:]
+    if name not in COMMANDS:
+        if name.startswith("-"):
+            problem = f"{name}: give a command first, then key=value overrides (not --flags)"
+        else:
+            close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+            problem = f"unknown command {name!r}" + (f" (did you mean {close[0]}?)" if close else "")
+        print(f"distill: error: {problem}; commands: {', '.join(COMMANDS)} (python -m distill --help)",
+              file=sys.stderr)
         return 2
+    c = COMMANDS[name]
+    if any(o in HELP_FLAGS for o in overrides):
+        print(command_help(c))
+        return 0
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _dispatch(command, overrides)
+        _check_arguments(c, overrides)
+        return c.handler(name, overrides)
     except DistillError as exc:
-        from distill.pipeline import GateFailed
-        from distill.stages.generate import DryRunStop
-
-        if isinstance(exc, DryRunStop):
-            print(f"distill: {exc}", file=sys.stderr)
-            return 0
         print(f"distill: error: {exc}", file=sys.stderr)
         return 3 if isinstance(exc, GateFailed) else 2
     except KeyboardInterrupt:
@@ -134,60 +160,160 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _dispatch(command: str, overrides: list[str]) -> int:
-    from distill import config
+# ---------------------------------------------------------------------------------------------------------------
+# the commands, in the order --help lists them
 
-    if command == "recipes":
-        recipe_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe_dir=")), None)
-        for name, yaml_file in config.list_recipes(recipe_dir).items():
-            data = config.load_yaml(yaml_file, "recipe file")
-            desc = data.get("description", "") if isinstance(data, dict) else ""
-            print(f"{name:24s} {desc}  [{yaml_file.parent}]")
-        return 0
-    if command == "config":
-        if "--resolved" in overrides:
-            import yaml
+_KEEP = "Re-running with the same run_dir skips every stage whose fingerprint still matches."
 
-            cfg = config.load_config([o for o in overrides if o != "--resolved"])
-            print(yaml.safe_dump(config.public_dict(cfg), sort_keys=False, allow_unicode=True), end="")
-            return 0
-        recipes = config.list_recipes()
-        for group, options in config.group_options().items():
-            print(f"{group}:  (pick one with {group}=NAME)")
-            for name in options:
-                path = recipes[name] if group == "recipe" else config.CONF_DIR / group / f"{name}.yaml"
-                print(f"  {name:18s} {_option_line(path)}")
-        print("Every key and its value: python -m distill config --resolved [overrides]")
-        return 0
 
-    if command == "serve":  # the run's own config.yaml, not a fresh composition: see distill/serve/command.py
-        from distill.serve import command as serving
+def _stage(name: str, overrides: list[str]) -> int:
+    from distill import config, pipeline
+    from distill.teacher.pricing import DryRun
 
-        cfg = serving.load_serve_config(overrides)
-        _setup_logging(cfg.run_dir, _secrets(cfg) + serving.client_keys(cfg))
-        return serving.serve(cfg)
     cfg = config.load_config(overrides)
-    if command == "ledger":
-        return _ledger(cfg)
-    if command not in ("run", "generate") and not Path(cfg.run_dir).is_dir():
-        raise DistillError(f"run dir {cfg.run_dir} does not exist; `{command}` works on an existing run "
+    if name not in ("run", "generate") and not Path(cfg.run_dir).is_dir():
+        raise DistillError(f"run dir {cfg.run_dir} does not exist; `{name}` works on an existing run "
                            f"(start one with `python -m distill run` or `generate`)")
+    stages = paths.STAGES if name == "run" else (name,)
+    config.check_startup(cfg, stages)  # before the run dir or its log exist
     _setup_logging(cfg.run_dir, _secrets(cfg))
-    from distill import pipeline
-
     log = logging.getLogger("distill")
     log.info("run dir: %s", cfg.run_dir)
-    if command == "run":
+    if name == "run":
         summaries = pipeline.run(cfg)
+        if isinstance(summaries.get("generate"), DryRun):  # a success: the estimate is the answer
+            print(f"distill: {summaries['generate']}", file=sys.stderr)
+            return 0
         ev = summaries["evaluate"]["metrics"]
         log.info("agreement with teacher %.3f | student vs gold %s | publish: %s", ev["agreement"]["exact"],
                  (ev.get("student_vs_gold") or {}).get("exact"), cfg.run_dir / "publish")
         return 0
     pipeline.save_config(cfg)
-    summary = pipeline.run_stage(cfg, command)
-    if command == "evaluate":
+    summary = pipeline.run_stage(cfg, name)
+    if isinstance(summary, DryRun):
+        print(f"distill: {summary}", file=sys.stderr)
+        return 0
+    if name == "evaluate":
         pipeline.check_gate(summary)
     return 0
+
+
+command("run", "generate -> train -> evaluate -> publish; finished stages are skipped on a re-run",
+        "Runs the four stages in order in run_dir (default runs/<recipe>/<timestamp>). Every config check of every "
+        "stage runs first, so a bad setting fails in a second, before the teacher is paid. Stops before publish "
+        f"when the evaluate gate fails (exit 3; publish.force=true publishes anyway). {_KEEP}",
+        groups=("recipe", "teacher", "student", "train", "generate", "eval", "publish"),
+        examples=("python -m distill run recipe=support_tickets",
+                  "python -m distill run recipe=support_tickets profile=smoke run_dir=runs/smoke",
+                  "python -m distill run recipe=support_tickets teacher=openai teacher.model=gpt-4o-mini"))(_stage)
+command("generate", "the teacher labels the recipe's inputs -> dataset + ledger of every paid call",
+        "Reads the recipe's inputs (or has the teacher write them: generate.source=synthesize), drops duplicates, "
+        "estimates the cost, then labels under generate.budget_usd and splits train/val/test. Every paid answer "
+        "is in generate/ledger.sqlite the moment it arrives, so nothing is ever paid twice.",
+        groups=("recipe", "teacher", "generate"),
+        examples=("python -m distill generate recipe=support_tickets run_dir=DIR generate.dry_run=true",
+                  "python -m distill generate recipe=support_tickets run_dir=DIR teacher=openai "
+                  "teacher.model=gpt-4o-mini generate.budget_usd=5"))(_stage)
+command("train", "LoRA / QLoRA fine-tune of the student on the teacher's labels",
+        "Trains the student on generate's train split (validation loss on val), resuming from the newest "
+        "checkpoint that was trained with the same settings and data. Needs a finished generate in run_dir.",
+        groups=("student", "train"), needs_run_dir=True,
+        examples=("python -m distill train recipe=support_tickets run_dir=DIR train.max_steps=100",
+                  "python -m distill train run_dir=DIR student=phi3_mini train=qlora   (CUDA)"))(_stage)
+command("evaluate", "student vs teacher (and vs gold): agreement, confusion, coverage, cost, a pass/fail gate",
+        "Scores the trained student (or a served model: eval.endpoint.base_url=URL eval.endpoint.model=M) on the "
+        "held-out split: agreement with the teacher and accuracy vs gold with intervals, calibration, coverage, "
+        "cost. Writes evaluate/report.md and results.json; exits 3 when a gate threshold (eval.gate.*, "
+        "eval.baseline) is missed.",
+        groups=("eval",), needs_run_dir=True,
+        examples=("python -m distill evaluate recipe=support_tickets run_dir=DIR eval.gate.min_agreement=0.8",
+                  "python -m distill evaluate run_dir=DIR eval.baseline=main/results.json",
+                  "python -m distill evaluate run_dir=DIR eval.endpoint.base_url=http://127.0.0.1:8080/v1 "
+                  "eval.endpoint.model=student"))(_stage)
+command("publish", "merged + quantized model, model card, routing rule for a gateway",
+        "Merges the adapter, quantizes GGUFs with llama.cpp, checks each artifact's parity with the student, and "
+        "writes publish/routing.yaml (the confidence threshold that keeps publish.target_agreement), serving "
+        "snippets and MODEL_CARD.md.",
+        groups=("publish",), needs_run_dir=True,
+        examples=("python -m distill publish run_dir=DIR publish.target_agreement=0.98",))(_stage)
+
+
+@command("recipes", "known recipes with a one-line description (add recipe_dir=DIR to include a folder of your own)",
+         "Lists every recipe distill finds: recipe_dir=DIR first, then ./recipes, then the packaged ones (the first "
+         "of a name wins). A recipe is NAME.yaml + a folder NAME/ with its inputs and prompts.",
+         examples=("python -m distill recipes", "python -m distill recipes recipe_dir=~/my_recipes"))
+def _recipes(name: str, overrides: list[str]) -> int:
+    from distill import config
+
+    recipe_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe_dir=")), None)
+    for recipe, yaml_file in config.list_recipes(recipe_dir).items():
+        data = config.load_yaml(yaml_file, "recipe file")
+        desc = data.get("description", "") if isinstance(data, dict) else ""
+        print(f"{recipe:24s} {desc}  [{yaml_file.parent}]")
+    return 0
+
+
+@command("config", "the options of every config group; `config --resolved [overrides]`: every key and its value",
+         "Without --resolved: each config group and its options (pick one with group=option). With --resolved: "
+         "the whole config the overrides compose, validated, as YAML (what a run writes to config.yaml).",
+         examples=("python -m distill config", "python -m distill config --resolved teacher=openai profile=smoke"),
+         flags=("--resolved",))
+def _config(name: str, overrides: list[str]) -> int:
+    from distill import config
+
+    if "--resolved" in overrides:
+        import yaml
+
+        cfg = config.load_config([o for o in overrides if o != "--resolved"])
+        print(yaml.safe_dump(config.public_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+        return 0
+    recipes = config.list_recipes()
+    for group, options in config.group_options().items():
+        print(f"{group}:  (pick one with {group}=NAME)")
+        for option in options:
+            path = recipes[option] if group == "recipe" else config.CONF_DIR / group / f"{option}.yaml"
+            print(f"  {option:18s} {_option_line(path)}")
+    print("Every key and its value: python -m distill config --resolved [overrides]")
+    return 0
+
+
+@command("ledger", "teacher calls, tokens, dollars and failures of a run (run_dir=DIR)",
+         "Prints the summary of the run's teacher ledger (generate/ledger.sqlite, or generate.shared_ledger): "
+         "calls, tokens, dollars, failures, as JSON.",
+         groups=("generate",), needs_run_dir=True, examples=("python -m distill ledger run_dir=DIR",))
+def _ledger_command(name: str, overrides: list[str]) -> int:
+    from distill import config
+
+    return _ledger(config.load_config(overrides))
+
+
+@command("serve", "an OpenAI-compatible gateway over a published run: student when confident, else the teacher",
+         "Serves POST /v1/chat/completions, /v1/models, /healthz and /metrics, applying publish/routing.yaml to "
+         "each request. No recipe=: the run's config.yaml holds it; set serve.* keys (and single keys of the "
+         "run's config such as teacher.base_url=URL).",
+         groups=("serve",), needs_run_dir=True,
+         examples=("python -m distill serve run_dir=DIR serve.port=8088",
+                   "python -m distill serve run_dir=DIR serve.student_endpoint=http://127.0.0.1:8090/v1"))
+def _serve(name: str, overrides: list[str]) -> int:
+    from distill.serve import command as serving  # the run's own config.yaml, not a fresh composition
+
+    cfg = serving.load_serve_config(overrides)
+    _setup_logging(cfg.run_dir, _secrets(cfg) + serving.client_keys(cfg))
+    return serving.serve(cfg)
+
+
+@command("calibrate-cache", "the semantic cache's similarity threshold, measured on the run's held-out items",
+         "Matches each val/test item to its nearest train item (MiniLM), measures the hit rate and the false-hit "
+         "rate (the neighbour's teacher answer differs) at each threshold, and writes serve/cache_calibration.json "
+         "with the lowest threshold whose false-hit upper 95% bound is <= serve.semantic_cache.max_false_hit "
+         "(none: the cache stays off); serve reads it.",
+         groups=("serve",), needs_run_dir=True,
+         examples=("python -m distill calibrate-cache run_dir=DIR",
+                   "python -m distill calibrate-cache run_dir=DIR serve.semantic_cache.max_false_hit=0.02"))
+def _calibrate_cache(name: str, overrides: list[str]) -> int:
+    from distill.serve import calibrate
+
+    return calibrate.main(overrides)
 
 
 def _option_line(path: Path) -> str:
@@ -214,7 +340,7 @@ def _ledger(cfg) -> int:
 
     from distill.ledger import Ledger
 
-    path = Path(cfg.generate.shared_ledger) if cfg.generate.shared_ledger else paths.ledger_path(cfg.run_dir)
+    path = paths.ledger_path(cfg.run_dir, cfg.generate.shared_ledger)
     if not path.exists():
         raise DistillError(f"no ledger at {path}; run the generate stage first")
     with Ledger(path) as ledger:
