@@ -10,6 +10,7 @@ from pathlib import Path
 
 from distill import runio
 from distill.metrics.gate import junit_xml, summary_markdown
+from distill.metrics.stats import format_interval
 from distill.paths import COST_PNG, COVERAGE_PNG, JUNIT_XML, REPORT, SUMMARY_MD, confusion_png
 
 
@@ -96,45 +97,81 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def _ci(d: dict | None) -> str:
-    if not d or d.get("value") is None:
-        return "n/a"
-    if d.get("low") is None:
-        return _pct(d["value"])
-    return f"{_pct(d['value'])} [{100 * d['low']:.1f}, {100 * d['high']:.1f}]"
+def gate_thresholds(thresholds: dict) -> str | None:
+    """The thresholds a gate applied, in words; None when none is set (the defaults 0.0 and 1.0 let anything
+    through, and so does a gate with no floor, no baseline and no tolerance)."""
+    t = thresholds or {}
+    parts = []
+    if t.get("min_agreement"):
+        parts.append(f"agreement >= {_pct(t['min_agreement'])}")
+    if t.get("max_invalid_rate") is not None and t["max_invalid_rate"] < 1:
+        parts.append(f"invalid <= {_pct(t['max_invalid_rate'])}")
+    if t.get("min_accuracy") is not None:
+        parts.append(f"accuracy vs gold >= {_pct(t['min_accuracy'])}")
+    parts += [f"{field} agreement >= {_pct(floor)}" for field, floor in (t.get("min_field_agreement") or {}).items()]
+    if t.get("baseline"):
+        parts.append(f"no significant drop below {t['baseline']} (McNemar p < {t.get('baseline_alpha')})")
+    if t.get("max_drop") is not None:
+        parts.append(f"a drop of at most {_pct(t['max_drop'])}")
+    if not parts:
+        return None
+    return ", ".join(parts) + ("; on the interval's bound" if t.get("use_lower_bound") else "")
+
+
+def verdict_line(gate: dict) -> str:
+    """The report's first line: PASS/FAIL with the thresholds it was judged by, or that no gate was set."""
+    applied = gate_thresholds(gate.get("thresholds") or {})
+    if gate["passed"]:
+        if applied is None:
+            return ("**Gate: PASS, no gate set** (every threshold is at its default, so any student with one valid "
+                    "answer passes; set eval.gate.min_agreement, eval.gate.max_invalid_rate or eval.baseline to make "
+                    "it block)")
+        return f"**Gate: PASS** ({applied})"
+    return f"**Gate: FAIL** ({applied or 'no threshold set; at least one valid answer is always required'}): " \
+        + "; ".join(gate["reasons"])
+
+
+def _teacher_price_note(c: dict) -> str:
+    """What the teacher's cost figure stands for: its own price, or a hosted model's when the teacher is free."""
+    t = c["teacher"]
+    if t.get("price_source") == "eval.cost.reference_price":
+        return (f"{t['model'] or 'the teacher'} costs nothing to run here, so it is priced as {t['priced_as']} "
+                f"would be (eval.cost.reference_price)")
+    return f"{t['priced_as']}, {t.get('price_source') or 'teacher.price'}"
 
 
 def _usd(x: float | None) -> str:
     return "n/a" if x is None else f"${x:,.4f}"
 
 
-def render(results: dict, predictions: list[dict], worst: int = 10) -> str:
-    """The Markdown report: verdict and key numbers first, then the plots, tables and worst disagreements."""
+def render(results: dict, predictions: list[dict], worst: int = 10, level: float = 0.95) -> str:
+    """The Markdown report: verdict and key numbers first, then the plots, tables and worst disagreements.
+    ``level`` is ``eval.confidence_level``, the level of every interval in ``results``."""
     m, s, g, c = results["metrics"], results["speed"], results["gate"], results["cost"]
     d = results["decontamination"]
     p = results["predictor"]
     who = p.get("student") if p["kind"] == "in_process" else f"{p['model']} at {p['base_url']}"
-    verdict = "PASS" if g["passed"] else "FAIL: " + "; ".join(g["reasons"])
     be = c["break_even_requests"]["on_demand"]
     if be is not None:
         even = f"break-even after {be:,} requests"
     else:
         even = "no break-even: " + ("no student throughput measured" if c["student_usd_per_1k"] is None
                                     else "the student costs more per request")
-    level = "95%"
+    level = f"{100 * level:g}%"
     lines = [f"# Evaluation: {results['recipe']} ({who} vs teacher {results['teacher']})", "",
-             f"**Gate: {verdict}**", "",
-             f"- agreement with the teacher (whole answer): **{_ci(m['agreement_ci']['exact'])}** on {m['n']} "
-             f"{results['split']} items ({level} bootstrap interval)",
-             f"- student accuracy vs gold: {_ci((m.get('student_vs_gold_ci') or {}).get('exact'))}; teacher "
-             f"accuracy vs gold: {_ci((m.get('teacher_vs_gold_ci') or {}).get('exact'))} ({m['n_gold']} with gold)",
-             f"- invalid answers: {_ci(m['invalid'])} {m.get('invalid_by_reason') or ''}",
+             verdict_line(g), "",
+             f"- agreement with the teacher (whole answer): **{format_interval(m['agreement_ci']['exact'])}** on "
+             f"{m['n']} {results['split']} items ({level} bootstrap interval)",
+             f"- student accuracy vs gold: {format_interval((m.get('student_vs_gold_ci') or {}).get('exact'))}; "
+             f"teacher accuracy vs gold: {format_interval((m.get('teacher_vs_gold_ci') or {}).get('exact'))} "
+             f"({m['n_gold']} with gold)",
+             f"- invalid answers: {format_interval(m['invalid'])} {m.get('invalid_by_reason') or ''}",
              f"- cost per 1,000 requests: teacher {_usd(c['teacher_usd_per_1k'])} "
-             f"({c['teacher']['priced_as']}), student {_usd(c['student_usd_per_1k'])}; {even} "
+             f"({_teacher_price_note(c)}), student {_usd(c['student_usd_per_1k'])}; {even} "
              f"(one-off {_usd(c['one_off']['total_usd'])})",
              f"- left out as duplicates of training items: {d['n_excluded']} of {d['n_checked']} "
              f"({d['exact']} exact, {d['near']} near); agreement on all items "
-             f"{_ci(d['agreement_all_items'])}", ""]
+             f"{format_interval(d['agreement_all_items'])}", ""]
     if p["kind"] == "endpoint" and m.get("failures"):
         lines += [f"Endpoint failures: {m['failures']}", ""]
     fields = [f for f in m["agreement"] if f != "exact"]
@@ -144,7 +181,8 @@ def render(results: dict, predictions: list[dict], worst: int = 10) -> str:
     def row(name: str, block: dict | None) -> str:
         if not block:
             return f"| {name} | n/a |" + " |" * len(fields)
-        return f"| {name} | {_ci(block['exact'])} | " + " | ".join(_ci(block[f]) for f in fields) + " |"
+        cells = [format_interval(block["exact"])] + [format_interval(block[f]) for f in fields]
+        return f"| {name} | " + " | ".join(cells) + " |"
 
     lines += [row("student agreement with teacher", m["agreement_ci"]),
               row("student accuracy vs gold", m.get("student_vs_gold_ci")),
@@ -153,9 +191,9 @@ def render(results: dict, predictions: list[dict], worst: int = 10) -> str:
     if macro:
         lines += ["| macro-F1 | vs teacher | student vs gold | teacher vs gold |", "|---|---|---|---|"]
         for f, info in macro:
-            lines.append(f"| {f} | {_ci(info['vs_teacher']['macro_f1'])} | "
-                         f"{_ci((info['vs_gold'] or {}).get('macro_f1'))} | "
-                         f"{_ci((info['teacher_vs_gold'] or {}).get('macro_f1'))} |")
+            lines.append(f"| {f} | {format_interval(info['vs_teacher']['macro_f1'])} | "
+                         f"{format_interval((info['vs_gold'] or {}).get('macro_f1'))} | "
+                         f"{format_interval((info['teacher_vs_gold'] or {}).get('macro_f1'))} |")
         lines.append("")
     for f, info in macro:
         lines += [f"### {f}", "", f"![confusion {f}]({confusion_png(f)})", "",
@@ -217,8 +255,8 @@ def render(results: dict, predictions: list[dict], worst: int = 10) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_all(out_dir: Path, results: dict, predictions: list[dict], worst: int = 10) -> None:
-    """Plots, report.md, junit.xml and summary.md into ``out_dir``."""
+def write_all(out_dir: Path, results: dict, predictions: list[dict], worst: int = 10, level: float = 0.95) -> None:
+    """Plots, report.md, junit.xml and summary.md into ``out_dir`` (``level``: eval.confidence_level)."""
     for field, conf in results["confusion"].items():
         plot_confusion(out_dir / confusion_png(field), field, conf)
     curves = {f"{results['split']} split": results["coverage_curve"]}
@@ -226,6 +264,6 @@ def write_all(out_dir: Path, results: dict, predictions: list[dict], worst: int 
         curves["val split"] = results["val_coverage_curve"]
     plot_coverage(out_dir / COVERAGE_PNG, curves)
     plot_cost(out_dir / COST_PNG, results["cost"])
-    runio.atomic_write_text(out_dir / REPORT, render(results, predictions, worst))
+    runio.atomic_write_text(out_dir / REPORT, render(results, predictions, worst, level))
     runio.atomic_write_text(out_dir / JUNIT_XML, junit_xml(results["gate"]))
     runio.atomic_write_text(out_dir / SUMMARY_MD, summary_markdown(results))
