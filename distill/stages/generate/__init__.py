@@ -35,6 +35,7 @@ from distill.teacher.server import teacher_endpoint
 
 log = logging.getLogger("distill")
 
+
 def prepare(cfg: Config, task: Task, examples: list[Example]) -> tuple[list[Example], list[str], dict]:
     """PII redaction and duplicate removal. Returns (kept examples, the text that decides each one's split, QA
     report): members of a near-duplicate group all take their group's first text, so they share a split."""
