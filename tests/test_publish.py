@@ -13,7 +13,9 @@ from conftest import tiny_overrides
 from distill import DistillError, paths, pipeline, runio
 from distill.config import load_config
 from distill.routing import load_rule
-from distill.stages import evaluate, publish
+from distill.stages import publish
+from distill.student import endpoint, predict
+from distill.student.predictions import Predictions
 from distill.testing.fake_teacher import FakeTeacher
 
 pytestmark = pytest.mark.integration
@@ -76,7 +78,7 @@ def test_merge_and_quantize_carry_template_and_stop_token(published):
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    from distill.models import load_base
+    from distill.student.models import load_base
 
     run_dir, cfg, summary = published
     hf = run_dir / "publish" / paths.MODEL_DIR / paths.HF_DIR
@@ -135,8 +137,8 @@ def test_every_artifact_has_parity_in_its_runtime(published):
             assert set(served) >= {"agreement_with_student", "agreement_with_teacher", "invalid_rate"}
             assert parity[rel]["stop_check"]["completion_tokens"] >= 1
             assert summary["checks"][rel.split("/")[-1]]["loads"] is True
-    # evaluate's report now also says how each shipped file answers the test items, in the same figures
-    report = (run_dir / "evaluate" / paths.REPORT).read_text()
+    # publish's own report says how each shipped file answers the test items, in the same figures
+    report = (run_dir / "publish" / paths.REPORT).read_text()
     for rel, res in parity.items():
         assert f"`{rel}`" in report and f"{res['parity'] * 100:.1f}% of {res['n']} test items; published" in report
 
@@ -330,12 +332,13 @@ def _wrong_answers(rows):
     wrong = {"category": "billing", "priority": "urgent"}
     answers = [wrong if r.get("student") != wrong else {"category": "feedback", "priority": "low"} for r in rows]
     n = len(rows)
-    return evaluate.Predictions(answers, [json.dumps(a) for a in answers], [None] * n, [0.5] * n, [0.01] * n, {})
+    return Predictions(answers, [json.dumps(a) for a in answers], [None] * n, [0.5] * n, [0.01] * n, {})
 
 
 def test_an_artifact_below_min_parity_is_not_published(base_run, tmp_path, monkeypatch):
     run_dir = _copy(base_run, tmp_path)
-    monkeypatch.setattr(evaluate, "predict_endpoint", lambda cfg, task, rows, url, name: _wrong_answers(rows))
+    monkeypatch.setattr(endpoint, "predict_endpoint", lambda cfg, task, rows, url, name: _wrong_answers(rows))
+    evaluate_report = (run_dir / "evaluate" / paths.REPORT).read_bytes()
     summary = publish.run(_cfg(run_dir, "publish.gguf_types=[q8_0]"), run_dir)
     pub = run_dir / "publish"
     (gguf_rel,) = [rel for rel in runio.read_json(pub / paths.PARITY) if rel.endswith(".gguf")]
@@ -345,20 +348,16 @@ def test_an_artifact_below_min_parity_is_not_published(base_run, tmp_path, monke
     assert gguf_rel not in load_rule(pub / paths.ROUTING).student.artifacts.values()
     assert not (pub / paths.MODELFILE).exists()  # nothing left for Ollama to load
     assert "no: parity 0.0 < publish.min_parity 0.9" in (pub / paths.MODEL_CARD).read_text()
-    report = run_dir / "evaluate" / paths.REPORT
+    report = (pub / paths.REPORT).read_text()
     assert f"`{gguf_rel}`, served by the llama.cpp server: the same answer as the in-process student on 0.0%" \
-        in report.read_text() and "NOT published (parity 0.0 < publish.min_parity 0.9)" in report.read_text()
-    # a later publish replaces its section instead of stacking a second one under evaluate's own text
-    head, parity = report.read_text().split(publish.REPORT_MARK)[0], runio.read_json(pub / paths.PARITY)
-    artifacts = {gguf_rel: {"format": "gguf", "type": "gguf", "runtime": "llama.cpp", "bytes": 1}}
-    publish.add_to_report(_cfg(run_dir), run_dir, artifacts, {gguf_rel: parity[gguf_rel]})
-    text = report.read_text()
-    assert text.count(publish.REPORT_MARK) == 1 and text.startswith(head) and "0.0% of" in text
+        in report and "NOT published (parity 0.0 < publish.min_parity 0.9)" in report
+    # evaluate's report is evaluate's alone: byte for byte what evaluate wrote, whether or not publish ran
+    assert (run_dir / "evaluate" / paths.REPORT).read_bytes() == evaluate_report
 
 
 def test_nothing_reaching_min_parity_publishes_nothing(base_run, tmp_path, monkeypatch):
     run_dir = _copy(base_run, tmp_path)
-    monkeypatch.setattr(evaluate, "predict_in_process", lambda cfg, task, rows, m, t: _wrong_answers(rows))
+    monkeypatch.setattr(predict, "predict_in_process", lambda cfg, task, rows, m, t: _wrong_answers(rows))
     with pytest.raises(DistillError, match=r"no artifact reached publish.min_parity 0.9 \(model/hf 0.0\)"):
         publish.run(_cfg(run_dir, "publish.gguf_types=[]"), run_dir)
     assert not (run_dir / "publish").exists()
