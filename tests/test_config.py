@@ -159,3 +159,73 @@ def test_a_key_shaped_value_is_not_echoed_by_any_config_error():
     assert "train.max_steps" in str(err.value) and key not in str(err.value) and key[:12] not in str(err.value)
     with pytest.raises(DistillError, match=r"train.max_steps.*\(got 'abc'\)"):  # ordinary values still are
         load_config(["train.max_steps=abc"])
+
+
+# --- cross-field checks at start-up -------------------------------------------------------------------------------
+
+
+def test_cross_field_rules_fail_at_load_with_every_problem_named(tmp_path):
+    with pytest.raises(DistillError) as err:
+        load_config(["recipe=email_extraction", "teacher.method=score", "eval.endpoint.base_url=http://127.0.0.1:9/v1",
+                     "+eval.gate.min_field_agreement.prio=0.9", f"run_dir={tmp_path}"])
+    message = str(err.value)
+    assert "teacher.method=score needs a fixed set of values" in message
+    assert "eval.endpoint.model is required" in message
+    assert "eval.gate.min_field_agreement names prio" in message and "its fields: order_id" in message
+
+
+def test_a_bad_synthesis_section_fails_at_load(tmp_path):
+    with pytest.raises(DistillError, match="recipe 'support_tickets' synthesis.per_cell: Input should be greater"):
+        load_config(["generate.source=synthesize", "recipe.synthesis.per_cell=0", f"run_dir={tmp_path}"])
+    with pytest.raises(DistillError, match="generate.source=synthesize needs a synthesis section"):
+        load_config(["recipe=email_extraction", "generate.source=synthesize", f"run_dir={tmp_path}"])
+
+
+def test_resolve_method_is_the_one_rule_generate_uses(tmp_path):
+    from distill.config import resolve_method
+    from distill.stages import generate
+
+    assert generate.resolve_method is resolve_method
+    assert resolve_method(load_config([f"run_dir={tmp_path}"])) == "score"  # local: auto, every field an enum
+    assert resolve_method(load_config(["recipe=email_extraction", f"run_dir={tmp_path}"])) == "generate"
+
+
+def test_qlora_is_checked_before_train_starts(tmp_path):
+    import torch
+
+    from distill.config import check_startup, startup_problems
+
+    cfg = load_config(["train=qlora", f"run_dir={tmp_path}"])  # smollm2_135m: not a 4-bit base
+    assert any("train=qlora needs a 4-bit base" in p for p in startup_problems(cfg, ("train",)))
+    assert startup_problems(cfg, ("generate",)) == []  # generate alone never loads the student
+    cfg = load_config(["train=qlora", "student=phi3_mini", f"run_dir={tmp_path}"])
+    if torch.cuda.is_available():
+        assert startup_problems(cfg, ("train",)) == []
+    else:
+        with pytest.raises(DistillError, match="train=qlora loads the student in 4 bits.*needs a CUDA GPU"):
+            check_startup(cfg, ("train", "evaluate"))
+
+
+def test_speed_only_knobs_are_marked_on_their_fields_and_leave_fingerprints_alone(tmp_path):
+    from distill import pipeline
+    from distill.config import EndpointConfig, EvalConfig, GenerateConfig, TeacherConfig, TrainConfig, speed_only_fields
+
+    assert {"concurrency", "timeout_s", "rpm"} <= speed_only_fields(TeacherConfig)
+    assert speed_only_fields(TrainConfig) == {"threads", "report_to"}
+    assert {"dry_run", "budget_usd", "batch"} <= speed_only_fields(GenerateConfig)
+    assert {"batch_size", "junit_xml"} <= speed_only_fields(EvalConfig)
+    assert speed_only_fields(EndpointConfig) == {"concurrency", "timeout_s", "max_retries"}
+    base = pipeline.fingerprint(load_config([f"run_dir={tmp_path}"]), "generate")
+    fast = load_config([f"run_dir={tmp_path}", "teacher.concurrency=16", "generate.budget_usd=3"])
+    assert pipeline.fingerprint(fast, "generate") == base
+    other = load_config([f"run_dir={tmp_path}", "teacher.temperature=0.7"])
+    assert pipeline.fingerprint(other, "generate") != base
+
+
+def test_generate_has_its_own_group_with_the_same_defaults(tmp_path):
+    assert "generate" in group_options() and group_options()["generate"] == ["default"]
+    cfg = load_config(["profile=smoke", f"run_dir={tmp_path}"])
+    assert cfg.generate.split.model_dump() == {"train": 0.7, "val": 0.1, "test": 0.2}
+    assert (cfg.generate.max_attempts, cfg.generate.mode, cfg.generate.batch.timeout_h) == (3, "online", 26.0)
+    assert cfg.generate.limit == 40  # the profile still resizes it
+    assert "generate" not in load_yaml(CONF_DIR / "config.yaml")
