@@ -71,6 +71,24 @@ def test_no_intact_checkpoint_means_a_fresh_start(tmp_path, caplog):
     assert train.last_complete_checkpoint(tmp_path / "absent", "k") is None
 
 
+def test_resume_deletes_broken_and_newer_checkpoints_and_cuts_their_metrics(tmp_path):
+    ckpt_dir, metrics = tmp_path / "checkpoints", tmp_path / "metrics.jsonl"
+    for step in (2, 4, 6, 8):
+        _fake_checkpoint(ckpt_dir, step)
+    _truncate(ckpt_dir / "checkpoint-6" / "optimizer.pt")    # half-written when the process died
+    train.seal_checkpoint(ckpt_dir / "checkpoint-8", 8, "other")  # sealed by another training config
+    (ckpt_dir / "checkpoint-3").mkdir()                      # a save that died before writing anything
+    runio.write_jsonl(metrics, [{"step": s, "loss": 1.0 / s} for s in range(1, 9)])
+    assert train._prepare_resume(ckpt_dir, metrics, "k") == ckpt_dir / "checkpoint-4"
+    assert sorted(f.name for f in ckpt_dir.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert [r["step"] for r in runio.read_jsonl(metrics)] == [1, 2, 3, 4]
+    # nothing intact: every checkpoint goes, and so do the metrics rows (the run starts again from step 0)
+    _truncate(ckpt_dir / "checkpoint-2" / "optimizer.pt")
+    (ckpt_dir / "checkpoint-4" / train.CHECKPOINT_SEAL).unlink()
+    assert train._prepare_resume(ckpt_dir, metrics, "k") is None
+    assert list(ckpt_dir.iterdir()) == [] and not metrics.exists()
+
+
 def test_length_grouped_order_is_fixed_per_epoch_and_groups_lengths():
     from datasets import Dataset
 
@@ -130,6 +148,27 @@ def _cli(args: list[str]) -> list[str]:
     return [sys.executable, "-m", "distill", *args]
 
 
+HELD = "held.marker"  # written by _held_after_save's process once it holds still
+
+
+def _held_after_save(step: int, args: list[str]) -> list[str]:
+    """The CLI, but the process stops (sleeps) once the checkpoint of ``step`` is saved and sealed."""
+    code = (
+        "import pathlib, runpy, sys, time\n"
+        "from transformers.trainer_callback import CallbackHandler\n"
+        "save = CallbackHandler.on_save\n"
+        "def on_save(self, args, state, control):\n"
+        "    out = save(self, args, state, control)\n"
+        f"    if state.global_step == {step}:\n"
+        f"        (pathlib.Path(args.output_dir) / {HELD!r}).write_text('held')\n"
+        "        time.sleep(3600)\n"
+        "    return out\n"
+        "CallbackHandler.on_save = on_save\n"
+        "sys.argv = ['distill', *sys.argv[1:]]\n"
+        "runpy.run_module('distill', run_name='__main__')\n")
+    return [sys.executable, "-c", code, *args]
+
+
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
@@ -157,13 +196,19 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(labelled_run
 
     killed = _copy(labelled_run, tmp_path / "killed")
     seal = paths.stage_dir(killed, "train") / paths.CHECKPOINTS_DIR / f"checkpoint-{kill_after}" / train.CHECKPOINT_SEAL
-    proc = subprocess.Popen(_cli(_train_args(killed, *extra)), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    # The process holds still once checkpoint 4 is saved and sealed, so the kill lands there however slow the
+    # machine is (no race between the test's polling and the next steps).
+    proc = subprocess.Popen(_held_after_save(kill_after, _train_args(killed, *extra)), env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
-    while not seal.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while not (seal.exists() and (seal.parent.parent / HELD).exists()) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before checkpoint 4 was sealed"
     proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL, "training finished before it could be killed"
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert sorted(p.name for p in seal.parent.parent.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    (seal.parent.parent / HELD).unlink()
     assert runio.read_done(killed, "train") is None
 
     # A newer checkpoint that was being written when the process died: present, but never loaded.
@@ -192,11 +237,25 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(labelled_run
 
 
 @pytest.mark.integration
-def test_validation_loss_metrics_and_early_stopping(labelled_run, tmp_path):
+def test_validation_loss_metrics_and_early_stopping(labelled_run, tmp_path, monkeypatch):
+    from transformers import Trainer
+
     run_dir = _copy(labelled_run, tmp_path / "run")
     # No drop of the validation loss reaches a threshold of 1 nat on this tiny model (it barely moves from
-    # ln(vocab)), so patience 1 stops the run at the second evaluation. A rising loss is not relied on: how a
-    # random model reacts to a huge learning rate changed between library releases.
+    # ln(vocab)), so patience 1 stops the run at the second evaluation. So that the best adapter is not simply the
+    # last one, the second evaluation reports a loss 1 nat higher than measured (how a random model reacts to a
+    # huge learning rate changed between library releases, so a real rise is not relied on); the final evaluation
+    # of the kept adapter is left as measured.
+    loop, seen = Trainer.evaluation_loop, []
+
+    def second_evaluation_worse(self, *args, **kwargs):
+        out = loop(self, *args, **kwargs)
+        seen.append(self.state.global_step)
+        if len(seen) == 2:
+            out.metrics["eval_loss"] += 1.0
+        return out
+
+    monkeypatch.setattr(Trainer, "evaluation_loop", second_evaluation_worse)
     cfg = load_config(_train_args(run_dir, "train.max_steps=8", "train.eval_steps=2", "train.save_steps=2",
                                   "train.early_stopping_patience=1", "train.early_stopping_threshold=1.0",
                                   "train.warmup_ratio=0")[1:])
@@ -210,9 +269,23 @@ def test_validation_loss_metrics_and_early_stopping(labelled_run, tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in step_rows[1:])
     assert [r["step"] for r in eval_rows][: len(summary["val_losses"])] == \
         [v["step"] for v in summary["val_losses"]]
-    best = min(summary["val_losses"], key=lambda v: v["eval_loss"])
+    logged = [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in eval_rows]
+    assert logged[:2] == summary["val_losses"][:2] and [v["step"] for v in logged[:2]] == [2, 4]
+    best = min(logged[:2], key=lambda v: v["eval_loss"])  # the evaluations during training, as logged
+    assert seen[:2] == [2, 4] and best["step"] == 2
     assert summary["best_checkpoint"] == f"checkpoint-{best['step']}"
-    assert summary["val_loss"] == pytest.approx(best["eval_loss"], abs=1e-5)  # the kept adapter is the best one
+    assert summary["val_loss"] == pytest.approx(best["eval_loss"], abs=1e-5)
+    # The adapter kept on disk is the best checkpoint's, weight for weight (and not the other one's).
+    from safetensors.torch import load_file
+
+    ckpt_dir = paths.stage_dir(run_dir, "train") / paths.CHECKPOINTS_DIR
+    kept = _adapter(run_dir)
+    other = 4 if best["step"] == 2 else 2
+    assert kept.keys() == load_file(ckpt_dir / summary["best_checkpoint"] / "adapter_model.safetensors").keys()
+    for name, tensor in load_file(ckpt_dir / summary["best_checkpoint"] / "adapter_model.safetensors").items():
+        torch.testing.assert_close(kept[name], tensor, atol=0, rtol=0)
+    second = load_file(ckpt_dir / f"checkpoint-{other}" / "adapter_model.safetensors")
+    assert any(not torch.equal(kept[name], second[name]) for name in kept if "lora_B" in name)
 
 
 @pytest.mark.integration
