@@ -140,7 +140,7 @@ DEFAULTS = {"min_agreement": 0.0, "max_invalid_rate": 1.0, "min_accuracy": None,
 
 def test_the_verdict_says_no_gate_set_when_every_threshold_is_a_default():
     line = verdict_line({"passed": True, "reasons": [], "thresholds": DEFAULTS})
-    assert line.startswith("**Gate: PASS, no gate set**") and "eval.gate.min_agreement" in line
+    assert line.startswith("**Gate: PASS** (no gate set:") and "eval.gate.min_agreement" in line
 
 
 def test_the_verdict_shows_the_thresholds_it_was_judged_by():

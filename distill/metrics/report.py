@@ -123,7 +123,7 @@ def verdict_line(gate: dict) -> str:
     applied = gate_thresholds(gate.get("thresholds") or {})
     if gate["passed"]:
         if applied is None:
-            return ("**Gate: PASS, no gate set** (every threshold is at its default, so any student with one valid "
+            return ("**Gate: PASS** (no gate set: every threshold is at its default, so any student with one valid "
                     "answer passes; set eval.gate.min_agreement, eval.gate.max_invalid_rate or eval.baseline to make "
                     "it block)")
         return f"**Gate: PASS** ({applied})"
