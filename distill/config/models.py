@@ -58,16 +58,20 @@ class TeacherConfig(_Strict):
     calibrate: bool = True
     concurrency: int = Field(4, ge=1, le=1024, json_schema_extra=SPEED_ONLY)
     rpm: float | None = Field(None, gt=0, json_schema_extra=SPEED_ONLY)   # requests per minute (null = no limit)
-    tpm: float | None = Field(None, gt=0, json_schema_extra=SPEED_ONLY)   # prompt + completion tokens per minute (null = no limit)
+    # prompt + completion tokens per minute (null = no limit)
+    tpm: float | None = Field(None, gt=0, json_schema_extra=SPEED_ONLY)
     timeout_s: float = Field(60, gt=0, json_schema_extra=SPEED_ONLY)
-    max_retries: int = Field(2, ge=0, json_schema_extra=SPEED_ONLY)  # retries of one request after 408/409/429/5xx/timeouts/resets
+    # retries of one request after 408/409/429/5xx/timeouts/resets
+    max_retries: int = Field(2, ge=0, json_schema_extra=SPEED_ONLY)
     backoff_initial_s: float = Field(0.5, ge=0, json_schema_extra=SPEED_ONLY)
     backoff_max_s: float = Field(30.0, ge=0, json_schema_extra=SPEED_ONLY)
-    max_wait_s: float = Field(600.0, ge=0, json_schema_extra=SPEED_ONLY)  # a Retry-After longer than this fails the request explicitly
+    # a Retry-After longer than this fails the request explicitly
+    max_wait_s: float = Field(600.0, ge=0, json_schema_extra=SPEED_ONLY)
     # Attempts of one request key that failed after the body was sent (timeout, dropped connection, truncated 200)
     # may be billed: each is charged its upper-bound price, and a key gets at most this many, across runs.
     max_billed_attempts: int = Field(3, ge=1, json_schema_extra=SPEED_ONLY)
-    claim_lease_s: float = Field(30.0, gt=0, json_schema_extra=SPEED_ONLY)  # a key claimed by a process that died is free again after this
+    # a key claimed by a process that died is free again after this
+    claim_lease_s: float = Field(30.0, gt=0, json_schema_extra=SPEED_ONLY)
     temperature: float = Field(0.0, ge=0)
     max_tokens: int = Field(64, ge=1)
     n_ctx: int | None = None
