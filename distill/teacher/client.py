@@ -59,6 +59,9 @@ def resolve_api_key(tcfg: TeacherConfig) -> str:
 
 
 class TeacherClient:
+    """Labels inputs through the ledger: ``label`` (chat answers, optionally voted), ``top_logprobs`` (scoring),
+    ``write`` (free text for synthesis); one instance per event loop."""
+
     def __init__(self, tcfg: TeacherConfig, base_url: str, schema: OutputSchema, ledger: Ledger,
                  max_attempts: int = 3, *, votes: int = 1, min_vote_share: float = 0.0, budget: Budget | None = None):
         self.tcfg = tcfg
