@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 from conftest import tiny_overrides
@@ -12,6 +14,7 @@ from distill import DistillError, paths, runio
 from distill.__main__ import main
 from distill.config import load_config
 from distill import pipeline
+from distill.routing import load_rule
 from distill.testing.fake_teacher import FakeTeacher
 
 pytestmark = pytest.mark.integration
@@ -52,18 +55,36 @@ def test_whole_pipeline_then_rerun_is_free(tmp_path, fake_answer):
         card = (run_dir / "publish" / paths.MODEL_CARD).read_text()
         assert summaries["train"]["adapter_sha256"][:16] in card
 
+        # `python -m distill ledger` prints the ledger's figures: the calls and tokens the server billed.
+        printed = subprocess.run([sys.executable, "-m", "distill", "ledger", f"run_dir={run_dir}"],
+                                 capture_output=True, text=True, timeout=300, check=False)
+        assert printed.returncode == 0, printed.stderr[-3000:]
+        figures = json.loads(printed.stdout)
+        with sqlite3.connect(paths.ledger_path(run_dir)) as db:
+            cost = db.execute("SELECT SUM(cost_usd) FROM calls").fetchone()[0]
+        assert figures["successful_calls"] == len(teacher.paid) == 24 and figures["failures"] == {}
+        assert [figures["prompt_tokens"], figures["completion_tokens"]] == teacher.billed_tokens
+        assert figures["cost_usd"] == pytest.approx(cost, abs=1e-6) and cost > 0
+
         # Same command again: every stage is skipped and the teacher is not called.
         done_before = {s: runio.read_done(run_dir, s) for s in paths.STAGES}
         pipeline.run(load_config(tiny_overrides(run_dir, teacher.base_url)))
         assert len(teacher.calls) == calls_first
         assert {s: runio.read_done(run_dir, s) for s in paths.STAGES} == done_before
 
-        # A training change re-runs train onward but never the teacher.
-        pipeline.run(load_config(tiny_overrides(run_dir, teacher.base_url, "train.max_steps=3")),
-                     stages=("generate", "train"))
+        # A training change re-runs train onward (evaluate and publish of the new adapter) but never the teacher.
+        pipeline.run(load_config(tiny_overrides(run_dir, teacher.base_url, "train.max_steps=3")))
         assert len(teacher.calls) == calls_first
-        assert runio.read_done(run_dir, "train")["summary"]["steps"] == 3
         assert runio.read_done(run_dir, "generate") == done_before["generate"]
+        done_after = {s: runio.read_done(run_dir, s) for s in paths.STAGES}
+        assert done_after["train"]["summary"]["steps"] == 3
+        for stage in ("train", "evaluate", "publish"):
+            assert done_after[stage]["fingerprint"] != done_before[stage]["fingerprint"], stage
+        new_sha = done_after["train"]["summary"]["adapter_sha256"]
+        assert new_sha != summaries["train"]["adapter_sha256"]
+        assert new_sha[:16] in (run_dir / "publish" / paths.MODEL_CARD).read_text()  # the card names the new one
+        rule = load_rule(run_dir / "publish" / paths.ROUTING)
+        assert rule.evidence.results_sha256 == runio.sha256_file(run_dir / "evaluate" / paths.RESULTS)
 
 
 def test_lost_run_dir_pays_nothing_with_a_shared_ledger(tmp_path, fake_answer):
