@@ -316,6 +316,20 @@ def _calibrate_cache(name: str, overrides: list[str]) -> int:
     return calibrate.main(overrides)
 
 
+@command("status", "what the gateway over a run has seen: live agreement, shadow calls, drift alarms, traffic",
+         "Reads the gateway's store (serve/store.sqlite, or serve.store=redis), its traffic log and "
+         "serve/events.jsonl (no gateway need be running) and prints the live agreement of the student's kept "
+         "answers with the teacher per field with its 95% interval, the day's shadow spend, active drift alarms "
+         "of the rule published now, and the traffic log's routes.",
+         groups=("serve",), needs_run_dir=True, examples=("python -m distill status run_dir=DIR",))
+def _status(name: str, overrides: list[str]) -> int:
+    from distill.serve.command import load_serve_config
+    from distill.serve.shadow import status_text
+
+    print(status_text(load_serve_config(overrides)))
+    return 0
+
+
 def _option_line(path: Path) -> str:
     """One line about a config option: a recipe's description, else the first comment that is not a command."""
     from distill import config

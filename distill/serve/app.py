@@ -4,10 +4,13 @@
     GET  /v1/models             the task aliases, then the teacher's model (pass-through)
     GET  /healthz               student circuit and reachability, teacher reachability: ok | degraded
     GET  /metrics               Prometheus text format
+    POST /admin/reload          swap in a newly published run (body {} or {"run_dir": DIR}; distill.serve.reload)
 
 A task reply is a chat.completion whose content is the JSON answer, with headers ``x-distill-route`` (student |
 teacher), ``x-distill-confidence`` (the student's confidence, ``none`` without one) and ``x-distill-reason``
 (routing.decide's reason, or ``student_unavailable`` / ``student_error`` / ``route_disabled`` / ``teacher_down``).
+A cached answer adds ``x-distill-cache`` (exact | semantic; distill.serve.cache) and keeps the route, reason and
+confidence it was first served with.
 ``stream: true`` sends the same answer as one SSE content chunk, a finish chunk and ``[DONE]``.
 
 Errors are OpenAI's error JSON (``{"error": {"message", "type", "param", "code"}}``) and never a traceback:
@@ -34,7 +37,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from distill.serve.gateway import Gateway, Served, ServePlan
+from distill import DistillError
+from distill.serve.gateway import Gateway, Served, ServePlan, TaskRoute
+from distill.serve.reload import Reloader
 from distill.task import dump_answer
 from distill.teacher.client import NO_KEY, content_text
 
@@ -52,7 +57,8 @@ class ClientError(Exception):
 
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error"}
+          405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+          429: "rate_limit_error"}
 
 
 def error_response(status: int, message: str, code: str, param: str | None = None,
@@ -72,6 +78,7 @@ def create_app(plan: ServePlan, api_keys: list[str] | None = None) -> Starlette:
     """
     keys = [k.encode() for k in api_keys or []]
     gateway = Gateway(plan)
+    reloader = Reloader(gateway)
     max_body = plan.cfg.serve.max_body_kb * 1024
 
     @contextlib.asynccontextmanager
@@ -119,6 +126,7 @@ def create_app(plan: ServePlan, api_keys: list[str] | None = None) -> Starlette:
                     served = await route.handle(body, text)
                 finally:
                     route.leave()
+                _observe(route, text, served, time.time() - (time.perf_counter() - started))
                 route_name, reason, confidence = served.route, served.reason, served.confidence
                 response = _task_response(served, body.get("model") or task, stream)
         except ClientError as exc:
@@ -150,8 +158,8 @@ def create_app(plan: ServePlan, api_keys: list[str] | None = None) -> Starlette:
         return JSONResponse({"object": "list", "data": data})
 
     async def healthz(request: Request) -> Response:
-        student_up = await gateway.reachable(plan.student_url, timeout_s=1.0)
-        teacher_up = await gateway.reachable(plan.teacher_url, gateway.teacher_headers())
+        student_up = await gateway.reachable(gateway.plan.student_url, timeout_s=1.0)  # the plan a reload swapped in
+        teacher_up = await gateway.reachable(gateway.plan.teacher_url, gateway.teacher_headers())
         circuits = {r.name: r.breaker.state for r in gateway.routes}
         ok = student_up and teacher_up and all(state == "closed" for state in circuits.values())
         return JSONResponse({"status": "ok" if ok else "degraded",
@@ -165,6 +173,29 @@ def create_app(plan: ServePlan, api_keys: list[str] | None = None) -> Starlette:
         body, content_type = gateway.metrics.render()
         return Response(body, media_type=content_type)
 
+    async def reload(request: Request) -> Response:
+        try:
+            authorise(request)
+            raw = await _read_body(request, max_body)
+            try:
+                body = json.loads(raw) if raw.strip() else {}
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                body = None
+            if not isinstance(body, dict) or not isinstance(body.get("run_dir", ""), str):
+                raise ClientError(400, 'the reload body is {} or {"run_dir": "DIR"} (a run whose publish stage '
+                                  'finished)', "invalid_json", "run_dir")
+        except ClientError as exc:
+            return error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
+        if reloader.busy:
+            return error_response(409, "a reload is already running; retry when it ends", "reload_in_progress")
+        try:
+            info = await reloader.reload(body.get("run_dir") or None)
+        except DistillError as exc:  # nothing was swapped: the old run keeps serving
+            gateway.metrics.reloads.labels("failed").inc()
+            log.error("serve: reload refused: %s", exc)
+            return error_response(400, f"reload refused, the current run keeps serving: {exc}", "reload_failed")
+        return JSONResponse({"status": "reloaded", **info})
+
     async def http_error(request: Request, exc: HTTPException) -> Response:
         return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                               "not_found" if exc.status_code == 404 else "method_not_allowed")
@@ -175,9 +206,20 @@ def create_app(plan: ServePlan, api_keys: list[str] | None = None) -> Starlette:
         return error_response(500, "internal error in the gateway; it is logged", "internal_error")
 
     routes = [Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/models", models),
-              Route("/healthz", healthz), Route("/metrics", metrics)]
+              Route("/healthz", healthz), Route("/metrics", metrics),
+              Route("/admin/reload", reload, methods=["POST"])]
     return Starlette(routes=routes, lifespan=lifespan,
                      exception_handlers={HTTPException: http_error, Exception: server_error})
+
+
+def _observe(route: TaskRoute, text: str, served: Served, started: float) -> None:
+    """Hand the reply to the route's watch (traffic log, shadow, drift); a failure there never fails the reply."""
+    if route.watch is None:
+        return
+    try:
+        route.watch.observe(text, served, started)
+    except Exception as exc:
+        log.error("serve: the traffic log / shadow step failed for %s", route.name, exc_info=exc)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -239,6 +281,8 @@ def _task_response(served: Served, model: str, stream: bool) -> Response:
                               headers=headers)
     headers = {"x-distill-route": served.route, "x-distill-reason": served.reason,
                "x-distill-confidence": "none" if served.confidence is None else f"{served.confidence:.6g}"}
+    if served.cache:
+        headers["x-distill-cache"] = served.cache
     if served.teacher_error:
         headers["x-distill-teacher-error"] = served.teacher_error
     content = dump_answer(served.answer)

@@ -127,7 +127,15 @@ def pick_artifact(cfg: Config, rule, publish_dir: Path) -> Path:
 @contextlib.contextmanager
 def prepare(cfg: Config) -> Iterator[ServePlan]:
     """Load the rule, start the child servers the run needs, and yield the plan; the children stop on exit."""
-    from distill.stages.generate import teacher_endpoint  # generate's own way to reach (or start) the teacher
+    with contextlib.ExitStack() as stack:
+        yield open_plan(cfg, stack)
+
+
+def open_plan(cfg: Config, stack: contextlib.ExitStack, teacher_url: str | None = None) -> ServePlan:
+    """The plan for ``cfg.run_dir``: its rule checked, its student started under ``stack`` (in a stack of its own,
+    ``plan.student_stack``, that a reload closes once the old routes drain) and the teacher reached or started,
+    unless ``teacher_url`` (a reload keeps the gateway's teacher)."""
+    from distill.teacher.server import teacher_endpoint  # generate's own way to reach (or start) the teacher
 
     run_dir = Path(cfg.run_dir)
     runio.require_done(run_dir, "publish", "serve")
@@ -142,25 +150,32 @@ def prepare(cfg: Config) -> Iterator[ServePlan]:
     for limit in ledger_key_limits(cfg, method):
         log.warning("serve: %s", limit)
     logs = paths.stage_dir(run_dir, paths.SERVE_DIR)
-    with contextlib.ExitStack() as stack:
-        if cfg.serve.student_endpoint:
-            student_url = cfg.serve.student_endpoint
-        else:
-            if cfg.serve.confidence != "scored":
-                raise DistillError("serve.confidence=sequence needs serve.student_endpoint (a server of your own); the "
-                                   "runtime distill starts answers with the scored confidence")
-            runtime = StudentRuntime(pick_artifact(cfg, rule, publish_dir), publish_dir / paths.MODEL_DIR /
-                                     paths.HF_DIR, alias=rule.student.model, n_ctx=cfg.serve.student_n_ctx,
-                                     n_threads=cfg.serve.student_threads, log_path=logs / paths.STUDENT_RUNTIME_LOG)
-            student_url = stack.enter_context(runtime).base_url
-        if cfg.serve.confidence == "sequence":
-            log.warning("serve: serve.confidence=sequence: the student's confidence is the probability of the answer "
-                        "it wrote, not the scored confidence routing.yaml's threshold was chosen on")
-        teacher_url = stack.enter_context(teacher_endpoint(cfg, logs))
-        if not teacher_url:
-            raise DistillError("the run's teacher has no base_url; set teacher.base_url=URL")
-        ledger = Path(cfg.generate.shared_ledger) if cfg.generate.shared_ledger else paths.ledger_path(run_dir)
-        yield ServePlan(cfg, rule, task, student_url.rstrip("/"), teacher_url.rstrip("/"), ledger, method)
+    if cfg.serve.semantic_cache.enabled:
+        from distill.serve.cache import load_threshold
+        load_threshold(cfg, logs)  # an uncalibrated semantic cache is refused before any child server starts
+    artifact_sha = None
+    student_stack = stack.enter_context(contextlib.ExitStack())
+    if cfg.serve.student_endpoint:
+        student_url = cfg.serve.student_endpoint
+    else:
+        if cfg.serve.confidence != "scored":
+            raise DistillError("serve.confidence=sequence needs serve.student_endpoint (a server of your own); the "
+                               "runtime distill starts answers with the scored confidence")
+        artifact = pick_artifact(cfg, rule, publish_dir)
+        artifact_sha = runio.sha256_file(artifact)  # part of every exact-cache key
+        runtime = StudentRuntime(artifact, publish_dir / paths.MODEL_DIR /
+                                 paths.HF_DIR, alias=rule.student.model, n_ctx=cfg.serve.student_n_ctx,
+                                 n_threads=cfg.serve.student_threads, log_path=logs / paths.STUDENT_RUNTIME_LOG)
+        student_url = student_stack.enter_context(runtime).base_url
+    if cfg.serve.confidence == "sequence":
+        log.warning("serve: serve.confidence=sequence: the student's confidence is the probability of the answer "
+                    "it wrote, not the scored confidence routing.yaml's threshold was chosen on")
+    teacher_url = teacher_url or stack.enter_context(teacher_endpoint(cfg, logs))
+    if not teacher_url:
+        raise DistillError("the run's teacher has no base_url; set teacher.base_url=URL")
+    ledger = paths.ledger_path(run_dir, cfg.generate.shared_ledger)
+    return ServePlan(cfg, rule, task, student_url.rstrip("/"), teacher_url.rstrip("/"), ledger, method,
+                     artifact_sha256=artifact_sha, student_stack=student_stack)
 
 
 def _uvicorn_config(app, cfg: Config, port: int):
