@@ -66,7 +66,6 @@ def check_adapter(adapter: Path, expected_sha256: str | None) -> None:
 
 def run(cfg: Config, run_dir: Path) -> dict:
     """Publish the run's student: see the module docstring. Raises DistillError and publishes nothing on failure."""
-
     final = paths.stage_dir(run_dir, "publish")
     evaluation = runio.require_done(run_dir, "evaluate", "publish")["summary"]
     forced_past = failure_reasons(evaluation)  # the failed gate's reasons, when publish.force goes past it
