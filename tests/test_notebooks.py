@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, tiny_overrides
 
 from distill import paths, runio
-from distill.explore import NotInRun, open_run
+from distill.notebook.explore import NotInRun, open_run
 from distill.testing.fake_teacher import FakeTeacher
 
 NOTEBOOKS = REPO / "notebooks"
@@ -107,11 +107,29 @@ def test_explore_reads_every_part_of_a_run(tiny_run):
     curves = run.training_curves()
     assert list(curves.index[:2]) == [1, 2] and curves["loss"].notna().sum() == 2
     assert run.metrics_table().loc["teacher vs gold", "exact"] == 1.0
+    preds = runio.read_jsonl(tiny_run / "evaluate" / paths.PREDICTIONS)
+    differs = {p["id"]: p.get("confidence") for p in preds if p["student"] != p["teacher"]}
     worst = run.worst_disagreements(3)
-    assert len(worst) <= 3 and all(s != t for s, t in zip(worst["student"], worst["teacher"]))
+    assert len(worst) == min(3, len(differs)) and set(worst["id"]) <= set(differs)
+    assert all(s != t for s, t in zip(worst["student"], worst["teacher"]))
+    ranked = [-1.0 if c is None else c for c in worst["confidence"]]
+    assert ranked == sorted(ranked, reverse=True)  # most confident first
     assert run.duplicates()["cross_split_leaks"] == {}
-    for plot in (run.plot_labels(), run.plot_lengths(), run.plot_spend(), run.plot_training()):
-        assert plot.axes, plot
+
+    # Each plot draws the run's own figures: 22 labelled inputs, 22 paid calls, 2 training steps.
+    labels = run.plot_labels()
+    assert [ax.get_title() for ax in labels.axes] == ["teacher labels: category", "teacher labels: priority"]
+    assert all(sum(bar.get_width() for bar in ax.patches) == 22 for ax in labels.axes)
+    (lengths,) = run.plot_lengths().axes
+    assert sum(bar.get_height() for bar in lengths.patches) == 22
+    dollars, tokens = run.plot_spend().axes
+    calls = run.ledger_calls()
+    assert list(dollars.lines[0].get_xdata()) == list(range(1, 23))
+    assert dollars.lines[0].get_ydata()[-1] == pytest.approx(calls["cost_usd"].sum()) and calls["cost_usd"].sum() > 0
+    assert tokens.lines[0].get_ydata()[-1] == (calls["prompt_tokens"] + calls["completion_tokens"]).sum()
+    (training,) = run.plot_training().axes
+    loss = next(line for line in training.lines if line.get_label() == "loss")
+    assert list(loss.get_xdata()) == [1, 2] and list(loss.get_ydata()) == list(curves["loss"].dropna())
 
 
 def test_explore_says_what_a_run_does_not_have(tmp_path):
@@ -127,13 +145,13 @@ def test_explore_says_what_a_run_does_not_have(tmp_path):
     with pytest.raises(DistillError, match="is not a run directory"):
         open_run(tmp_path / "..")
     with pytest.raises(DistillError, match="no run of recipe 'nope'"):
-        from distill.explore import latest_run
+        from distill.notebook.explore import latest_run
 
         latest_run("nope", tmp_path)
 
 
 def test_latest_run_is_the_newest_with_a_finished_evaluate(tmp_path):
-    from distill.explore import latest_run
+    from distill.notebook.explore import latest_run
 
     older, newer = tmp_path / "r" / "20260101-000000", tmp_path / "r" / "20260102-000000"
     for run_dir in (older, newer):
