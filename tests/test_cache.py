@@ -306,7 +306,8 @@ def _ask(url: str, text: str, **kwargs):
 def test_repeated_request_is_an_exact_hit_that_calls_neither_model(published, teacher, tmp_path):
     run_dir = _copy(published, tmp_path)
     with FakeStudent(lambda text: (CONFIDENT, 0.97 if text == TICKET else 0.4)) as student:
-        cfg = load_serve_config([f"run_dir={run_dir}", "serve.port=0", f"serve.student_endpoint={student.base_url}"])
+        cfg = load_serve_config([f"run_dir={run_dir}", "serve.port=0", f"serve.student_endpoint={student.base_url}",
+               "serve.exact_cache.enabled=true"])
         with background(cfg) as url:
             first, answer = _ask(url, TICKET)
             again, cached = _ask(url, TICKET + "\n")  # a trailing newline is the same input
@@ -333,7 +334,8 @@ def test_repeated_request_is_an_exact_hit_that_calls_neither_model(published, te
 def test_a_changed_rule_misses_the_entries_of_the_old_one(published, tmp_path):
     run_dir = _copy(published, tmp_path, threshold=0.9)
     with FakeStudent(lambda text: (CONFIDENT, 0.97)) as student:
-        over = [f"run_dir={run_dir}", "serve.port=0", f"serve.student_endpoint={student.base_url}"]
+        over = [f"run_dir={run_dir}", "serve.port=0", f"serve.student_endpoint={student.base_url}",
+               "serve.exact_cache.enabled=true"]
         with background(load_serve_config(over)) as url:
             _ask(url, TICKET)
             same, _ = _ask(url, TICKET)
@@ -351,6 +353,7 @@ def test_semantic_cache_reuses_a_teacher_answer_for_a_near_identical_input(publi
     run_dir = _copy(published, tmp_path)
     with FakeStudent(lambda text: (CONFIDENT, 0.4)) as student:  # every answer falls back to the teacher
         over = [f"run_dir={run_dir}", "serve.port=0", f"serve.student_endpoint={student.base_url}",
+               "serve.exact_cache.enabled=true",
                 "serve.semantic_cache.enabled=true"]
         with pytest.raises(DistillError, match="calibrate-cache"):
             with background(load_serve_config(over)):
@@ -394,6 +397,7 @@ def test_two_gateways_on_one_redis_share_answers_and_counters(published, teacher
     ns = f"replicas{time.monotonic_ns()}"
     with FakeStudent(lambda text: (CONFIDENT, 0.4)) as student:
         over = [f"run_dir={run_dir}", "serve.port=0", f"serve.student_endpoint={student.base_url}",
+               "serve.exact_cache.enabled=true",
                 "serve.store=redis", f"serve.redis_url={redis_url}", f"serve.store_namespace={ns}"]
         with background(load_serve_config(over)) as one, background(load_serve_config(over)) as two:
             before = len(student.calls)

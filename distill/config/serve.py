@@ -14,7 +14,7 @@ from distill.config.inputs import EnvName
 class ExactCacheConfig(_Strict):
     """``serve.exact_cache``: answers keyed on the whole request fingerprint (distill/serve/cache.py)."""
 
-    enabled: bool = True
+    enabled: bool = False
     ttl_s: float = Field(86400.0, gt=0)
 
 

@@ -1,6 +1,6 @@
 """The gateway's answer caches, both kept in the store (distill.serve.store) so gateway replicas share them.
 
-**Exact** (``serve.exact_cache``, on by default): the key is a sha256 over the whole request fingerprint: the task,
+**Exact** (``serve.exact_cache.enabled=true``; off by default, so repeats reach the ledger as before): the key is a sha256 over the whole request fingerprint: the task,
 the normalized input, the student's and the teacher's prompts as the gateway builds them, every other field of the
 request (every generation parameter, the other messages, metadata; not ``stream``, which changes only the framing),
 the generation settings of the student and the teacher, the routing rule's hash and the served artifact's sha256.

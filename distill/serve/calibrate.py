@@ -29,7 +29,7 @@ from distill.serve.cache import CACHE_CALIBRATION, default_embedder, normalize_i
 log = logging.getLogger("distill")
 
 CACHE_TABLE = "cache_calibration.md"
-THRESHOLDS = tuple(round(0.80 + 0.005 * i, 3) for i in range(40))  # 0.800 .. 0.995
+THRESHOLDS = tuple(round(0.50 + 0.005 * i, 3) for i in range(100))  # 0.500 .. 0.995
 LEVEL = 0.95
 
 
