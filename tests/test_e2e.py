@@ -108,27 +108,41 @@ def test_ctrl_c_during_generate_stops_the_teacher_server(tmp_path):
     import re
     import signal
     import socket
+    import threading
     import time
 
     run_dir = tmp_path / "interrupted"
+    args = ("generate", "recipe=support_tickets", "profile=smoke", f"run_dir={run_dir}")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "distill", "generate", "recipe=support_tickets", "profile=smoke",
-                             f"run_dir={run_dir}"], stderr=subprocess.PIPE, text=True, env=env)
-    port = None
-    for line in proc.stderr:
-        if match := re.search(r"starting llama.cpp server on http://127.0.0.1:(\d+)", line):
-            port = int(match.group(1))
-            break
-    assert port, "the teacher server never started"
-    time.sleep(8)  # let it start and make a few paid calls
+    proc = subprocess.Popen([sys.executable, "-m", "distill", *args], stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # never let the pipe fill
+    reader.start()
+    port, rows, deadline = None, 0, time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:  # wait for the server, then for paid answers
+        if port is None:
+            found = [m for line in list(lines) if (m := re.search(r"starting llama.cpp server on "
+                                                                   r"http://127.0.0.1:(\d+)", line))]
+            port = int(found[0].group(1)) if found else None
+        elif paths.ledger_path(run_dir).exists():
+            try:
+                rows = _ledger_rows(run_dir)
+            except sqlite3.OperationalError:  # the writer holds it this instant
+                rows = 0
+            if rows >= 3:
+                break
+        time.sleep(0.2)
+    assert port and rows >= 3, "".join(lines)[-2000:]
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    proc.wait(timeout=120)
+    reader.join(timeout=30)
+    err = "".join(lines)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted" in err
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", port)) != 0, "the teacher server is still listening"
     assert runio.read_done(run_dir, "generate") is None
-    assert paths.ledger_path(run_dir).exists()
+    assert _ledger_rows(run_dir) >= rows  # every answer paid before the interrupt is still in the ledger
 
 
 @pytest.mark.timeout(1800)  # generate writes whole JSON answers here: slower than scoring on a busy machine
