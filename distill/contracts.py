@@ -223,6 +223,30 @@ def write_results(path: Path, results: dict | Results) -> Results:
 
 def load_results(path: Path) -> dict:
     """``results.json`` as a dict, validated against :class:`Results` (DistillError naming the bad key)."""
+    raw = _read(path, "distill evaluate results")
+    validate_results(raw, str(path))
+    return raw
+
+
+class _BaselineMetrics(_Open):
+    agreement: dict[str, float | None]
+
+
+class _BaselineItem(_Open):
+    id: str
+    agree: bool
+    contaminated: bool = False
+
+
+class Baseline(_Open):
+    """What ``eval.baseline`` needs of an earlier results.json: its whole-answer agreement and the items it scored
+    (McNemar pairs on their ids). Any results.json of schema version 1 or later holds these."""
+
+    metrics: _BaselineMetrics
+    per_item: list[_BaselineItem] = Field(default_factory=list)
+
+
+def _read(path: Path, what: str) -> dict:
     path = Path(path)
     try:
         raw = runio.read_json(path)
@@ -231,8 +255,19 @@ def load_results(path: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise DistillError(f"{path} is not readable JSON ({type(exc).__name__}: {exc}); re-run evaluate") from None
     if not isinstance(raw, dict):
-        raise DistillError(f"{path} holds {type(raw).__name__}, not distill evaluate results; re-run evaluate")
-    validate_results(raw, str(path))
+        raise DistillError(f"{path} holds {type(raw).__name__}, not {what}; re-run evaluate")
+    return raw
+
+
+def load_baseline(path: Path) -> dict:
+    """An earlier run's results.json for the gate's comparison, checked for the keys the comparison reads."""
+    raw = _read(path, "distill evaluate results")
+    try:
+        Baseline.model_validate(raw)
+    except ValidationError as exc:
+        raise DistillError(f"{path} lacks what a baseline needs: {_problems(exc)}") from None
+    if raw["metrics"]["agreement"].get("exact") is None:
+        raise DistillError(f"{path} has no metrics.agreement.exact (the whole-answer agreement) to compare with")
     return raw
 
 

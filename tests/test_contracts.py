@@ -116,3 +116,28 @@ def test_the_readme_key_table_matches_the_results_model():
             model, free_key = _step(model.model_fields[names[0]].annotation)
     assert documented_top == set(contracts.Results.model_fields), \
         "README's results.json table and contracts.Results name different top-level keys"
+
+
+def test_a_baseline_needs_only_what_the_comparison_reads(tmp_path):
+    path = tmp_path / "baseline.json"
+    path.write_text(json.dumps({"metrics": {"agreement": {"exact": 0.9}}, "per_item": [{"id": "a", "agree": True}]}))
+    assert contracts.load_baseline(path)["per_item"][0]["id"] == "a"
+    path.write_text(json.dumps({"metrics": {"agreement": {"exact": 0.9}}, "per_item": [{"id": "a"}]}))
+    with pytest.raises(DistillError, match=r"per_item\.0\.agree: Field required"):
+        contracts.load_baseline(path)
+    path.write_text(json.dumps({"metrics": {"agreement": {"category": 0.9}}}))
+    with pytest.raises(DistillError, match="no metrics.agreement.exact"):
+        contracts.load_baseline(path)
+
+
+def test_an_unusable_baseline_fails_before_evaluate_starts(tmp_path, capsys):
+    from distill.__main__ import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    baseline = tmp_path / "main_results.json"
+    baseline.write_text(json.dumps({"metrics": {"agreement": {"exact": 0.9}}, "per_item": [{"agree": True}]}))
+    assert main(["evaluate", f"run_dir={run_dir}", f"eval.baseline={baseline}"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.baseline is not usable" in err and "per_item.0.id: Field required" in err
+    assert list(run_dir.iterdir()) == []

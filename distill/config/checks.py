@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from distill import DistillError
+from distill import DistillError, contracts
 
 if TYPE_CHECKING:
     from distill.config.models import Config
@@ -125,9 +125,16 @@ def startup_problems(cfg: Config, stages: tuple[str, ...]) -> list[str]:
     without a 4-bit base or without CUDA."""
     problems = []
     in_process = "evaluate" in stages and not cfg.eval.endpoint.base_url
-    if "evaluate" in stages and cfg.eval.baseline and not Path(cfg.eval.baseline).expanduser().is_file():
-        problems.append(f"eval.baseline={cfg.eval.baseline} does not exist; point it at evaluate/results.json of "
-                        f"an earlier run (or drop eval.baseline)")
+    if "evaluate" in stages and cfg.eval.baseline:
+        baseline = Path(cfg.eval.baseline).expanduser()
+        if not baseline.is_file():
+            problems.append(f"eval.baseline={cfg.eval.baseline} does not exist; point it at evaluate/results.json of "
+                            f"an earlier run (or drop eval.baseline)")
+        else:
+            try:
+                contracts.load_baseline(baseline)
+            except DistillError as exc:
+                problems.append(f"eval.baseline is not usable: {exc}")
     if "train" in stages and cfg.train.method == "qlora" and not cfg.student.load_in_4bit:
         problems.append("train=qlora needs a 4-bit base: set student.load_in_4bit=true (CUDA only)")
     loads_4bit = cfg.student.load_in_4bit and cfg.student.kind == "causal_lm"

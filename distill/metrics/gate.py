@@ -16,7 +16,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from distill import DistillError, runio
+from distill import DistillError, contracts
 from distill.config import Config
 from distill.metrics.stats import format_interval, mcnemar_drop
 
@@ -94,12 +94,11 @@ def compare_baseline(cfg: Config, metrics: dict, per_item: list[dict]) -> tuple[
     shared (fails when the baseline's agreement lies above the current interval)."""
     path = Path(cfg.eval.baseline)
     try:
-        base = runio.read_json(path)
-        base_value = base["metrics"]["agreement"]["exact"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise DistillError(f"eval.baseline={path} is not a readable distill results.json "
-                           f"({type(exc).__name__}: {exc}); point it at evaluate/results.json of an earlier run"
-                           ) from None
+        base = contracts.load_baseline(path)
+    except DistillError as exc:
+        raise DistillError(f"eval.baseline={path} is not a readable distill results.json ({exc}); point it at "
+                           f"evaluate/results.json of an earlier run") from None
+    base_value = base["metrics"]["agreement"]["exact"]
     g = cfg.eval.gate
     current = {p["id"]: p["agree"] for p in per_item if not p.get("contaminated")}
     previous = {p["id"]: p["agree"] for p in base.get("per_item") or [] if not p.get("contaminated")}

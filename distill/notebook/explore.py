@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from distill import DistillError, paths, runio
+from distill import DistillError, contracts, paths, runio
 from distill.data.dedup import normalise
 from distill.ledger import Ledger
 from distill.notebook.missing import NotInRun
@@ -262,7 +262,7 @@ class Run(RunPlots):
         """evaluate/results.json (keys documented in README)."""
         if (missing := self._need("evaluate", "evaluation results")) is not None:
             return missing
-        return runio.read_json(paths.stage_dir(self.dir, "evaluate") / paths.RESULTS)
+        return contracts.load_results(paths.stage_dir(self.dir, "evaluate") / paths.RESULTS)
 
     def _result_key(self, key: str, what: str) -> Any:
         results = self.results()

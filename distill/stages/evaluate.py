@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from distill import DistillError, EndpointFailed, paths, runio
+from distill import DistillError, EndpointFailed, contracts, paths, runio
 from distill.config import Config
 from distill.data.dedup import find_duplicates
 from distill.metrics import cost as costs
@@ -224,7 +224,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
                                                       preds.confidence, preds.field_confidence or [None] * len(rows),
                                                       preds.latency_s)]
     runio.write_jsonl(out_dir / paths.PREDICTIONS, predictions)
-    runio.write_json(out_dir / paths.RESULTS, results)
+    contracts.write_results(out_dir / paths.RESULTS, results)
     report.write_all(out_dir, results, predictions, ev.worst, level=ev.confidence_level)
     for target, text in ((ev.junit_xml, gates.junit_xml(gate)), (ev.summary_md, gates.summary_markdown(results))):
         if target:

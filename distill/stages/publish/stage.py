@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from distill import DistillError, paths, runio
+from distill import DistillError, contracts, paths, runio
 from distill.config import Config
 from distill.metrics.gate import failure_reasons
 from distill.stages.publish.card import render_card, report_markdown
@@ -84,7 +84,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         raise DistillError(f"{results_file} is missing; re-run `python -m distill evaluate run_dir={run_dir}`")
     if cfg.publish.nf4 and not torch.cuda.is_available():
         raise DistillError("publish.nf4 needs a CUDA GPU (bitsandbytes); set publish.nf4=false on this machine")
-    results = runio.read_json(results_file)
+    results = contracts.load_results(results_file)
     predictor = results.get("predictor") or {}
     if cfg.publish.verify_load and predictor.get("kind", "in_process") != "in_process":
         raise DistillError(f"evaluate scored an endpoint ({predictor.get('base_url')}), not the in-process student "
@@ -112,7 +112,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
             raise DistillError("no artifact reached publish.min_parity " + str(cfg.publish.min_parity) + " ("
                                + ", ".join(f"{rel} {res['parity']}" for rel, res in parity.items())
                                + "); nothing published")
-        runio.write_json(staging / paths.PARITY, parity)
+        contracts.write_parity(staging / paths.PARITY, parity)
+        contracts.write_schemas(staging)
         results_sha = runio.sha256_file(results_file)
         rule = build_rule(cfg, task, results, results_sha, published, eot)
         write_serving(cfg, task, staging, rule, published, tokenizer, eot)
