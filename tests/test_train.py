@@ -343,3 +343,80 @@ def test_a_tracker_that_is_not_installed_is_named(monkeypatch):
     with pytest.raises(DistillError, match=r"train.report_to=wandb is not an installed tracker \(installed: "
                                            r"tensorboard\); pip install wandb"):
         train._check_report_to("wandb")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loss's LM head and padding-free batches
+
+
+def _tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
+
+
+def test_fused_head_scores_only_labelled_positions_with_trls_values(monkeypatch):
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    from trl.trainer.utils import add_fused_lm_head
+
+    outputs = ("log_probs", "entropy", "is_top1")
+    trl_model, ours = _tiny_llama(), _tiny_llama()
+    add_fused_lm_head(trl_model, outputs=outputs)
+    add_fused_lm_head(ours, outputs=outputs)
+    train._score_labelled_positions_only(ours)
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :7] = -100        # the prompt
+    labels[1, 10:] = -100       # padding of the shorter row
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    rows_scored = []
+    apply = ChunkedLogProbFunction.apply
+    monkeypatch.setattr(ChunkedLogProbFunction, "apply", lambda hidden, *a: rows_scored.append(len(hidden))
+                        or apply(hidden, *a))
+
+    results = {}
+    for name, model in (("trl", trl_model), ("ours", ours)):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        results[name] = out, model.model.layers[0].mlp.down_proj.weight.grad
+    # TRL scores all 2 x 11 shifted positions on CPU; ours only the 5 + 3 that have a label
+    assert rows_scored == [22, 8]
+    (ref, ref_grad), (got, got_grad) = results["trl"], results["ours"]
+    torch.testing.assert_close(got.loss, ref.loss)
+    torch.testing.assert_close(got.log_probs, ref.log_probs)
+    torch.testing.assert_close(got.entropy, ref.entropy)
+    assert torch.equal(got.is_top1, ref.is_top1) and torch.equal(got.label_mask, ref.label_mask)
+    torch.testing.assert_close(got_grad, ref_grad)
+    assert got_grad.abs().sum() > 0
+
+
+def test_padding_free_row_gives_the_padded_batchs_loss():
+    """Examples packed end to end with their own position ids (SDPA, no flash-attn) do not attend to each other."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = _tiny_llama()
+    add_fused_lm_head(model, outputs=("log_probs",))
+    train._score_labelled_positions_only(model)
+    gen = torch.Generator().manual_seed(2)
+    examples = []
+    for length in (9, 14, 6):
+        ids = torch.randint(0, 300, (length,), generator=gen).tolist()
+        examples.append({"input_ids": ids, "labels": [-100] * (length - 3) + ids[-3:]})
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(examples)
+    packed = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(examples)
+    assert packed["input_ids"].shape == (1, 29) and "attention_mask" not in packed
+    out = {name: model(**{k: batch[k] for k in ("input_ids", "labels", "attention_mask", "position_ids")
+                          if k in batch}, fused_lm_head=True)
+           for name, batch in (("padded", padded), ("packed", packed))}
+    torch.testing.assert_close(out["packed"].loss, out["padded"].loss)
+    packed_lp = out["packed"].log_probs[out["packed"].label_mask]
+    torch.testing.assert_close(packed_lp, out["padded"].log_probs[out["padded"].label_mask])
+    # the same row without position ids is one long sequence, whose later examples see the earlier ones: their
+    # log-probabilities move by far more than the tolerance above, so the check has teeth
+    leaky = model(input_ids=packed["input_ids"], labels=packed["labels"], fused_lm_head=True)
+    assert (leaky.log_probs[leaky.label_mask] - packed_lp).abs().max() > 1e-3

@@ -139,6 +139,9 @@ class TrainConfig(_Strict):
     max_steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     grad_accum: int = Field(1, ge=1)
+    # at most this many examples per forward/backward pass (the largest divisor of batch_size not above it); the
+    # optimizer still steps on batch_size x grad_accum examples (null = batch_size)
+    micro_batch_size: int | None = Field(None, ge=1)
     lr: float = Field(gt=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)

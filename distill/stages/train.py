@@ -37,6 +37,8 @@ _NEEDED = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer
 # Keys of train/metrics.jsonl rows that depend on wall time, not on the training itself.
 TIMING_KEYS = ("elapsed_s", "tokens_per_s", "train_runtime", "train_samples_per_second", "train_steps_per_second",
                "train_tokens_per_second", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+# Vocabulary columns per logit tile of the fused LM head (TRL's default).
+_VOCAB_TILE = 32768
 _DROPPED_KEYS = ("num_input_tokens_seen", "num_tokens", "eval_num_tokens")
 
 
@@ -160,6 +162,11 @@ def _trainer_class():
             return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
 
     class Trainer(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            _score_labelled_positions_only(self.model.get_base_model() if hasattr(self.model, "get_base_model")
+                                           else self.model)
+
         def _get_train_sampler(self, train_dataset=None):
             dataset = train_dataset if train_dataset is not None else self.train_dataset
             return EpochSeededLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
@@ -168,6 +175,48 @@ def _trainer_class():
                                             else self.args.seed)
 
     return Trainer
+
+
+def _score_labelled_positions_only(model) -> None:
+    """Make TRL's fused LM head project only the positions that carry a label, on every device.
+
+    SFTTrainer computes the loss through a fused head (``model(..., fused_lm_head=True)``) that never builds the
+    full logits, but off CUDA/XPU it scores every position, prompt and padding included, and masks afterwards: on CPU
+    that is [tokens, 32768] fp32 logit tiles and their softmax temporaries (about 1 GB) for the ~15% of positions
+    that have a label. This forward selects the labelled positions first, then calls the same TRL kernel, so the
+    per-token log-probabilities, entropy and accuracy are the ones TRL computes. Models whose head scales or caps its
+    logits, or that add a router loss, keep TRL's forward.
+    """
+    import types
+
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    text = model.config.get_text_config()
+    scaled = [k for k in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                          "logits_scaling") if getattr(text, k, None) not in (None, 1.0)]
+    if scaled or getattr(text, "output_router_logits", False):
+        return
+    trl_forward = model.forward
+
+    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
+        if not fused_lm_head or labels is None or shift_labels is not None:
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = labels[:, 1:].to(hidden.device)
+        mask = labels != -100
+        head = self.get_output_embeddings()
+        scored = ChunkedLogProbFunction.apply(hidden[mask], head.weight, head.bias, labels[mask], 1.0, _VOCAB_TILE,
+                                              None, 1.0, ("log_probs", "entropy", "is_top1"))
+        # masked_scatter keeps the loss connected to the model when a batch has no label at all
+        log_probs, entropy, _, _, is_top1 = (None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
+                                             for x in scored)
+        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
+        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask)
+
+    model.forward = types.MethodType(forward, model)
 
 
 def _check_report_to(report_to: str) -> None:
@@ -283,12 +332,17 @@ def run(cfg: Config, run_dir: Path) -> dict:
         log.warning("train.bf16 ignored: no CUDA device (bf16 matmuls are emulated on CPU and far slower)")
     evaluating = bool(tcfg.eval_steps) and val_ds is not None
     early_stopping = bool(tcfg.early_stopping_patience) and evaluating
+    micro = max(d for d in range(1, min(tcfg.micro_batch_size or tcfg.batch_size, tcfg.batch_size) + 1)
+                if tcfg.batch_size % d == 0)
     args = SFTConfig(
         output_dir=str(ckpt_dir),
         max_steps=tcfg.max_steps,
-        per_device_train_batch_size=tcfg.batch_size,
+        # A batch of batch_size examples runs as equal micro-batches and the optimizer steps once per batch: the
+        # same gradient (the loss is summed over the batch's labelled tokens), the activations of a micro-batch.
+        # Validation keeps no activations, so it runs whole batches (eval_loss is the same mean as before).
+        per_device_train_batch_size=micro,
         per_device_eval_batch_size=tcfg.batch_size,
-        gradient_accumulation_steps=tcfg.grad_accum,
+        gradient_accumulation_steps=tcfg.grad_accum * (tcfg.batch_size // micro),
         learning_rate=tcfg.lr,
         lr_scheduler_type="linear",
         warmup_steps=int(tcfg.warmup_ratio * tcfg.max_steps),
@@ -308,8 +362,12 @@ def run(cfg: Config, run_dir: Path) -> dict:
         bf16=tcfg.bf16 and on_cuda,
         use_cpu=not on_cuda,
         activation_checkpointing=scfg.gradient_checkpointing,
-        max_length=scfg.max_seq_len,
-        include_num_input_tokens_seen="non_padding",
+        # Padding-free: a micro-batch is its examples end to end in one row with their own position ids, and the
+        # attention (SDPA/eager: a block-diagonal mask built from the position ids) keeps them apart; no pad token
+        # is computed. The examples are already cut to student.max_seq_len (encode_example), which TRL requires.
+        padding_free=True,
+        max_length=None,
+        include_num_input_tokens_seen="all",  # a padding-free row has no padding (and SmolLM2 pads with <|im_end|>)
         report_to=[] if tcfg.report_to in ("none", "") else [tcfg.report_to],
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
