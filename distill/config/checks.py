@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from distill import DistillError, contracts
+from distill import DistillError, contracts, paths
 
 if TYPE_CHECKING:
     from distill.config.models import Config
@@ -117,6 +117,59 @@ def cross_group_problems(cfg: Config) -> list[str]:
         problems.append(problem)
     if cfg.generate.source == "synthesize" and (problem := _synthesis(cfg)[1]):
         problems.append(problem)
+    if cfg.generate.source == "traffic" and cfg.generate.split.train + cfg.generate.split.val <= 0:
+        problems.append("generate.source=traffic keeps the served run's test split and puts new inputs in train "
+                        "and val: generate.split.train + generate.split.val must be > 0")
+    return problems
+
+
+def served_ledger(traffic: str) -> str | None:
+    """The ledger the served run behind ``generate.traffic=PATH`` used (its ``generate.shared_ledger``, else its
+    ``generate/ledger.sqlite``), as an absolute path; None when PATH is not a run dir or a log inside one."""
+    from distill.serve.traffic import locate
+
+    run, _ = locate(traffic)
+    if run is None or not paths.stage_dir(run, "generate").is_dir():
+        return None
+    shared = None
+    if (saved := run / paths.CONFIG_YAML).is_file():
+        import yaml
+
+        shared = ((yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("generate") or {}).get("shared_ledger")
+    return str(paths.ledger_path(run, shared).resolve())
+
+
+def traffic_problems(cfg: Config) -> list[str]:
+    """``generate.source=traffic``: the path holds a traffic log with records for this recipe, inside a served run
+    whose generate stage finished (its test split is kept) and which is not this run."""
+    from distill.serve.traffic import locate, stream_counts
+
+    given = cfg.generate.traffic
+    run, log_file = locate(given)
+    hint = "point generate.traffic at the served run's directory (or its serve/traffic.sqlite)"
+    if not Path(given).expanduser().exists():
+        return [f"generate.traffic={given} does not exist; {hint}"]
+    if run is None:
+        return [f"generate.traffic={given} is not inside a served run's serve/ folder: the re-distilled run keeps "
+                f"that run's test split and reads its ledger; {hint}"]
+    if not log_file.is_file():
+        return [f"generate.traffic={given} holds no traffic log ({log_file} is missing): serve the run first "
+                f"(`python -m distill serve run_dir={run}`, serve.traffic.enabled=true)"]
+    counts = stream_counts(log_file)
+    namespace = cfg.serve.store_namespace or cfg.recipe.name
+    problems = []
+    if not counts.get(namespace):
+        found = ", ".join(f"{ns or '(none)'}: {n}" for ns, n in sorted(counts.items())) or "none"
+        problems.append(f"{log_file} holds no traffic records for {namespace!r} (records by namespace: {found}); "
+                        f"send the gateway requests first, or set serve.store_namespace to the one it used")
+    if not (paths.stage_dir(run, "generate") / paths.DONE).is_file() or not paths.split_path(run, "test").is_file():
+        problems.append(f"{run} has no finished generate stage: a re-distilled run keeps the served run's test "
+                        f"split, so {paths.split_path(run, 'test')} must exist")
+    if cfg.run_dir is not None and Path(cfg.run_dir).expanduser().resolve() == run.resolve():
+        problems.append(f"generate.traffic names this run ({run}); re-distil into a new run_dir=NEW")
+    if not cfg.recipe_file("inputs").is_file():
+        problems.append(f"recipe {cfg.recipe.name!r}: input file {cfg.recipe_file('inputs')} does not exist; "
+                        f"re-distillation adds the traffic to the recipe's own data")
     return problems
 
 
@@ -124,6 +177,8 @@ def startup_problems(cfg: Config, stages: tuple[str, ...]) -> list[str]:
     """What would stop ``stages`` later for want of a file or a device: a missing ``eval.baseline``, QLoRA
     without a 4-bit base or without CUDA."""
     problems = []
+    if "generate" in stages and cfg.generate.source == "traffic":
+        problems += traffic_problems(cfg)
     in_process = "evaluate" in stages and not cfg.eval.endpoint.base_url
     if "evaluate" in stages and cfg.eval.baseline:
         baseline = Path(cfg.eval.baseline).expanduser()

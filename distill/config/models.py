@@ -103,10 +103,37 @@ class HeadConfig(_Strict):
         return self
 
 
+# The student config group's folder: student.auto.rungs name its options.
+STUDENT_OPTIONS_DIR = Path(__file__).resolve().parent.parent / "conf" / "student"
+
+
+class LadderConfig(_Strict):
+    """``student=auto``: the rungs tried, cheapest first, each an option of the student config group; the train
+    stage climbs to the next only while the val agreement with the teacher misses ``publish.target_agreement``."""
+
+    rungs: list[str] = Field(["embed_classifier", "smollm2_135m"], min_length=1)
+    # per-rung student settings on top of the rung's own file, e.g. {smollm2_135m: {path: /models/smollm2}}
+    overrides: dict[str, dict[str, Any]] = {}
+
+    @model_validator(mode="after")
+    def _rungs_exist(self) -> "LadderConfig":
+        known = sorted(p.stem for p in STUDENT_OPTIONS_DIR.glob("*.yaml") if p.stem != "auto")
+        bad = [r for r in self.rungs if r not in known]
+        if bad:
+            raise ValueError(f"student.auto.rungs names {', '.join(map(repr, bad))}, which is no student option; "
+                             f"the options: {', '.join(known)}")
+        if len(set(self.rungs)) != len(self.rungs):
+            raise ValueError(f"student.auto.rungs names a rung twice ({self.rungs}); list each once, cheapest first")
+        if extra := sorted(set(self.overrides) - set(self.rungs)):
+            raise ValueError(f"student.auto.overrides names {', '.join(extra)}, which is not in student.auto.rungs "
+                             f"({', '.join(self.rungs)})")
+        return self
+
+
 class StudentConfig(_Strict):
     name: str
-    kind: Literal["causal_lm", "embed_classifier"] = "causal_lm"
-    source: Literal["gguf", "hf", "random", "package"]
+    kind: Literal["causal_lm", "embed_classifier", "auto"] = "causal_lm"
+    source: Literal["gguf", "hf", "random", "package"] | None = None  # required except for kind auto
     path: str | None = None
     hub_id: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -116,9 +143,18 @@ class StudentConfig(_Strict):
     max_seq_len: int = Field(512, ge=32)
     random_arch: dict[str, int] | None = None
     head: HeadConfig = HeadConfig()  # read only by kind embed_classifier
+    auto: LadderConfig = LadderConfig()  # read only by kind auto
 
     @model_validator(mode="after")
     def _source_fits_kind(self) -> "StudentConfig":
+        if self.kind == "auto":
+            if self.source is not None or self.load_in_4bit:
+                raise ValueError("student=auto takes each rung's settings from its own option (student.auto.rungs, "
+                                 "student.auto.overrides); set no student.source or student.load_in_4bit on it")
+            return self
+        if self.source is None:
+            raise ValueError(f"student.source is required for student.kind={self.kind} (gguf, hf or random for a "
+                             f"causal LM; package or hf for an embedding classifier)")
         if self.kind == "embed_classifier":
             if self.source not in ("package", "hf"):
                 raise ValueError(f"student.kind=embed_classifier takes its encoder from source package (the MiniLM "
@@ -212,6 +248,7 @@ class EvalConfig(_Strict):
     max_new_tokens: int = Field(48, ge=1)
     limit: int | None = Field(None, ge=1)
     val_curve: bool = True
+    embedding_baseline: bool = True  # enum-only tasks: also score the embedding classifier fit on the same labels
     bootstrap_resamples: int = Field(1000, ge=100)
     confidence_level: float = Field(0.95, gt=0, lt=1)
     calibration_bins: int = Field(10, ge=2)
@@ -274,7 +311,9 @@ class GenerateConfig(_Strict):
     dry_run: bool = Field(False, json_schema_extra=SPEED_ONLY)
     shared_ledger: str | None = Field(None, json_schema_extra=SPEED_ONLY)
     mode: Literal["online", "batch"] = Field("online", json_schema_extra=SPEED_ONLY)
-    source: Literal["label", "synthesize"] = "label"
+    source: Literal["label", "synthesize", "traffic"] = "label"
+    # source=traffic: the served run to re-distil from (its dir, or its serve/traffic.sqlite)
+    traffic: str | None = None
     few_shot: Literal["fixed", "nearest"] = "fixed"
     few_shot_k: int = Field(4, ge=1)
     self_consistency: int = Field(1, ge=1)
@@ -282,6 +321,22 @@ class GenerateConfig(_Strict):
     redact_pii: bool = False
     dedup: DedupConfig = DedupConfig()
     batch: BatchConfig = Field(BatchConfig(), json_schema_extra=SPEED_ONLY)
+
+    @model_validator(mode="after")
+    def _traffic(self) -> "GenerateConfig":
+        if self.source == "traffic" and not self.traffic:
+            raise ValueError("generate.source=traffic needs generate.traffic=PATH: a served run's directory (or its "
+                             "serve/traffic.sqlite)")
+        if self.traffic and self.source != "traffic":
+            raise ValueError(f"generate.traffic is read only with generate.source=traffic (source is "
+                             f"{self.source!r}); add generate.source=traffic or drop generate.traffic")
+        if self.source == "traffic" and self.shared_ledger is None:
+            # The served run's ledger holds what its gateway paid: sharing it (not a copy) keeps one record of
+            # every paid call for this run, the gateway and a gateway reloaded onto this run.
+            from distill.config.checks import served_ledger
+
+            self.shared_ledger = served_ledger(self.traffic)
+        return self
 
 
 class Config(_Strict):

@@ -21,6 +21,7 @@ copied or pointed at on its own (``generate.traffic=PATH``); the shared Redis wh
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -169,5 +170,41 @@ def read_traffic(cfg: Config, run_dir: Path | str, limit: int | None = None) -> 
     store = _store(cfg, run_dir)
     try:
         return [rec for _, rec in store.read(STREAM, after=0, limit=limit)]
+    finally:
+        store.close()
+
+
+def locate(path: str | Path) -> tuple[Path | None, Path]:
+    """(the served run dir, its traffic log file) for ``generate.traffic=PATH``: a run dir, or the
+    ``serve/traffic.sqlite`` inside one (the run dir is None when the file sits anywhere else)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p, paths.stage_dir(p, paths.SERVE_DIR) / TRAFFIC_SQLITE
+    return (p.parent.parent if p.parent.name == paths.SERVE_DIR else None), p
+
+
+def stream_counts(path: Path) -> dict[str, int]:
+    """{namespace: records} of the traffic streams in one SQLite traffic log, read only; {} when the file is not
+    one (not SQLite, or no streams table)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{Path(path).resolve()}?mode=ro", uri=True)) as db:
+            rows = db.execute("SELECT stream, COUNT(*) FROM streams GROUP BY stream").fetchall()
+    except sqlite3.Error:
+        return {}
+    out = {}
+    for stream, n in rows:
+        ns, _, name = stream.rpartition(":")
+        if name == STREAM:
+            out[ns] = n
+    return out
+
+
+def read_traffic_file(path: Path, namespace: str) -> list[dict]:
+    """Every record of the SQLite traffic log at ``path`` under ``namespace``, oldest first (re-distillation)."""
+    store = SqliteStore(path, namespace)
+    try:
+        return [rec for _, rec in store.read(STREAM, after=0)]
     finally:
         store.close()

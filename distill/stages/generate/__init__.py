@@ -22,6 +22,7 @@ from distill.data import dedup, pii
 from distill.data.embed import nearest
 from distill.data.split import assign_split
 from distill.ledger import Ledger
+from distill.stages.generate import traffic
 from distill.stages.generate.synthesize import synthesize
 from distill.task import Example, Task
 from distill.teacher import pricing
@@ -71,9 +72,13 @@ def run(cfg: Config, run_dir: Path) -> dict | pricing.DryRun:
     ledger_file = paths.ledger_path(run_dir, cfg.generate.shared_ledger)
     skipped: dict = {}
     bad_gold = 0
+    plan = None  # generate.source=traffic (distill.stages.generate.traffic)
     if cfg.generate.source == "label":
         inputs = task.load_inputs(cfg.generate.limit)
         examples, skipped, bad_gold = inputs.examples, inputs.skipped, inputs.bad_gold
+    elif cfg.generate.source == "traffic":
+        plan = traffic.load(cfg, task)
+        examples, skipped, bad_gold = plan.examples, plan.skipped, plan.bad_gold
     else:
         examples = []  # written by the teacher below, once the endpoint is up
     fractions = cfg.generate.split.model_dump()
@@ -101,7 +106,13 @@ def run(cfg: Config, run_dir: Path) -> dict | pricing.DryRun:
                 examples, synth_summary = written
 
             examples, split_keys, qa = prepare(cfg, task, examples)
+            if plan is not None:
+                examples, split_keys = traffic.keep_test_fixed(cfg, plan, examples, split_keys, qa)
             shots = _choose_shots(cfg, task, examples)
+            from_log: set[str] = set()
+            if plan is not None:
+                from_log = traffic.use_logged_answers(plan, examples, lambda i: _planned_requests(
+                    cfg, task, method, [examples[i]], None if shots is None else [shots[i]]), ledger)
             trusted = [ex for ex in examples if ex.trusted is not None]
             to_label = [ex for ex in examples if ex.trusted is None]
             requests = _planned_requests(cfg, task, method, to_label, shots)
@@ -132,8 +143,8 @@ def run(cfg: Config, run_dir: Path) -> dict | pricing.DryRun:
         ledger_summary = ledger.summary()
         spent_total = ledger.spent()
         by_id = {ex.id: o for ex, o in zip(to_label, labelled_outcomes)}
-        outcomes = [by_id.get(ex.id) if ex.trusted is None else _trusted(ex) for ex in examples]
-        hits = sum(o.cache_hit for o in outcomes if o is not None and o.key != "trusted")
+        outcomes = [by_id.get(ex.id) if ex.trusted is None else _trusted(ex, ex.id in from_log) for ex in examples]
+        hits = sum(o.cache_hit for o in outcomes if o is not None and o.key not in ("trusted", "traffic"))
         ledger.record_hits(str(run_dir), hits)
         new_rows = ledger.count() - before
 
@@ -153,9 +164,11 @@ def run(cfg: Config, run_dir: Path) -> dict | pricing.DryRun:
         rows[split].append({"id": ex.id, "input": ex.text, "teacher": outcome.answer, "gold": ex.gold,
                             "split": split,
                             "provenance": {"request_key": outcome.key, "teacher_model": cfg.teacher.model,
-                                           "method": "trusted" if ex.trusted is not None else method,
+                                           "method": outcome.key if ex.trusted is not None else method,
                                            "attempt": outcome.attempt, "cache_hit": outcome.cache_hit,
                                            "confidence": outcome.confidence}})
+    if plan is not None:  # the served run's test split, as it was: the comparison with it is paired
+        rows["test"] = plan.fixed_test
     for split, split_rows in rows.items():
         runio.write_jsonl(paths.split_path(run_dir, split), split_rows)
     runio.write_jsonl(out_dir / paths.REJECTED, rejected)
@@ -169,7 +182,8 @@ def run(cfg: Config, run_dir: Path) -> dict | pricing.DryRun:
         "synthesis": synth_summary,
         "skipped_inputs": skipped,
         "inputs_with_bad_gold": bad_gold,
-        "trusted_labels": len(trusted),
+        "trusted_labels": len(trusted) - len(from_log),
+        "traffic": traffic.settle(plan, examples, outcomes, from_log) if plan is not None else None,
         "qa": {k: v for k, v in qa.items() if k != "removed_ids"},
         "labelled": len(labelled),
         "rejected": dict(reasons),
@@ -203,8 +217,9 @@ def run(cfg: Config, run_dir: Path) -> dict | pricing.DryRun:
     return summary
 
 
-def _trusted(ex: Example) -> Outcome:
-    return Outcome(ex.trusted, None, "trusted", 0, 0)
+def _trusted(ex: Example, logged: bool = False) -> Outcome:
+    """A label that costs no call: the input's own (``trusted``) or the teacher's answer the traffic log stored."""
+    return Outcome(ex.trusted, None, "traffic" if logged else "trusted", 0, 0)
 
 
 def _choose_shots(cfg: Config, task: Task, examples: list[Example]) -> list | None:
