@@ -151,6 +151,48 @@ class PerItem(_Open):
     contaminated: bool = False
 
 
+class LadderRung(_Open):
+    """One rung student=auto tried (train/ladder.json ``rungs``): measured on the val split when ``trained``."""
+
+    rung: str
+    kind: str
+    trained: bool
+    outcome: str
+    val_agreement: Interval | None = None
+    invalid_rate: float | None = None
+    usd_per_1k: float | None = None
+    items_per_s: float | None = None
+    latency_p50_s: float | None = None
+    latency_p95_s: float | None = None
+    train_s: float | None = None
+    met_target: bool | None = None
+
+
+class Ladder(_Open):
+    """train/ladder.json, copied into results.json: the student ladder of student=auto and the rung it chose."""
+
+    target_agreement: float
+    chosen: str
+    met_target: bool
+    why: str
+    rungs: list[LadderRung]
+    decided_on: dict[str, Any] = Field(default_factory=dict)
+
+
+class EmbeddingBaseline(_Open):
+    """The embedding classifier fit on the student's train split, scored on the student's items (enum tasks)."""
+
+    status: Literal["measured", "is_student", "off", "not_applicable"]
+    reason: str | None = None
+    model: str | None = None
+    n: int | None = None
+    agreement_ci: dict[str, Interval] = Field(default_factory=dict)
+    vs_gold_ci: dict[str, Interval] = Field(default_factory=dict)
+    student_minus_baseline: Interval | None = None
+    items_per_s: float | None = None
+    usd_per_1k: float | None = None
+
+
 class Results(_Open):
     """``evaluate/results.json``: what evaluate measured; the gate, publish, explore and ``eval.baseline`` read it."""
 
@@ -172,6 +214,8 @@ class Results(_Open):
     gate: Gate
     per_item: list[PerItem]
     generate: dict[str, Any] | None = None
+    ladder: Ladder | None = None
+    embedding_baseline: EmbeddingBaseline | None = None
 
 
 class ParityEntry(_Open):

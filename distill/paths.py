@@ -5,6 +5,7 @@
   generate/DONE.json  generate/data/{train,val,test}.jsonl  generate/ledger.sqlite  generate/rejected.jsonl
   train/DONE.json     train/adapter/   train/checkpoints/   train/metrics.jsonl
                       train/head/{head.safetensors, head.json}   (student=embed_classifier instead of adapter/)
+                      train/ladder.json   (student=auto: the rungs tried and the one chosen)
   evaluate/DONE.json  evaluate/results.json  evaluate/report.md  evaluate/predictions.jsonl
                       evaluate/{junit.xml, summary.md, coverage.png, cost.png, confusion_<field>.png}
   publish/DONE.json   publish/routing.yaml  publish/routing.schema.json  publish/litellm.yaml  publish/Modelfile
@@ -36,6 +37,7 @@ TRAIN_METRICS = "metrics.jsonl"
 HEAD_DIR = "head"                # student=embed_classifier: its linear heads (the encoder stays frozen, not copied)
 HEAD_WEIGHTS = "head.safetensors"  # "<field>.weight" [classes x dim], "<field>.bias" [classes], float32
 HEAD_META = "head.json"          # label order per field, encoder name and sha256, pooling; never pickle
+LADDER = "ladder.json"           # student=auto: every rung tried, its val agreement, cost and why the ladder stopped
 
 # evaluate
 RESULTS = "results.json"
@@ -52,6 +54,7 @@ ROUTING_SCHEMA = "routing.schema.json"
 LITELLM = "litellm.yaml"
 MODELFILE = "Modelfile"
 SERVING = "SERVING.md"
+GRAFANA = "grafana.json"        # a Grafana dashboard over the gateway's /metrics
 PARITY = "parity.json"
 MODEL_CARD = "MODEL_CARD.md"
 MODEL_DIR = "model"

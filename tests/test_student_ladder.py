@@ -262,3 +262,176 @@ def test_classifier_settings_are_checked_with_the_valid_choices(tmp_path):
         load_config(["student=embed_classifier", "student.source=random", f"run_dir={tmp_path}"])
     with pytest.raises(DistillError, match=r"student.head.c_grid must be > 0"):
         load_config(["student=embed_classifier", "student.head.c_grid=[1.0,0]", f"run_dir={tmp_path}"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# student=auto: the ladder climbs from the classifier to the LM only while the val agreement misses the target
+
+AUTO = ("student=auto", "student.auto.rungs=[embed_classifier,tiny_random]")
+
+
+def _auto_run(ladder_run, dest: Path, *extra: str, stages=("train", "evaluate", "publish")):
+    """A run dir holding ladder_run's generate stage (same splits and labels), then ``stages`` with ``extra``."""
+    dest.mkdir(parents=True)
+    shutil.copytree(ladder_run[0] / "generate", dest / "generate")
+    cfg = load_config([o for o in _overrides(dest, "http://127.0.0.1:9/v1") if o != "student=embed_classifier"]
+                      + list(extra))
+    return cfg, pipeline.run(cfg, stages)
+
+
+@pytest.fixture(scope="module")
+def auto_met(ladder_run, tmp_path_factory):
+    """student=auto with a target the classifier meets on val: the whole pipeline."""
+    run_dir = tmp_path_factory.mktemp("auto_met") / "run"
+    cfg, summaries = _auto_run(ladder_run, run_dir, *AUTO)
+    return run_dir, cfg, summaries
+
+
+def test_auto_stops_at_the_classifier_when_it_meets_the_target(auto_met, ladder_run):
+    run_dir, cfg, summaries = auto_met
+    assert cfg.student.kind == "auto"
+    lad = runio.read_json(paths.stage_dir(run_dir, "train") / paths.LADDER)
+    assert lad["chosen"] == "embed_classifier" and lad["met_target"] is True
+    first, second = lad["rungs"]
+    assert first["rung"] == "embed_classifier" and first["trained"] and first["outcome"] == "chosen"
+    # the ladder's val agreement is the classifier's own on val (the same heads as student=embed_classifier's)
+    assert first["val_agreement"]["value"] == pytest.approx(ladder_run[2]["train"]["val_agreement"]["exact"],
+                                                            abs=1e-4)
+    assert first["val_agreement"]["value"] >= float(TARGET)
+    assert first["val_agreement"]["n"] == len(_split(run_dir, "val"))
+    assert first["usd_per_1k"] > 0 and first["items_per_s"] > 0 and first["latency_p50_s"] > 0
+    assert second == {"rung": "tiny_random", "kind": "causal_lm", "trained": False,
+                      "outcome": "not trained: embed_classifier met the target"}
+    # the LM rung never trained: no adapter, no checkpoint, no step log
+    train_dir = paths.stage_dir(run_dir, "train")
+    assert not paths.adapter_path(run_dir).exists() and not (train_dir / paths.CHECKPOINTS_DIR).exists()
+    assert not (train_dir / paths.TRAIN_METRICS).exists()
+    done = runio.read_done(run_dir, "train")["summary"]
+    assert done["rung"] == "embed_classifier" and done["student_kind"] == "embed_classifier"
+    assert done["head_sha256"] == runio.sha256_tree(paths.head_path(run_dir)) and done["ladder"] == lad
+
+
+def test_the_chosen_classifier_is_what_evaluate_publish_and_routing_use(auto_met, ladder_run):
+    run_dir, cfg, summaries = auto_met
+    results = runio.read_json(paths.stage_dir(run_dir, "evaluate") / paths.RESULTS)
+    assert results["student"] == "embed_classifier"
+    assert results["predictor"] == {"kind": "in_process", "student": "embed_classifier", "decode": "classifier"}
+    # the same heads as the student=embed_classifier run: the same answers on every test item
+    ref = runio.read_json(paths.stage_dir(ladder_run[0], "evaluate") / paths.RESULTS)
+    assert results["metrics"]["agreement"] == ref["metrics"]["agreement"]
+    assert results["ladder"]["chosen"] == "embed_classifier"
+    assert results["embedding_baseline"]["status"] == "is_student"
+    assert results["cost"]["student"]["name"] == "embed_classifier"
+    rule = load_rule(paths.stage_dir(run_dir, "publish") / paths.ROUTING)
+    assert rule.student.kind == "embed_classifier" and rule.student.model.endswith("embed_classifier")
+    publish_dir = paths.stage_dir(run_dir, "publish")
+    assert (publish_dir / paths.MODEL_DIR / paths.HEAD_DIR / paths.HEAD_WEIGHTS).is_file()
+    assert not list(publish_dir.rglob("*.gguf"))
+    card = (publish_dir / paths.MODEL_CARD).read_text()
+    assert "rung: embed_classifier" in card and "## Student ladder (student=auto)" in card
+    assert "| tiny_random | n/a |" in card
+    report = (paths.stage_dir(run_dir, "evaluate") / paths.REPORT).read_text()
+    assert "## Student ladder (student=auto)" in report and "Chosen: **embed_classifier**" in report
+
+
+@pytest.fixture(scope="module")
+def auto_climbed(ladder_run, tmp_path_factory):
+    """student=auto with a target of 1.0, which neither rung reaches on this val split (the classifier agrees on
+    about 59% of it): both rungs trained and measured; train + evaluate."""
+    run_dir = tmp_path_factory.mktemp("auto_climb") / "run"
+    cfg, summaries = _auto_run(ladder_run, run_dir, *AUTO, "publish.target_agreement=1.0",
+                               stages=("train", "evaluate"))
+    return run_dir, cfg, summaries
+
+
+def test_auto_climbs_when_the_classifier_misses_and_keeps_the_better_rung(auto_climbed):
+    run_dir, cfg, summaries = auto_climbed
+    lad = runio.read_json(paths.stage_dir(run_dir, "train") / paths.LADDER)
+    clf, lm = lad["rungs"]
+    assert clf["trained"] and lm["trained"] and not clf["met_target"] and not lm["met_target"]
+    assert lad["met_target"] is False and lad["why"].startswith("no rung met publish.target_agreement=1.0 ")
+    # the LM rung was trained: its adapter is on disk and its weights moved away from LoRA's zero init
+    from safetensors.torch import load_file
+
+    lora = load_file(str(paths.adapter_path(run_dir) / "adapter_model.safetensors"))
+    assert any(float(t.abs().sum()) > 0 for k, t in lora.items() if "lora_B" in k)
+    assert lm["val_agreement"]["n"] == clf["val_agreement"]["n"] == len(_split(run_dir, "val"))
+    # the rule: the best val agreement, or the cheaper rung whose interval overlaps it
+    best, other = (clf, lm) if clf["val_agreement"]["value"] >= lm["val_agreement"]["value"] else (lm, clf)
+    overlap = other["val_agreement"]["high"] >= best["val_agreement"]["low"]
+    cheaper = min((clf, lm), key=lambda r: r["usd_per_1k"])
+    expected = cheaper["rung"] if overlap and cheaper is other else best["rung"]
+    assert lad["chosen"] == expected, lad
+    results = runio.read_json(paths.stage_dir(run_dir, "evaluate") / paths.RESULTS)
+    assert results["student"] == expected == summaries["train"]["rung"]
+    assert results["predictor"]["decode"] == ("classifier" if expected == "embed_classifier" else cfg.eval.decode)
+    assert [r["outcome"] for r in results["ladder"]["rungs"]].count("chosen") == 1
+
+
+def test_choose_keeps_the_cheaper_rung_when_the_intervals_overlap():
+    from distill.student.ladder import choose
+
+    def rung(name, value, low, high, usd, met=False):
+        return {"rung": name, "val_agreement": {"value": value, "low": low, "high": high}, "usd_per_1k": usd,
+                "met_target": met}
+
+    assert choose([rung("c", 0.99, 0.95, 1.0, 0.01, True), rung("l", 0.995, 0.97, 1.0, 0.5, True)], 0.98)[0] == 0
+    pick, why = choose([rung("c", 0.80, 0.70, 0.88, 0.01), rung("l", 0.85, 0.76, 0.92, 0.5)], 0.98)
+    assert pick == 0 and "overlaps" in why and "kept c" in why
+    pick, why = choose([rung("c", 0.60, 0.50, 0.70, 0.01), rung("l", 0.90, 0.84, 0.95, 0.5)], 0.98)
+    assert pick == 1 and "the best val agreement" in why
+
+
+@pytest.fixture(scope="module")
+def auto_lm(ladder_run, tmp_path_factory):
+    """student=auto with the LM rung only: train + evaluate, so the baseline is measured beside an LM student."""
+    run_dir = tmp_path_factory.mktemp("auto_lm") / "run"
+    cfg, summaries = _auto_run(ladder_run, run_dir, "student=auto", "student.auto.rungs=[tiny_random]",
+                               stages=("train", "evaluate"))
+    return run_dir, cfg, summaries
+
+
+def test_an_lm_rung_is_scored_by_evaluate_with_the_embedding_baseline_beside_it(auto_lm, ladder_run):
+    run_dir, cfg, summaries = auto_lm
+    assert summaries["train"]["rung"] == "tiny_random" and paths.adapter_path(run_dir).is_dir()
+    assert not paths.head_path(run_dir).exists()
+    results = runio.read_json(paths.stage_dir(run_dir, "evaluate") / paths.RESULTS)
+    assert results["predictor"] == {"kind": "in_process", "student": "tiny_random", "decode": cfg.eval.decode}
+    base = results["embedding_baseline"]
+    assert base["status"] == "measured" and base["n"] == results["metrics"]["n"]
+    # fit on the same train split and labels, C chosen on the same val split: it answers as the classifier student
+    ref = runio.read_json(paths.stage_dir(ladder_run[0], "evaluate") / paths.RESULTS)
+    for key in (*FIELDS, "exact"):
+        assert base["agreement_ci"][key]["value"] == pytest.approx(ref["metrics"]["agreement"][key], abs=1e-4)
+    assert base["vs_gold_ci"]["exact"]["value"] == pytest.approx(ref["metrics"]["student_vs_gold"]["exact"], abs=1e-4)
+    student = results["metrics"]["agreement"]["exact"]
+    assert base["student_minus_baseline"]["value"] == pytest.approx(student - base["agreement_ci"]["exact"]["value"],
+                                                                    abs=1e-3)
+    assert base["usd_per_1k"] > 0
+    report = (paths.stage_dir(run_dir, "evaluate") / paths.REPORT).read_text()
+    assert "embedding baseline (MiniLM + logistic regression" in report
+    assert "| embedding baseline agreement with teacher |" in report
+
+
+def test_the_baseline_can_be_turned_off(auto_lm):
+    from distill.stages import evaluate
+
+    run_dir, cfg, _ = auto_lm
+    off = load_config([o for o in _overrides(run_dir, "http://127.0.0.1:9/v1") if o != "student=embed_classifier"]
+                      + ["student=auto", "student.auto.rungs=[tiny_random]", "eval.embedding_baseline=false"])
+    evaluate.run(off, run_dir)
+    results = runio.read_json(paths.stage_dir(run_dir, "evaluate") / paths.RESULTS)
+    assert results["embedding_baseline"] == {"status": "off", "reason": "eval.embedding_baseline=false",
+                                             "model": results["embedding_baseline"]["model"]}
+    assert "embedding baseline: eval.embedding_baseline=false" in \
+        (paths.stage_dir(run_dir, "evaluate") / paths.REPORT).read_text()
+
+
+def test_auto_settings_are_checked(tmp_path):
+    with pytest.raises(DistillError, match=r"student.auto.rungs names 'nope', which is no student option"):
+        load_config(["student=auto", "student.auto.rungs=[embed_classifier,nope]", f"run_dir={tmp_path}"])
+    with pytest.raises(DistillError, match=r"student.auto.overrides names phi3_mini, which is not in"):
+        load_config(["student=auto", "+student.auto.overrides.phi3_mini.path=x", f"run_dir={tmp_path}"])
+    cfg = load_config(["profile=demo", f"run_dir={tmp_path}"])
+    assert cfg.student.kind == "auto" and cfg.student.auto.rungs == ["embed_classifier", "smollm2_135m"]
+    assert load_config(["profile=demo", "student=smollm2_135m", f"run_dir={tmp_path}"]).student.kind == "causal_lm"

@@ -144,6 +144,42 @@ def _usd(x: float | None) -> str:
     return "n/a" if x is None else f"${x:,.4f}"
 
 
+def ladder_lines(ladder: dict | None) -> list[str]:
+    """student=auto's ladder (train/ladder.json) as Markdown: the chosen rung, why, and every rung tried with its
+    val agreement (interval), cost per 1,000 requests and latency; empty for a run without student=auto."""
+    if not ladder:
+        return []
+    lines = [f"Chosen: **{ladder['chosen']}**. {ladder['why']}. Decided on {ladder['decided_on'].get('n')} "
+             f"{ladder['decided_on'].get('split')} items (publish.target_agreement={ladder['target_agreement']}).",
+             "", "| rung | val agreement with the teacher | invalid | $ per 1,000 requests | latency p50 s | train s "
+             "| outcome |", "|---|---|---|---|---|---|---|"]
+    for r in ladder["rungs"]:
+        if not r.get("trained"):
+            lines.append(f"| {r['rung']} | n/a | n/a | n/a | n/a | n/a | {r['outcome']} |")
+            continue
+        lines.append(f"| {r['rung']} | {format_interval(r['val_agreement'])} | {_pct(r['invalid_rate'])} | "
+                     f"{_usd(r['usd_per_1k'])} | {r['latency_p50_s'] or 'n/a'} | {r['train_s']} | {r['outcome']} |")
+    return lines
+
+
+def baseline_line(results: dict) -> str:
+    """The report's line on the embedding baseline beside the student (results.json ``embedding_baseline``)."""
+    b = results.get("embedding_baseline") or {}
+    status = b.get("status")
+    if status is None:
+        return "- embedding baseline: not measured (results.json from an older distill)"
+    if status != "measured":
+        return f"- embedding baseline: {b.get('reason')}"
+    student = results["metrics"]["agreement_ci"]["exact"]
+    diff = b["student_minus_baseline"]
+    sign = "+" if (diff["value"] or 0) >= 0 else ""
+    low_high = "" if diff.get("low") is None else f" [{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}]"
+    return (f"- embedding baseline (MiniLM + logistic regression on the same train labels): agreement "
+            f"{format_interval(b['agreement_ci']['exact'])} at {_usd(b['usd_per_1k'])} per 1,000 requests; the "
+            f"student {format_interval(student)} at {_usd(results['cost']['student_usd_per_1k'])}: "
+            f"{sign}{100 * diff['value']:.1f} points{low_high} (paired)")
+
+
 def render(results: dict, predictions: list[dict], worst: int = 10, level: float = 0.95) -> str:
     """The Markdown report: verdict and key numbers first, then the plots, tables and worst disagreements.
     ``level`` is ``eval.confidence_level``, the level of every interval in ``results``."""
@@ -171,7 +207,10 @@ def render(results: dict, predictions: list[dict], worst: int = 10, level: float
              f"(one-off {_usd(c['one_off']['total_usd'])})",
              f"- left out as duplicates of training items: {d['n_excluded']} of {d['n_checked']} "
              f"({d['exact']} exact, {d['near']} near); agreement on all items "
-             f"{format_interval(d['agreement_all_items'])}", ""]
+             f"{format_interval(d['agreement_all_items'])}",
+             baseline_line(results), ""]
+    if results.get("ladder"):
+        lines += ["## Student ladder (student=auto)", "", *ladder_lines(results["ladder"]), ""]
     if p["kind"] == "endpoint" and m.get("failures"):
         lines += [f"Endpoint failures: {m['failures']}", ""]
     fields = [f for f in m["agreement"] if f != "exact"]
@@ -184,8 +223,13 @@ def render(results: dict, predictions: list[dict], worst: int = 10, level: float
         cells = [format_interval(block["exact"])] + [format_interval(block[f]) for f in fields]
         return f"| {name} | " + " | ".join(cells) + " |"
 
+    base = results.get("embedding_baseline") or {}
     lines += [row("student agreement with teacher", m["agreement_ci"]),
+              *([row("embedding baseline agreement with teacher", base["agreement_ci"])]
+                if base.get("status") == "measured" else []),
               row("student accuracy vs gold", m.get("student_vs_gold_ci")),
+              *([row("embedding baseline accuracy vs gold", base.get("vs_gold_ci"))]
+                if base.get("status") == "measured" and base.get("vs_gold_ci") else []),
               row("teacher accuracy vs gold", m.get("teacher_vs_gold_ci")), ""]
     macro = [(f, info) for f, info in m["fields"].items() if info["kind"] == "enum"]
     if macro:

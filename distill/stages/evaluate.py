@@ -6,7 +6,8 @@
 Predictions come from distill.student: the in-process student (``eval.decode=scored``: every allowed value of an
 enum field is ranked by its log-likelihood in the JSON answer, which also gives a confidence; ``free``: greedy
 free-form JSON), an OpenAI-compatible endpoint (the published GGUF in llama.cpp, vLLM, the teacher itself), or
-student=embed_classifier's heads. This module only runs the stage: scoring, figures, the gate, the files. Writes
+student=embed_classifier's heads; for student=auto, the rung train chose (distill.student.ladder). Enum-only tasks
+also get the embedding baseline (distill.student.baseline) side by side. This module only runs the stage: scoring, figures, the gate, the files. Writes
 evaluate/{predictions.jsonl, results.json, report.md, junit.xml, summary.md, *.png}; README lists results.json's
 keys. The command exits 3 with a one-line reason when the gate fails.
 """
@@ -26,6 +27,8 @@ from distill.metrics import gate as gates
 from distill.metrics import report
 from distill.metrics.stats import calibration, class_report, confusion, coverage_curve, rate
 from distill.student.embed_classifier import EmbedClassifier
+from distill.student import ladder
+from distill.student.baseline import embedding_baseline
 from distill.student.endpoint import predict_endpoint
 from distill.student.models import load_student
 from distill.student.predict import predict_classifier, predict_in_process
@@ -115,6 +118,9 @@ def _static_prefix_share(task: Task, rows: list[dict]) -> float | None:
 
 def run(cfg: Config, run_dir: Path) -> dict:
     out_dir = paths.stage_dir(run_dir, "evaluate")
+    endpoint = cfg.eval.endpoint.base_url
+    # student=auto: the rung train chose, from train/DONE.json (an endpoint needs no trained student)
+    cfg = ladder.resolve(cfg, run_dir, required=not endpoint)
     task = Task(cfg)
     ev = cfg.eval
     generate = runio.require_done(run_dir, "generate", "evaluate")["summary"]
@@ -133,7 +139,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
                            f"{ev.decontam.threshold}); nothing clean to score: raise the threshold or set "
                            f"eval.decontam.enabled=false")
 
-    endpoint = ev.endpoint.base_url
     if endpoint:
         if not ev.endpoint.model:
             raise DistillError("eval.endpoint.model is required with eval.endpoint.base_url (the model name the "
@@ -215,6 +220,10 @@ def run(cfg: Config, run_dir: Path) -> dict:
                                                        4) if val_preds is not None and val_rows else None},
         "calibration": calib, "cost": cost, "speed": speed, "decontamination": decontamination, "gate": gate,
         "per_item": per_item, "generate": generate.get("teacher_vs_gold"),
+        "ladder": (train_done.get("summary") or {}).get("ladder"),
+        "embedding_baseline": embedding_baseline(cfg, task, train_rows,
+                                                 load_split(run_dir, "val") if ev.split != "val" else [], c_rows,
+                                                 c_agree, boot, endpoint=bool(endpoint)),
     }
 
     predictions = [{"id": r["id"], "input": r["input"], "teacher": r["teacher"], "gold": r.get("gold"),

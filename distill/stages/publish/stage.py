@@ -13,6 +13,7 @@
 student=embed_classifier has nothing to merge, convert or quantize: model/ gets a copy of its encoder (safetensors +
 tokenizer) and its head (safetensors + JSON), parity reloads those files in a fresh classifier and requires the same
 answer on every evaluated item, and routing.yaml, SERVING.md (in-process use), MODEL_CARD.md and report.md are written.
+student=auto publishes the rung train chose (distill.student.ladder.resolve), whichever kind it is.
 
 Everything is built in a staging folder and swapped into publish/ only when complete: a failure publishes nothing.
 publish reads evaluate's files and never writes into evaluate/.
@@ -37,7 +38,7 @@ from distill.stages.publish.card import render_card, report_markdown
 from distill.stages.publish.gguf import build_artifacts, merge_adapter
 from distill.stages.publish.parity import check_parity, classifier_parity
 from distill.stages.publish.serving import build_rule, write_serving
-from distill.student import embed_classifier
+from distill.student import embed_classifier, ladder
 from distill.task import Task
 
 log = logging.getLogger("distill")
@@ -67,6 +68,7 @@ def check_adapter(adapter: Path, expected_sha256: str | None) -> None:
 def run(cfg: Config, run_dir: Path) -> dict:
     """Publish the run's student: see the module docstring. Raises DistillError and publishes nothing on failure."""
     final = paths.stage_dir(run_dir, "publish")
+    cfg = ladder.resolve(cfg, run_dir)  # student=auto: the rung train chose (train/DONE.json), not the config
     evaluation = runio.require_done(run_dir, "evaluate", "publish")["summary"]
     forced_past = failure_reasons(evaluation)  # the failed gate's reasons, when publish.force goes past it
     if forced_past is not None and not cfg.publish.force:
