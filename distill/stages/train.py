@@ -11,6 +11,7 @@ gets one row per step (loss, lr, tokens/s) and one per validation (eval_loss).
 
 student=embed_classifier trains no LM: a frozen encoder + a linear head per enum field -> train/head/
 (distill.students.embed_classifier).
+student=auto climbs the student ladder (distill.student.ladder) -> train/ladder.json and the chosen rung's files.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from distill import DistillError, paths, runio
 from distill.config import Config, speed_only_fields
-from distill.student import embed_classifier
+from distill.student import embed_classifier, ladder
 from distill.task import Task, dump_answer, load_split
 from distill.student.template import encode_example, end_of_turn
 
@@ -287,6 +288,8 @@ def _callbacks(metrics_file: Path, key: str):
 def run(cfg: Config, run_dir: Path) -> dict:
     if cfg.student.kind == "embed_classifier":  # the rung below the LMs: no LoRA, no steps, no checkpoints
         return embed_classifier.train(cfg, run_dir)
+    if cfg.student.kind == "auto":  # the student ladder (distill.student.ladder): each LM rung comes back here
+        return ladder.train(cfg, run_dir, run)
     from peft import LoraConfig, get_peft_model
     from transformers import EarlyStoppingCallback, set_seed
     from trl import SFTConfig

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from distill import paths, routing, runio
 from distill.config import Config
+from distill.metrics.report import baseline_line, ladder_lines
 from distill.metrics.stats import format_interval
 from distill.stages.publish.gguf import model_name
 from distill.student import embed_classifier
@@ -117,6 +118,7 @@ def render_card(cfg: Config, generate: dict, train: dict, results: dict, rule: r
         training = embed_classifier.training_lines(cfg, train)
     else:
         training = [
+            f"- rung: {cfg.student.name}: a causal LM ({cfg.student.hub_id or cfg.student.source}) with a LoRA adapter",
             f"- {cfg.train.method} r={cfg.train.lora_r} alpha={cfg.train.lora_alpha} dropout "
             f"{cfg.train.lora_dropout} on {', '.join(cfg.student.target_modules)}; {train.get('steps')} steps, batch "
             f"{cfg.train.batch_size} x accumulation {cfg.train.grad_accum}, lr {cfg.train.lr}, seed {cfg.seed}",
@@ -137,10 +139,11 @@ def render_card(cfg: Config, generate: dict, train: dict, results: dict, rule: r
         f"- teacher spend: ${ledger.get('cost_usd', 0.0):.4f} over {ledger.get('successful_calls')} calls "
         f"({ledger.get('prompt_tokens')} prompt + {ledger.get('completion_tokens')} completion tokens)", "",
         "## Training", *training, "",
+        *(["## Student ladder (student=auto)", "", *ladder_lines(train["ladder"]), ""] if train.get("ladder") else []),
         f"## Evaluation ({results.get('split', 'test')} split, results.json)", "",
         f"{m['n']} held-out items, {m.get('n_gold')} with gold labels; invalid student answers "
         f"{_fmt(m.get('invalid_rate'))}.", "",
-        *_metric_lines(m, cfg.eval.confidence_level),
+        *_metric_lines(m, cfg.eval.confidence_level), "", baseline_line(results),
     ]
     lines += ["", "## Artifacts and parity", "", *parity_lines(cfg, artifacts, parity)]
     r = rule.route
