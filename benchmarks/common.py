@@ -64,3 +64,27 @@ def append(section: str, text: str, record: bool = True) -> None:
         end = len(md) if nxt == -1 else nxt
         md = md[:end].rstrip("\n") + "\n" + block + md[end:]
     BENCHMARKS_MD.write_text(md)
+
+
+def gemm_peak_gflops(n: int = 2048, reps: int = 5, threads: int | None = None) -> float:
+    """The machine's measured fp32 matmul peak: best of ``reps`` timed ``n x n @ n x n`` torch GEMMs, in GFLOP/s."""
+    import time
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)  # warm-up: thread pool, packing buffers
+    best = float("inf")
+    for _ in range(reps):
+        started = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - started)
+    return 2 * n**3 / best / 1e9
+
+
+def load_average() -> str:
+    """The 1-, 5- and 15-minute load averages, as `uptime` prints them."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())

@@ -6,8 +6,12 @@ The support-tickets recipe is labelled once by distill's fake teacher (gold labe
 `python -m distill train ... student=smollm2_135m` in a fresh process on a fresh copy of that run dir. Per run:
   - tokens/s: non-padding tokens (prompt + answer) per second between the end of step 1 and the last step, from
     train/metrics.jsonl (step 1 is warm-up: allocator, first backward);
-  - peak RSS of the training process (model load included).
-Median of ``--runs`` with min-max. Prints the table last and appends it to BENCHMARKS.md (``--no-record`` to skip).
+  - peak RSS of the training process (model load included);
+  - the share of the machine's fp32 matmul peak it reaches: 4 x (base parameters) FLOPs per trained token (forward
+    2, backward to the activations 2; the LoRA weights' own gradients are ignored) against the best torch GEMM
+    (2048^3) measured before and after the runs with the same threads.
+Median of ``--runs`` with min-max, and the load average before and after (other work on the machine slows the runs
+and the GEMM alike). Prints the table last and appends it to BENCHMARKS.md (``--no-record`` to skip).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import append, summary, table  # noqa: E402
+from benchmarks.common import append, gemm_peak_gflops, load_average, summary, table  # noqa: E402
 
 FAKE_URL = "http://127.0.0.1:9/v1"  # the train stage never calls the teacher
 
@@ -74,8 +78,11 @@ def one_run(labelled: Path, work: Path, i: int, args) -> dict:
     first, last = steps[0], steps[-1]
     tokens = last["tokens_seen"] - first["tokens_seen"]
     seconds = last["elapsed_s"] - first["elapsed_s"]
+    done = json.loads((run_dir / "train" / "DONE.json").read_text())["summary"]
     return {"tokens_per_s": tokens / seconds, "s_per_step": seconds / (len(steps) - 1),
-            "tokens_per_step": tokens / (len(steps) - 1), "peak_rss_mib": float(rss_file.read_text())}
+            "tokens_per_step": tokens / (len(steps) - 1), "peak_rss_mib": float(rss_file.read_text()),
+            "base_params": done["total_params"] - done["trainable_params"], "threads": done["threads"],
+            "losses": [round(r["loss"], 4) for r in steps]}
 
 
 def main() -> None:
@@ -91,30 +98,44 @@ def main() -> None:
     if args.steps < 2:
         parser.error("--steps must be at least 2 (step 1 is warm-up)")
 
+    import torch
+
+    load_before = load_average()
+    gemm = [gemm_peak_gflops()]
+    print(f"load average {load_before}; GEMM peak {gemm[0]:.1f} GFLOP/s ({torch.get_num_threads()} threads)",
+          flush=True)
     with tempfile.TemporaryDirectory(prefix="distill-train-bench-") as tmp:
         work = Path(tmp)
         label(work / "labelled", args.examples)
         results = []
         for i in range(args.runs):
-            results.append(one_run(work / "labelled", work, i, args))
-            print(f"run {i + 1}/{args.runs}: {results[-1]['tokens_per_s']:.1f} tokens/s, "
-                  f"{results[-1]['s_per_step']:.2f} s/step, peak RSS {results[-1]['peak_rss_mib']:.0f} MiB",
-                  flush=True)
+            r = one_run(work / "labelled", work, i, args)
+            results.append(r)
+            print(f"run {i + 1}/{args.runs}: {r['tokens_per_s']:.1f} tokens/s, {r['s_per_step']:.2f} s/step, "
+                  f"peak RSS {r['peak_rss_mib']:.0f} MiB, losses {r['losses']}", flush=True)
+    gemm.append(gemm_peak_gflops())
+    load_after = load_average()
+    peak = max(gemm)
+    for r in results:
+        r["flop_share"] = 4 * r["base_params"] * r["tokens_per_s"] / (peak * 1e9)
 
     def cell(key: str, fmt: str) -> list[str]:
         med, lo, hi = summary([r[key] for r in results])
         return [format(med, fmt), f"{format(lo, fmt)}-{format(hi, fmt)}"]
 
-    import torch
-
     per_example = results[0]["tokens_per_step"] / args.batch
     rows = [["SmolLM2-135M fp32, LoRA r=16 (7 projections)", f"{args.batch} x ~{per_example:.0f}",
-             torch.get_num_threads(), *cell("tokens_per_s", ".1f"), *cell("s_per_step", ".2f"),
-             *cell("peak_rss_mib", ".0f")]]
+             results[0]["threads"], *cell("tokens_per_s", ".1f"), *cell("s_per_step", ".2f"),
+             *cell("peak_rss_mib", ".0f"), *cell("flop_share", ".3f")]]
     text = table(["model", "batch x tokens", "threads", "tokens/s (median)", "tokens/s min-max", "s/step (median)",
-                  "s/step min-max", "peak RSS MiB (median)", "peak RSS min-max"], rows)
+                  "s/step min-max", "peak RSS MiB (median)", "peak RSS min-max", "share of GEMM peak (median)",
+                  "share min-max"], rows)
     text += (f"\n\nMedian of {args.runs} runs, each a fresh `python -m distill train ... student=smollm2_135m` "
-             f"process: {args.steps} steps, throughput over steps 2-{args.steps}, non-padding tokens.")
+             f"process: {args.steps} steps, throughput over steps 2-{args.steps}, trained (non-padding) tokens. "
+             f"Share of GEMM peak: 4 x {results[0]['base_params'] / 1e6:.1f}M base parameters FLOPs per token at the "
+             f"median tokens/s over the best fp32 torch GEMM (2048^3) of this machine, {peak:.1f} GFLOP/s "
+             f"(before {gemm[0]:.1f}, after {gemm[1]:.1f}). Load average before {load_before}, after {load_after}. "
+             f"Losses per step, run 1: {results[0]['losses']}.")
     print(text, flush=True)
     sys.argv[0] = str(Path(__file__).resolve())  # the recorded command names the script relative to the repo
     append("CPU: LoRA training throughput (SmolLM2-135M)", text, record=not args.no_record)

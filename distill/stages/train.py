@@ -9,6 +9,10 @@ last by a record of its files and sizes; re-running the stage resumes from the n
 training config, and a half-written or corrupt one is skipped with a warning, never loaded. train/metrics.jsonl
 gets one row per step (loss, lr, tokens/s) and one per validation (eval_loss).
 
+Memory and FLOPs: a batch runs as micro-batches of at most train.micro_batch_size examples (one optimizer step per
+batch, the same gradient), each padding-free (its examples end to end in one row, kept apart by their position ids),
+and the loss projects only the labelled positions through the vocabulary.
+
 student=embed_classifier trains no LM: a frozen encoder + a linear head per enum field -> train/head/
 (distill.students.embed_classifier).
 student=auto climbs the student ladder (distill.student.ladder) -> train/ladder.json and the chosen rung's files.
