@@ -8,9 +8,7 @@ teacher that counts its calls (the whole loop in about a minute). The same loop 
 from __future__ import annotations
 
 import csv
-import json
 import sqlite3
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,7 +29,8 @@ from distill.task import Example
 from distill.testing.fake_student import FakeStudent
 from distill.testing.fake_teacher import FakeTeacher
 
-BITEXT = REPO.parent / "shared" / "data" / "bitext_customer_support" / "Bitext_Sample_Customer_Support_Training_Dataset.csv"
+BITEXT = (REPO.parent / "shared" / "data" / "bitext_customer_support"
+          / "Bitext_Sample_Customer_Support_Training_Dataset.csv")
 KEPT = {"category": "billing", "priority": "high"}
 
 
@@ -85,14 +84,15 @@ def test_source_traffic_is_checked_before_anything_runs(served, tmp_path):
     with pytest.raises(DistillError, match="does not exist; point generate.traffic at the served run's directory"):
         check_startup(missing, ("generate",))
     # a run that was never served: no traffic log yet
-    unserved = load_config(["recipe=support_tickets", "generate.source=traffic", f"generate.traffic={served}",
+    never = _copy(served, tmp_path / "never", threshold=None)
+    unserved = load_config(["recipe=support_tickets", "generate.source=traffic", f"generate.traffic={never}",
                             f"run_dir={tmp_path / 'new'}"])
     with pytest.raises(DistillError, match="holds no traffic log .* serve the run first"):
         check_startup(unserved, ("generate",))
     # the served run's own ledger is the one the new run uses, unless one is given
-    assert unserved.generate.shared_ledger == str(paths.ledger_path(served).resolve())
+    assert unserved.generate.shared_ledger == str(paths.ledger_path(never).resolve())
     (tmp_path / "elsewhere.sqlite").write_bytes(b"")
-    other = load_config(["recipe=support_tickets", "generate.source=traffic", f"generate.traffic={served}",
+    other = load_config(["recipe=support_tickets", "generate.source=traffic", f"generate.traffic={never}",
                          f"generate.shared_ledger={tmp_path / 'mine.sqlite'}"])
     assert other.generate.shared_ledger == str(tmp_path / "mine.sqlite")
     stray = load_config(["recipe=support_tickets", "generate.source=traffic",
@@ -120,7 +120,8 @@ def test_train_or_val_never_says_test_and_keeps_other_splits():
     keys = [f"ticket {i}" for i in range(400)]
     splits = [traffic.train_or_val(k, fractions, 0) for k in keys]
     assert "test" not in splits and {"train", "val"} == set(splits)
-    assert all(s == assign_split(k, fractions, 0) for k, s in zip(keys, splits) if assign_split(k, fractions, 0) != "test")
+    first = [assign_split(k, fractions, 0) for k in keys]
+    assert all(s == f for s, f in zip(splits, first) if f != "test")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,6 +191,7 @@ def test_flywheel_serve_log_redistil_compare_and_reload(served, teacher, tmp_pat
             assert swapped.json()["run_dir"] == str(new)
             assert [r.status_code for r in during] == [200] * 16
             # after the swap a fallback the old gateway paid for is read from the same ledger: no new call
+            _wait(lambda: len(read_traffic(cfg, served)) == 62 + 16)  # shadow calls of the requests above ended
             calls = len(teacher.calls)
             again = [_post(url, text) for text in sorted(unsure)[:5]]
             assert [(r.status_code, r.headers["x-distill-route"]) for r in again] == [(200, "teacher")] * 5
