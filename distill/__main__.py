@@ -293,13 +293,14 @@ def _ledger_command(name: str, overrides: list[str]) -> int:
          "run's config such as teacher.base_url=URL).",
          groups=("serve",), needs_run_dir=True,
          examples=("python -m distill serve run_dir=DIR serve.port=8088",
+                   "python -m distill serve run_dir=DIR run_dir=DIR2   (both runs' tasks side by side)",
                    "python -m distill serve run_dir=DIR serve.student_endpoint=http://127.0.0.1:8090/v1"))
 def _serve(name: str, overrides: list[str]) -> int:
-    from distill.serve import command as serving  # the run's own config.yaml, not a fresh composition
+    from distill.serve import command as serving  # the runs' own config.yaml, not a fresh composition
 
-    cfg = serving.load_serve_config(overrides)
-    _setup_logging(cfg.run_dir, _secrets(cfg) + serving.client_keys(cfg))
-    return serving.serve(cfg)
+    cfgs = serving.load_serve_configs(overrides)
+    _setup_logging(cfgs[0].run_dir, [s for cfg in cfgs for s in _secrets(cfg)] + serving.client_keys(cfgs[0]))
+    return serving.serve(cfgs)
 
 
 @command("calibrate-cache", "the semantic cache's similarity threshold, measured on the run's held-out items",

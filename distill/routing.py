@@ -5,7 +5,8 @@
     decision = decide(rule, {"metadata": {"distill_task": "support_tickets"}}, answer, confidence)
     decision.use_student   # False -> send the request to rule.fallback (the teacher)
 
-publish writes ``routing.yaml`` (schema version 1, below) and its JSON schema ``routing.schema.json``. The
+publish writes ``routing.yaml`` (schema version 2, below) and its JSON schema ``routing.schema.json``; version 1
+files (no ``prompt`` section) still load. The
 confidence threshold is chosen on evaluate's validation coverage/agreement curve: the threshold with the most
 coverage whose agreement with the teacher meets ``publish.target_agreement``; when none does, the route is disabled
 and every request goes to the teacher.
@@ -33,7 +34,8 @@ from distill import DistillError, RoutingRuleError
 from distill.config import EnvName
 from distill.task import OutputSchema
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)  # 2 added ``prompt``: the prompt contract a server of the student must keep
 
 
 class _Strict(BaseModel):
@@ -114,6 +116,20 @@ class FallbackSpec(_Strict):
     api_key_env: EnvName = Field(None, description="NAME of the environment variable holding its key")
 
 
+class PromptSpec(_Strict):
+    """The prompt contract: what the student was trained on and what a client sends (schema version 2)."""
+
+    system: str = Field(description="the system prompt the student was trained with; a server of the student must "
+                                    "send it (without it a chat template may inject a default system message)")
+    user: Literal["input"] = Field("input", description="the user message is the task input, verbatim")
+    teacher_few_shot: int = Field(ge=0, description="few-shot turns in the teacher's prompt (the recipe's, as "
+                                                    "generate labelled): a fallback gets that prompt, not the "
+                                                    "student's")
+    response_format: dict[str, Any] = Field(description="chat-completions response_format constraining an answer "
+                                                        "to task.output_schema")
+    example_request: dict[str, Any] = Field(description="a task request as a client sends it to the gateway")
+
+
 class RouteSpec(_Strict):
     enabled: bool
     confidence_threshold: float | None = Field(None, ge=0, le=1,
@@ -157,13 +173,14 @@ class Evidence(_Strict):
 class RoutingRule(_Strict):
     """Schema of ``publish/routing.yaml``."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1, 2] = SCHEMA_VERSION
     task: TaskSpec
     student: StudentSpec
     fallback: FallbackSpec
     route: RouteSpec
     cost: CostSpec
     evidence: Evidence
+    prompt: PromptSpec | None = Field(None, description="the prompt contract (schema version 2; absent in 1)")
 
     def answer_errors(self, answer: Any) -> list[str]:
         """Why a parsed answer breaks the task's output schema ([] when it is valid)."""
@@ -202,9 +219,12 @@ def validate_rule(data: Any, source: str = "routing rule") -> RoutingRule:
     if not isinstance(data, dict):
         raise RoutingRuleError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in SUPPORTED_VERSIONS:
         raise RoutingRuleError(f"{source}: schema_version {version!r} is not supported (this distill reads "
-                               f"version {SCHEMA_VERSION}); re-run `python -m distill publish`")
+                               f"versions {', '.join(map(str, SUPPORTED_VERSIONS))}); re-run `python -m distill "
+                               f"publish`")
+    if version == 1 and "prompt" in data:
+        raise RoutingRuleError(f"{source}: 'prompt' is a schema_version 2 key; set schema_version: 2")
     try:
         return RoutingRule.model_validate(data)
     except ValidationError as exc:

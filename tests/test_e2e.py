@@ -102,7 +102,7 @@ def test_smoke_run_on_embedded_models_then_rerun_is_free(tmp_path):
     from litellm import Router
 
     litellm_cfg = yaml.safe_load((run_dir / "publish" / paths.LITELLM).read_text())
-    Router(model_list=litellm_cfg["model_list"], **litellm_cfg["router_settings"])
+    Router(model_list=litellm_cfg["model_list"], **litellm_cfg.get("router_settings", {}))
 
     again = _distill("run", "recipe=support_tickets", "profile=smoke", f"run_dir={run_dir}")
     assert again.returncode == 0, again.stderr[-3000:]

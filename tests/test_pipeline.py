@@ -48,7 +48,7 @@ def test_whole_pipeline_then_rerun_is_free(tmp_path, fake_answer):
         assert (run_dir / "evaluate" / paths.REPORT).read_text().startswith("# Evaluation")
 
         routing = (run_dir / "publish" / paths.ROUTING).read_text()
-        assert "schema_version: 1" in routing and "support_tickets" in routing
+        assert "schema_version: 2" in routing and "support_tickets" in routing
         ggufs = list((run_dir / "publish" / paths.MODEL_DIR).glob("*.gguf"))
         assert len(ggufs) == 1 and ggufs[0].stat().st_size > 0
         assert summaries["publish"]["checks"][ggufs[0].name]["loads"] is True

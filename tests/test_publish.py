@@ -209,34 +209,26 @@ def test_route_enabled_on_a_curve_that_meets_the_target(published, tmp_path):
     assert rule.cost.saving_vs_teacher == pytest.approx(1 - 0.2 / 0.5)
 
 
-def test_litellm_config_loads_and_falls_back_to_the_teacher(published, monkeypatch):
+def test_litellm_config_loads_and_sends_task_traffic_to_the_gateway(published, monkeypatch):
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of litellm's price list
     from litellm import Router
 
     run_dir, _, _ = published
     pub = run_dir / "publish"
     config = yaml.safe_load((pub / paths.LITELLM).read_text())
-    Router(model_list=config["model_list"], **config["router_settings"])  # the published file loads as written
-    assert config["router_settings"]["fallbacks"] == [{"support_tickets": ["support_tickets-teacher"]}]
-
+    Router(model_list=config["model_list"])  # the published file loads as written
     rule = load_rule(pub / paths.ROUTING)
-    student_answer, teacher_answer = '{"category": "billing", "priority": "low"}', '{"category": "feedback", ' \
-                                                                                  '"priority": "high"}'
+    assert "router_settings" not in config  # no LiteLLM fallback: it would send the teacher the bare input
+    assert [m["model_name"] for m in config["model_list"]] == ["support_tickets", rule.fallback.model]
     messages = [{"role": "user", "content": "my card was charged twice"}]
-
-    def ask(student_url: str, teacher_url: str) -> str:
-        live = rule.model_copy(update={"student": rule.student.model_copy(update={"endpoint": student_url}),
-                                       "fallback": rule.fallback.model_copy(update={"endpoint": teacher_url})})
-        config = yaml.safe_load(yaml.safe_dump(publish.litellm_config(live)))
-        router = Router(model_list=config["model_list"], **config["router_settings"], num_retries=0)
-        return router.completion(model="support_tickets", messages=messages).choices[0].message.content
-
-    with FakeTeacher(lambda m: student_answer) as student, FakeTeacher(lambda m: teacher_answer) as teacher:
-        assert ask(student.base_url, teacher.base_url) == student_answer
-        assert student.calls[-1]["stop"] == [EOT] and not teacher.calls
-        # The student is down (nothing listens on the discard port): LiteLLM falls back to the teacher.
-        assert ask("http://127.0.0.1:9/v1", teacher.base_url) == teacher_answer
-        assert len(teacher.calls) == 1
+    answer = '{"category": "billing", "priority": "low"}'
+    with FakeTeacher(lambda m: answer) as gateway:  # stands in for `python -m distill serve`
+        live = yaml.safe_load(yaml.safe_dump(publish.litellm_config(rule, gateway.base_url)))
+        router = Router(model_list=live["model_list"], num_retries=0)
+        assert router.completion(model="support_tickets", messages=messages).choices[0].message.content == answer
+    sent = gateway.calls[-1]
+    assert sent["model"] == "support_tickets" and sent["messages"] == messages  # the gateway builds the prompts
+    assert sent["response_format"] == rule.prompt.response_format
 
 
 def test_modelfile_template_reproduces_the_chat_template(published):
@@ -257,7 +249,8 @@ def test_modelfile_template_reproduces_the_chat_template(published):
                                              tokenize=False)
     assert rendered == expected.rstrip("\n")
     serving = (pub / paths.SERVING).read_text()
-    assert f"vllm serve {paths.MODEL_DIR}/{paths.HF_DIR}" in serving and "llama-server -m model/" in serving
+    assert f"vllm serve {paths.MODEL_DIR}/{paths.HF_DIR}" in serving and "python -m llama_cpp.server --model model/" in serving
+    assert "llama-server" not in serving
 
 
 def test_card_records_force_parity_and_lineage(published):

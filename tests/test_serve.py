@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import signal
 import socket
@@ -574,3 +575,232 @@ def test_sigterm_lets_20_requests_in_flight_finish_then_stops_the_runtime(publis
                                                                                     "route_disabled", 200)}
     assert all(a["latency_ms"] >= 1000 for a in access)
     assert not any(text in stderr for text in inputs)  # no request body in any log line
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# money, coverage, caches, the day's budget (distill/serve/metrics.py, budget.py)
+
+
+def _metric(text: str, name: str, **labels) -> float | None:
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{{want}}} " if labels else f"{name} "):
+            return float(line.split()[-1])
+    return None
+
+
+def _exposed(text: str) -> set[str]:
+    """Every series name /metrics exposes, from its # TYPE lines (labelled metrics with no sample yet included)."""
+    suffixes = {"histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            if kind == "counter":
+                names.add(name if name.endswith("_total") else name + "_total")
+            names |= {name + s for s in suffixes.get(kind, ())}
+    return names
+
+
+DASHBOARD_SCHEMA = {  # the part of Grafana's dashboard JSON model an import needs
+    "type": "object", "required": ["title", "panels", "schemaVersion", "templating"],
+    "properties": {
+        "schemaVersion": {"type": "integer", "minimum": 30},
+        "templating": {"type": "object", "required": ["list"]},
+        "panels": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["id", "type", "title", "gridPos", "targets", "datasource"],
+            "properties": {
+                "type": {"enum": ["timeseries", "stat", "gauge", "table"]},
+                "gridPos": {"type": "object", "required": ["h", "w", "x", "y"],
+                            "properties": {k: {"type": "integer", "minimum": 0} for k in "hwxy"}},
+                "targets": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["refId", "expr"],
+                    "properties": {"expr": {"type": "string", "minLength": 1}}}}}}}}}
+
+
+def test_live_coverage_saved_money_and_the_dashboard_over_metrics(published, teacher, tmp_path):
+    import jsonschema
+
+    run_dir = _copy(published, tmp_path, threshold=0.9)
+    rule = load_rule(paths.stage_dir(run_dir, "publish") / paths.ROUTING)
+    price = rule.cost.teacher_usd_per_1k / 1000
+    assert price > 0
+    sure = [f"Ticket {i}: I was charged twice for order #{i}." for i in range(3)]
+    with FakeStudent(_answers({"unsure 1": (CONFIDENT, 0.2), "unsure 2": (CONFIDENT, 0.3)})) as student:
+        with background(_cfg(run_dir, f"serve.student_endpoint={student.base_url}",
+                             "serve.exact_cache.enabled=true")) as url:
+            client = _client(url)
+            routes = [_ask(client, text)[0]["x-distill-route"] for text in (*sure, "unsure 1", "unsure 2")]
+            text = httpx.get(url.removesuffix("/v1") + "/metrics").text
+    assert routes == ["student"] * 3 + ["teacher"] * 2
+    assert _metric(text, "distill_saved_usd_total", task=TASK) == pytest.approx(3 * price, rel=1e-9)
+    assert _metric(text, "distill_live_coverage", task=TASK) == pytest.approx(3 / 5)
+    assert _metric(text, "distill_teacher_price_usd", task=TASK) == pytest.approx(price)
+    assert _metric(text, "distill_cache_lookups", task=TASK, cache="exact", result="miss") == 5
+    dashboard = json.loads((paths.stage_dir(run_dir, "publish") / paths.GRAFANA).read_text())
+    jsonschema.validate(dashboard, DASHBOARD_SCHEMA)
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs.append(dashboard["templating"]["list"][1]["query"])
+    named = {n for e in exprs for n in re.findall(r"\bdistill_[a-z_]+", e)}
+    assert {"distill_saved_usd_total", "distill_live_coverage", "distill_teacher_spend_usd_total"} <= named
+    assert named <= _exposed(text), named - _exposed(text)
+
+
+def test_exact_cache_counts_in_metrics_and_no_cached_student_answer_while_drifted(published, teacher, tmp_path,
+                                                                                 monkeypatch):
+    from distill.serve.shadow import Watch
+
+    run_dir = _copy(published, tmp_path, threshold=0.9)
+    drifted = [False]
+    monkeypatch.setattr(Watch, "drifted", lambda self: drifted[0])
+    with FakeStudent(_answers({})) as student:
+        with background(_cfg(run_dir, f"serve.student_endpoint={student.base_url}", "serve.exact_cache.enabled=true",
+                             "serve.on_drift=fallback")) as url:
+            client = _client(url)
+            first, _ = _ask(client, NEW_TICKET)
+            cached, _ = _ask(client, NEW_TICKET)
+            drifted[0] = True  # an active alarm with serve.on_drift=fallback
+            before = len(teacher.calls)
+            during, reply = _ask(client, NEW_TICKET)
+            text = httpx.get(url.removesuffix("/v1") + "/metrics").text
+    assert (first["x-distill-route"], "x-distill-cache" in first) == ("student", False)
+    assert (cached["x-distill-route"], cached["x-distill-cache"]) == ("student", "exact")
+    assert (during["x-distill-route"], during["x-distill-reason"]) == ("teacher", "drift")
+    assert "x-distill-cache" not in during and len(teacher.calls) == before + 1
+    assert len(student.calls) == 2  # the cached reply did not ask it; the drifted one did (and was overruled)
+    assert _metric(text, "distill_cache_lookups", task=TASK, cache="exact", result="hit") == 1
+    assert _metric(text, "distill_cache_lookups", task=TASK, cache="exact", result="miss") == 2
+
+
+def test_daily_teacher_budget_is_shared_through_the_store_and_spent_means_503(published, teacher, tmp_path):
+    from distill.serve.budget import utc_day
+    from distill.serve.store import open_store
+
+    run_dir = _copy(published, tmp_path, threshold=0.9)
+    labelled = _split(run_dir, "train")[0]
+    common = ("serve.teacher_budget_usd_per_day=0.5",)
+    with FakeStudent(_answers({}, default=(CONFIDENT, 0.1))) as student:
+        cfg = _cfg(run_dir, f"serve.student_endpoint={student.base_url}", *common)
+        with background(cfg) as url:
+            client = _client(url)
+            before = len(teacher.calls)
+            _ask(client, NEW_TICKET)  # one paid fallback under the cap
+            assert len(teacher.calls) == before + 1
+            text = httpx.get(url.removesuffix("/v1") + "/metrics").text
+            spent = _metric(text, "distill_teacher_budget_spent_usd")
+            assert spent == pytest.approx(_metric(text, "distill_teacher_spend_usd_total", task=TASK)) and spent > 0
+            other = open_store(cfg, run_dir)  # another replica on the same store spends the rest of the day's cap
+            other.incr(f"teacher.spend.{utc_day()}", 0.5)
+            other.close()
+            refused = httpx.post(f"{url}/chat/completions", json={"model": TASK, "messages": [
+                {"role": "user", "content": "A new ticket nobody labelled yet."}]})
+            free_headers, free_reply = _ask(client, labelled["input"])  # in the ledger: served whatever the day
+            assert len(teacher.calls) == before + 1
+        with background(_cfg(run_dir, f"serve.student_endpoint={student.base_url}", *common,
+                             "serve.on_teacher_down=student")) as url:
+            fallback_headers, fallback_reply = _ask(_client(url), "Another unlabelled ticket.")
+    message = _error(refused, 503, "teacher_budget")
+    assert "serve.teacher_budget_usd_per_day=0.5" in message and int(refused.headers["retry-after"]) > 0
+    assert free_headers["x-distill-route"] == "teacher"
+    assert json.loads(free_reply.choices[0].message.content) == labelled["teacher"]
+    assert (fallback_headers["x-distill-route"], fallback_headers["x-distill-reason"]) == ("student", "teacher_budget")
+    assert json.loads(fallback_reply.choices[0].message.content) == CONFIDENT
+    assert len(teacher.calls) == before + 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# several runs, and the embedding classifier in process
+
+
+def _retask(run_dir: Path, name: str) -> None:
+    """Give a copied run's routing rule another task name (a second task served beside the first)."""
+    path = paths.stage_dir(run_dir, "publish") / paths.ROUTING
+    rule = load_rule(path)
+    rule.task.id = name
+    rule.task.match.model_aliases = [name]
+    rule.task.match.metadata = {"distill_task": name}
+    path.write_text(yaml.safe_dump(rule.model_dump(mode="json"), sort_keys=False))
+
+
+def test_several_run_dirs_serve_their_tasks_side_by_side(published, teacher, tmp_path):
+    from distill.serve.command import load_serve_configs
+
+    run_a = _copy(published, tmp_path / "a", threshold=0.9)
+    run_b = _copy(published, tmp_path / "b", threshold=0.99)
+    _retask(run_b, "tickets_b")
+    with FakeStudent(_answers({}, default=(CONFIDENT, 0.95))) as student:
+        cfgs = load_serve_configs([f"run_dir={run_a}", f"run_dir={run_b}", "serve.port=0",
+                                   f"serve.student_endpoint={student.base_url}"])
+        with background(cfgs) as url:
+            client = _client(url)
+            models = [m.id for m in client.models.list().data]
+            a, _ = _ask(client, NEW_TICKET)
+            b, _ = _ask(client, NEW_TICKET, model="tickets_b")
+            by_meta, _ = _ask(client, NEW_TICKET, model="anything", metadata={"distill_task": "tickets_b"})
+            health = httpx.get(url.removesuffix("/v1") + "/healthz").json()
+    assert [Path(c.run_dir) for c in cfgs] == [run_a, run_b]
+    assert models == [TASK, "tickets_b", "fake-teacher"]
+    assert (a["x-distill-route"], a["x-distill-reason"]) == ("student", "confident")        # threshold 0.9
+    assert (b["x-distill-route"], b["x-distill-reason"]) == ("teacher", "below_threshold")  # threshold 0.99
+    assert by_meta["x-distill-reason"] == "below_threshold"
+    assert set(health["tasks"]) == {TASK, "tickets_b"}
+    with pytest.raises(DistillError, match="names the same run twice"):
+        load_serve_configs([f"run_dir={run_a}", f"run_dir={run_a}"])
+    from distill.serve.command import prepare
+
+    twin = _copy(published, tmp_path / "twin")
+    with pytest.raises(DistillError, match="both serve the model 'support_tickets'"):
+        with prepare(load_serve_configs([f"run_dir={run_a}", f"run_dir={twin}",
+                                         f"serve.student_endpoint={student.base_url}"])):
+            pass
+
+
+def test_the_embedding_classifier_is_served_in_process_with_its_heads_confidence(published, teacher, tmp_path):
+    from distill.config import HeadConfig
+    from distill.data import embed
+    from distill.student import embed_classifier as ec
+
+    run_dir = _copy(published, tmp_path)
+    pub = paths.stage_dir(run_dir, "publish")
+    cfg = _cfg(run_dir)
+    from distill.task import Task
+
+    task_enums = Task(cfg).schema.enums
+    train, val = _split(run_dir, "train"), _split(run_dir, "val")
+    encoder = embed.model_dir()
+    meta = {"format": ec.FORMAT, "version": ec.FORMAT_VERSION,
+            "encoder": {"name": encoder.name, "source": "package", "pooling": ec.POOLING, "max_seq_len": 128,
+                        "sha256": runio.sha256_file(encoder / ec.ENCODER_WEIGHTS)}}
+    clf = ec.EmbedClassifier(encoder, {}, meta)
+    heads, _ = ec.fit_heads(clf.embed([r["input"] for r in train]), [r["teacher"] for r in train],
+                            clf.embed([r["input"] for r in val]), [r["teacher"] for r in val], task_enums,
+                            HeadConfig(c_grid=[1.0]))
+    shutil.rmtree(pub / paths.MODEL_DIR)
+    shutil.copytree(encoder, pub / paths.MODEL_DIR / paths.ENCODER_DIR)
+    ec.EmbedClassifier(encoder, heads, meta).save(pub / paths.MODEL_DIR / paths.HEAD_DIR)
+    published_clf = ec.EmbedClassifier.load_published(pub / paths.MODEL_DIR)
+    texts = [r["input"] for r in _split(run_dir, "test")]
+    scored = sorted(zip((c for _, c, _ in published_clf.predict(texts)), texts))
+    (low_conf, low), (high_conf, high) = scored[0], scored[-1]
+    assert low_conf < high_conf
+    path = pub / paths.ROUTING
+    rule = load_rule(path)
+    rule.student = rule.student.model_copy(update={"kind": "embed_classifier", "stop": [], "max_tokens": None,
+                                                   "artifacts": {"safetensors-embed_classifier": paths.MODEL_DIR}})
+    rule.route = RouteSpec(enabled=True, confidence_threshold=round((low_conf + high_conf) / 2, 6),
+                           target_agreement=0.9, expected_coverage=0.5, reason="forced by the test")
+    path.write_text(yaml.safe_dump(rule.model_dump(mode="json"), sort_keys=False))
+    with background(cfg) as url:  # no student_endpoint, no runtime: the heads answer in the gateway
+        client = _client(url)
+        before = len(teacher.calls)
+        kept, kept_reply = _ask(client, high)
+        fell, _ = _ask(client, low)
+        health = httpx.get(url.removesuffix("/v1") + "/healthz").json()
+    assert not list((run_dir / "serve").glob("student_runtime.log"))
+    assert (kept["x-distill-route"], kept["x-distill-reason"]) == ("student", "confident")
+    assert float(kept["x-distill-confidence"]) == pytest.approx(high_conf, rel=1e-5)
+    assert json.loads(kept_reply.choices[0].message.content) == published_clf.predict([high])[0][0]
+    assert (fell["x-distill-route"], fell["x-distill-reason"]) == ("teacher", "below_threshold")
+    assert float(fell["x-distill-confidence"]) == pytest.approx(low_conf, rel=1e-5)
+    assert len(teacher.calls) == before  # test items are in generate's ledger
+    assert health["student"]["reachable"] is True

@@ -66,6 +66,8 @@ class ServeConfig(_Strict):
     teacher_timeout_s: float = Field(60.0, gt=0)
     teacher_max_retries: int = Field(1, ge=0)
     on_teacher_down: Literal["error", "student"] = "error"
+    teacher_budget_usd_per_day: float | None = Field(None, ge=0)  # the gateway's teacher spend per UTC day (every
+    # replica on the store); spent: 503 (or the student's answer with on_teacher_down=student); null: no cap
     max_body_kb: int = Field(64, ge=1)
     max_concurrency: int = Field(64, ge=1)
     shutdown_timeout_s: float = Field(30.0, gt=0)

@@ -38,7 +38,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from distill import DistillError
-from distill.serve.gateway import Gateway, Served, ServePlan, TaskRoute
+from distill.serve.budget import seconds_to_midnight
+from distill.serve.gateway import Served, TaskRoute
+from distill.serve.hub import Gateway, ServePlan
 from distill.serve.reload import Reloader
 from distill.task import dump_answer
 from distill.teacher.client import NO_KEY, content_text
@@ -69,15 +71,16 @@ def error_response(status: int, message: str, code: str, param: str | None = Non
                         status_code=status, headers=headers)
 
 
-def create_app(plan: ServePlan, api_keys: list[str] | None = None) -> Starlette:
+def create_app(plan: "ServePlan | list[ServePlan]", api_keys: list[str] | None = None) -> Starlette:
     """The ASGI app; the gateway's live objects are built when the server starts and closed when it stops.
 
     Args:
-        plan: what to serve (command.prepare builds it).
+        plan: what to serve, one plan per run directory (command.prepare builds them).
         api_keys: the bearer keys clients must send on /v1 routes (None or empty: no auth).
     """
     keys = [k.encode() for k in api_keys or []]
     gateway = Gateway(plan)
+    plan = gateway.plan
     reloader = Reloader(gateway)
     max_body = plan.cfg.serve.max_body_kb * 1024
 
@@ -127,6 +130,8 @@ def create_app(plan: ServePlan, api_keys: list[str] | None = None) -> Starlette:
                 finally:
                     route.leave()
                 _observe(route, text, served, time.time() - (time.perf_counter() - started))
+                if served.status == 200:
+                    gateway.metrics.answered(task, served.route, route.teacher_price)
                 route_name, reason, confidence = served.route, served.reason, served.confidence
                 response = _task_response(served, body.get("model") or task, stream)
         except ClientError as exc:
@@ -158,7 +163,7 @@ def create_app(plan: ServePlan, api_keys: list[str] | None = None) -> Starlette:
         return JSONResponse({"object": "list", "data": data})
 
     async def healthz(request: Request) -> Response:
-        student_up = await gateway.reachable(gateway.plan.student_url, timeout_s=1.0)  # the plan a reload swapped in
+        student_up = await gateway.students_reachable()  # the plans a reload swapped in
         teacher_up = await gateway.reachable(gateway.plan.teacher_url, gateway.teacher_headers())
         circuits = {r.name: r.breaker.state for r in gateway.routes}
         ok = student_up and teacher_up and all(state == "closed" for state in circuits.values())
@@ -170,6 +175,7 @@ def create_app(plan: ServePlan, api_keys: list[str] | None = None) -> Starlette:
                                                 "in_flight": r.in_flight} for r in gateway.routes}})
 
     async def metrics(request: Request) -> Response:
+        gateway.refresh_store_metrics()
         body, content_type = gateway.metrics.render()
         return Response(body, media_type=content_type)
 
@@ -275,6 +281,8 @@ def _task_input(body: dict) -> str:
 def _task_response(served: Served, model: str, stream: bool) -> Response:
     if served.status != 200:
         headers = {"x-distill-reason": served.reason}
+        if served.code == "teacher_budget":
+            headers["Retry-After"] = str(seconds_to_midnight())
         if served.teacher_error:
             headers["x-distill-teacher-error"] = served.teacher_error
         return error_response(served.status, served.message or "not served", served.code or "not_served",

@@ -1,6 +1,8 @@
-"""``python -m distill serve run_dir=DIR [serve.port=8088] [key=value ...]``: the gateway over a published run.
+"""``python -m distill serve run_dir=DIR [run_dir=DIR2 ...] [serve.port=8088] [key=value ...]``: the gateway over
+published runs.
 
     python -m distill serve run_dir=runs/support_tickets/X                       # student started on the GGUF
+    python -m distill serve run_dir=runs/tickets run_dir=runs/intents            # both tasks' aliases side by side
     python -m distill serve run_dir=DIR serve.student_endpoint=http://127.0.0.1:8090/v1 serve.port=9000
     python -m distill serve run_dir=DIR serve.api_keys_env=DISTILL_GATEWAY_KEYS teacher.api_key_env=OPENAI_API_KEY
 
@@ -8,6 +10,10 @@ No ``recipe=``: the run directory's ``config.yaml`` holds the recipe, the teache
 the gateway builds the same prompts and ledger keys. Overrides set ``serve.*`` keys (the ``serve`` config group)
 and any key of the run's config (``teacher.base_url=URL`` for a teacher that moved); group choices
 (``teacher=openai``) are refused: they would make the gateway ask another teacher than the one the run was built on.
+
+Several run directories: each is loaded as one (its config.yaml, the same overrides), and their task aliases are
+served side by side (two runs answering the same alias are refused). An embedding-classifier run
+(``student.kind=embed_classifier``) is served in process: no runtime, its confidence from its heads.
 
 Start-up order: the routing rule (``publish/routing.yaml`` through ``load_rule``), the student runtime (the published
 GGUF, ``distill.serve.runtime``, unless ``serve.student_endpoint``), the teacher (the embedded one started on
@@ -31,18 +37,33 @@ import yaml
 from distill import DistillError, paths, runio
 from distill.config import Config, clean_secret, compose, is_secret_setting, validate
 from distill.routing import load_rule
-from distill.serve.gateway import ServePlan, ledger_key_limits
+from distill.serve.gateway import ledger_key_limits
+from distill.serve.hub import IN_PROCESS, ServePlan, check_aliases
 from distill.serve.runtime import StudentRuntime
 from distill.task import Task
 
 log = logging.getLogger("distill")
 
 
+def load_serve_configs(overrides: list[str]) -> list[Config]:
+    """One config per ``run_dir=`` (in order), each from that run's config.yaml with the same overrides.
+
+    Raises DistillError without ``run_dir=``, for a run directory named twice, and as ``load_serve_config``."""
+    run_dirs = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == "run_dir"]
+    if not run_dirs or not all(run_dirs):
+        raise DistillError("serve needs run_dir=DIR: a run whose publish stage finished (python -m distill run ...)")
+    resolved = [Path(d).expanduser().resolve() for d in run_dirs]
+    if len(set(resolved)) < len(resolved):
+        raise DistillError(f"run_dir names the same run twice ({' '.join(run_dirs)}); name each run once")
+    rest = [o for o in overrides if o.split("=", 1)[0] != "run_dir"]
+    return [load_serve_config([f"run_dir={d}", *rest]) for d in run_dirs]
+
+
 def load_serve_config(overrides: list[str]) -> Config:
     """The run's own config (``<run_dir>/config.yaml``) with the ``serve`` group and the overrides applied.
 
-    Raises DistillError without ``run_dir=``, for a run without a config.yaml, for a group choice other than
-    ``serve=NAME``, and for anything validate refuses (every problem at once)."""
+    Raises DistillError without ``run_dir=``, for several (``load_serve_configs`` takes them), for a run without a
+    config.yaml, for a group choice other than ``serve=NAME``, and for anything validate refuses."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -50,7 +71,7 @@ def load_serve_config(overrides: list[str]) -> Config:
     if not run_dirs or not run_dirs[-1]:
         raise DistillError("serve needs run_dir=DIR: a run whose publish stage finished (python -m distill run ...)")
     if len(run_dirs) > 1:
-        raise DistillError("serve takes one run_dir for now (several tasks in one gateway are not built yet)")
+        raise DistillError("load_serve_config reads one run_dir; load_serve_configs reads several")
     run_dir = Path(run_dirs[0]).expanduser()
     saved = run_dir / paths.CONFIG_YAML
     if not saved.is_file():
@@ -125,10 +146,20 @@ def pick_artifact(cfg: Config, rule, publish_dir: Path) -> Path:
 
 
 @contextlib.contextmanager
-def prepare(cfg: Config) -> Iterator[ServePlan]:
-    """Load the rule, start the child servers the run needs, and yield the plan; the children stop on exit."""
+def prepare(cfgs: "Config | list[Config]") -> Iterator[list[ServePlan]]:
+    """Load each run's rule, start the child servers they need, and yield the plans; the children stop on exit.
+
+    Runs whose teacher settings are the same share one teacher endpoint (one embedded teacher, not one per run)."""
+    cfgs = cfgs if isinstance(cfgs, list) else [cfgs]
     with contextlib.ExitStack() as stack:
-        yield open_plan(cfg, stack)
+        plans, teachers = [], {}
+        for cfg in cfgs:
+            same = teachers.get(cfg.teacher.model_dump_json())
+            plan = open_plan(cfg, stack, same)
+            teachers.setdefault(cfg.teacher.model_dump_json(), plan.teacher_url)
+            plans.append(plan)
+        check_aliases(plans)
+        yield plans
 
 
 def open_plan(cfg: Config, stack: contextlib.ExitStack, teacher_url: str | None = None) -> ServePlan:
@@ -153,9 +184,16 @@ def open_plan(cfg: Config, stack: contextlib.ExitStack, teacher_url: str | None 
     if cfg.serve.semantic_cache.enabled:
         from distill.serve.cache import load_threshold
         load_threshold(cfg, logs)  # an uncalibrated semantic cache is refused before any child server starts
-    artifact_sha = None
+    artifact_sha, classifier = None, None
     student_stack = stack.enter_context(contextlib.ExitStack())
-    if cfg.serve.student_endpoint:
+    if rule.student.kind == "embed_classifier":  # no server: the encoder and heads run in the gateway's process
+        from distill.student.embed_classifier import EmbedClassifier
+
+        model_dir = publish_dir / paths.MODEL_DIR
+        classifier = EmbedClassifier.load_published(model_dir)
+        artifact_sha = runio.sha256_file(model_dir / paths.HEAD_DIR / paths.HEAD_WEIGHTS)
+        student_url = IN_PROCESS
+    elif cfg.serve.student_endpoint:
         student_url = cfg.serve.student_endpoint
     else:
         if cfg.serve.confidence != "scored":
@@ -175,7 +213,7 @@ def open_plan(cfg: Config, stack: contextlib.ExitStack, teacher_url: str | None 
         raise DistillError("the run's teacher has no base_url; set teacher.base_url=URL")
     ledger = paths.ledger_path(run_dir, cfg.generate.shared_ledger)
     return ServePlan(cfg, rule, task, student_url.rstrip("/"), teacher_url.rstrip("/"), ledger, method,
-                     artifact_sha256=artifact_sha, student_stack=student_stack)
+                     artifact_sha256=artifact_sha, student_stack=student_stack, classifier=classifier)
 
 
 def _uvicorn_config(app, cfg: Config, port: int):
@@ -186,21 +224,24 @@ def _uvicorn_config(app, cfg: Config, port: int):
                           timeout_graceful_shutdown=cfg.serve.shutdown_timeout_s, lifespan="on")
 
 
-def serve(cfg: Config) -> int:
+def serve(cfgs: "Config | list[Config]") -> int:
     """Run the gateway until SIGTERM / Ctrl-C. Returns the exit code (0 after a graceful stop)."""
     import uvicorn
 
     from distill.serve.app import create_app
 
+    cfgs = cfgs if isinstance(cfgs, list) else [cfgs]
+    cfg = cfgs[0]
     keys = client_keys(cfg)
     _access_log_to_stderr()
     try:
-        with prepare(cfg) as plan:
-            server = uvicorn.Server(_uvicorn_config(create_app(plan, keys), cfg, cfg.serve.port))
-            log.info("serve: task %s on http://%s:%d/v1 (route %s), student %s, teacher %s", plan.rule.task.id,
-                     cfg.serve.host, cfg.serve.port, "enabled at confidence >= "
-                     f"{plan.rule.route.confidence_threshold}" if plan.rule.route.enabled else "disabled",
-                     plan.student_url, plan.teacher_url)
+        with prepare(cfgs) as plans:
+            server = uvicorn.Server(_uvicorn_config(create_app(plans, keys), cfg, cfg.serve.port))
+            for plan in plans:
+                log.info("serve: task %s on http://%s:%d/v1 (route %s), student %s, teacher %s", plan.rule.task.id,
+                         cfg.serve.host, cfg.serve.port, "enabled at confidence >= "
+                         f"{plan.rule.route.confidence_threshold}" if plan.rule.route.enabled else "disabled",
+                         plan.student_url, plan.teacher_url)
             server.run()  # uvicorn handles SIGINT/SIGTERM here: drain, lifespan shutdown, then return
             if not server.started:
                 raise DistillError(f"the gateway could not listen on {cfg.serve.host}:{cfg.serve.port} (in use?); "
@@ -223,7 +264,7 @@ def _access_log_to_stderr() -> None:
 
 
 @contextlib.contextmanager
-def background(cfg: Config, api_keys: list[str] | None = None) -> Iterator[str]:
+def background(cfgs: "Config | list[Config]", api_keys: list[str] | None = None) -> Iterator[str]:
     """The whole gateway in a thread of this process (tests, benchmarks, notebooks); yields its base URL.
 
     ``serve.port=0`` picks a free port. Child servers and the gateway stop when the block exits."""
@@ -232,9 +273,11 @@ def background(cfg: Config, api_keys: list[str] | None = None) -> Iterator[str]:
     from distill.serve.app import create_app
     from distill.teacher.server import free_port
 
+    cfgs = cfgs if isinstance(cfgs, list) else [cfgs]
+    cfg = cfgs[0]
     port = cfg.serve.port or free_port()
-    with prepare(cfg) as plan:
-        server = uvicorn.Server(_uvicorn_config(create_app(plan, api_keys), cfg, port))
+    with prepare(cfgs) as plans:
+        server = uvicorn.Server(_uvicorn_config(create_app(plans, api_keys), cfg, port))
         thread = threading.Thread(target=server.run, name="distill-serve", daemon=True)
         thread.start()
         deadline = time.monotonic() + 30

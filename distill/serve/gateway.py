@@ -17,28 +17,22 @@ the gateway's fallbacks are then fresh chat requests, paid once each and kept in
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
-import aiohttp
-
-from distill import DistillError, paths
+from distill import DistillError
 from distill.data import pii
 from distill.config import Config
-from distill.ledger import Ledger
-from distill.routing import RoutingRule, decide, matches
-from distill.serve.cache import ExactCache, SemanticCache, load_threshold, route_digest
+from distill.ledger import request_key
+from distill.routing import RoutingRule, decide
+from distill.serve.budget import DailyBudget
+from distill.serve.cache import ExactCache, SemanticCache
 from distill.serve.metrics import Metrics
 from distill.serve.shadow import Watch
-from distill.serve.traffic import TrafficLog, open_traffic_log
-from distill.serve.store import StoreError, open_store
-from distill.serve.student import (Breaker, ScoredStudent, SequenceStudent, Student, StudentFailed,
-                                   StudentReply)
+from distill.serve.store import StoreError
+from distill.serve.student import Breaker, Student, StudentFailed, StudentReply
 from distill.task import Task
-from distill.teacher.client import BUDGET, NO_KEY, TeacherClient, resolve_api_key
+from distill.teacher.client import BUDGET, TeacherClient
 
 log = logging.getLogger("distill")
 
@@ -84,14 +78,19 @@ class TaskRoute:
 
     def __init__(self, cfg: Config, rule: RoutingRule, task: Task, student: Student, teacher: TeacherClient,
                  metrics: Metrics, *, exact: ExactCache | None = None, semantic: SemanticCache | None = None,
-                 store=None):
+                 store=None, budget: DailyBudget | None = None):
         self.cfg, self.rule, self.task = cfg, rule, task
-        self.exact, self.semantic, self.store = exact, semantic, store
+        self.exact, self.semantic, self.store, self.budget = exact, semantic, store, budget
+        # what one task request costs on the teacher, as the run's cost case priced it (results.json cost)
+        per_1k = rule.cost.teacher_usd_per_1k
+        self.teacher_price = per_1k / 1000 if per_1k is not None else None
         self.student, self.teacher, self.metrics = student, teacher, metrics
         self.name = rule.task.id
         self.breaker = Breaker(cfg.serve.breaker_failures, cfg.serve.breaker_cooldown_s)
         self.in_flight = 0
         self.metrics.student_up.labels(self.name).set(1)
+        if self.teacher_price is not None:
+            self.metrics.teacher_price.labels(self.name).set(self.teacher_price)
 
     @property
     def aliases(self) -> list[str]:
@@ -118,6 +117,8 @@ class TaskRoute:
         if self.exact is not None:
             key = self.exact.key(request, text)
             hit = self._cache_op(self.exact.get, key)
+            if hit is not None and hit["route"] == "student" and self.watch and self.watch.drifted():
+                hit = None  # serve.on_drift=fallback while a drift alarm holds: no kept student answer, cached or not
             self._count("exact", hit is not None)
             if hit is not None:
                 return Served(200, hit["answer"], hit["route"], hit["reason"], hit["confidence"], cache="exact")
@@ -178,11 +179,14 @@ class TaskRoute:
             if reply is None and reason == "route_disabled":
                 reply, _ = await self._ask_student(text)
             if reply is not None and reply.answer is not None:
-                return Served(200, reply.answer, "student", "teacher_down", reply.confidence,
-                              teacher_error=teacher_error)
+                return Served(200, reply.answer, "student", "teacher_budget" if teacher_error == BUDGET
+                              else "teacher_down", reply.confidence, teacher_error=teacher_error)
         if teacher_error == BUDGET:
-            return Served(503, None, "none", reason, confidence, "the gateway's teacher budget is spent; the "
-                          "request was not served", "teacher_budget", teacher_error)
+            cap = self.cfg.serve.teacher_budget_usd_per_day
+            return Served(503, None, "none", reason, confidence, f"the gateway's teacher budget for today is spent "
+                          f"(serve.teacher_budget_usd_per_day={cap}); the request was not served. It resets at 00:00 "
+                          f"UTC; raise the cap, or set serve.on_teacher_down=student to serve the student's answer",
+                          "teacher_budget", teacher_error)
         if teacher_error in TEACHER_DOWN or str(teacher_error).startswith("http_"):
             message = f"the teacher did not answer ({teacher_error}); the request was not served"
         else:
@@ -211,15 +215,30 @@ class TaskRoute:
         return reply, "answered"
 
     async def _ask_teacher(self, text: str) -> tuple[dict | None, str | None]:
-        """(answer, None) or (None, why the teacher failed), through the ledger."""
+        """(answer, None) or (None, why the teacher failed), through the ledger and the day's budget."""
+        messages = self.task.teacher_messages(text)
+        hold, bound = None, 0.0
+        if self.budget is not None:
+            # admitted at its upper bound: every vote, every attempt (pricing.upper_bound_usd)
+            bound = (self.teacher.estimate(self.teacher.build_request(messages, 0)) * self.teacher.votes
+                     * self.teacher.max_attempts)
+            hold = self.budget.reserve(bound)
+            if hold is None and not self._in_ledger(messages):
+                self.metrics.teacher_calls.labels(self.name, "budget").inc()
+                return None, BUDGET
+        outcome = None
         try:
-            outcome = await self.teacher.label(self.task.teacher_messages(text))
+            outcome = await self.teacher.label(messages)
         except DistillError as exc:
             # 401/403/404 end a generate run; a gateway keeps serving and tries again on the next request.
             self.teacher.fatal = False
+            bound = 0.0  # refused (401/403/404): not billed
             log.error("serve: the teacher refused a fallback for %s: %s", self.name, self.teacher.scrub(str(exc)))
             self.metrics.teacher_calls.labels(self.name, "failed").inc()
             return None, "teacher_refused"
+        finally:
+            if self.budget is not None:  # a call that raised may have been billed: it keeps its bound
+                self.budget.settle(hold, outcome.cost_usd if outcome is not None else bound)
         if outcome.cost_usd:
             self.metrics.teacher_spend.labels(self.name).inc(outcome.cost_usd)
         if outcome.answer is None:
@@ -229,140 +248,8 @@ class TaskRoute:
                                           else "paid").inc()
         return outcome.answer, None
 
-
-@dataclass
-class ServePlan:
-    """What one gateway serves, resolved before its event loop starts (child servers already up)."""
-
-    cfg: Config
-    rule: RoutingRule
-    task: Task
-    student_url: str
-    teacher_url: str
-    ledger_path: Path
-    teacher_method: str = "generate"
-    artifact_sha256: str | None = None  # the served GGUF's (None: a student endpoint the user runs); in cache keys
-    student_stack: contextlib.ExitStack | None = None  # the student runtime this plan started (a reload stops it)
-
-
-class Gateway:
-    """The live objects of one gateway: HTTP session, ledger, teacher client, task routes, metrics. Built inside
-    the server's event loop (``open``) and closed when it stops (``close``)."""
-
-    def __init__(self, plan: ServePlan):
-        self.plan = plan
-        self.cfg = plan.cfg
-        self.metrics = Metrics()
-        self.routes: list[TaskRoute] = []
-        self.teacher_key = resolve_api_key(plan.cfg.teacher)
-        self.session: aiohttp.ClientSession | None = None
-        self.ledger: Ledger | None = None
-        self.teacher: TeacherClient | None = None
-        self.store = None
-        self.traffic: TrafficLog | None = None
-        # the loop's state (events.jsonl, the traffic log) stays in the first run's serve/ across reloads
-        self.serve_dir = paths.stage_dir(Path(plan.cfg.run_dir), paths.SERVE_DIR)
-        self.retiring: set[asyncio.Task] = set()  # route sets replaced by a reload, closing once they drain
-        self.reload_stack: contextlib.ExitStack | None = None  # what the last reload started (its student)
-
-    async def open(self) -> None:
-        # No connection cap: the gateway's own admission (serve.max_concurrency) bounds what is in flight.
-        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300))
-        self.traffic = open_traffic_log(self.cfg, self.cfg.run_dir)
-        self.ledger, self.teacher, self.routes = self.build(self.plan)
-
-    def build(self, plan: ServePlan) -> tuple[Ledger, TeacherClient, list[TaskRoute]]:
-        """The live objects that serve ``plan``: its ledger, teacher client and task routes (caches, watch)."""
-        cfg, s = plan.cfg, plan.cfg.serve
-        ledger = Ledger(plan.ledger_path)
-        # Retry and timeout knobs are not part of a request key: fewer retries here, since a client is waiting.
-        tcfg = cfg.teacher.model_copy(update={"timeout_s": s.teacher_timeout_s, "max_retries": s.teacher_max_retries})
-        teacher = TeacherClient(tcfg, plan.teacher_url, plan.task.schema, ledger, cfg.generate.max_attempts,
-                                votes=cfg.generate.self_consistency, min_vote_share=cfg.generate.min_vote_share)
-        if s.confidence == "scored":
-            student = ScoredStudent(plan.student_url, plan.task, max_new_tokens=cfg.eval.max_new_tokens,
-                                    timeout_s=s.student_timeout_s, session=self.session)
-        else:
-            student = SequenceStudent(plan.student_url, s.student_model or plan.rule.student.model, plan.task,
-                                      max_new_tokens=cfg.eval.max_new_tokens, timeout_s=s.student_timeout_s,
-                                      session=self.session)
-        routes = [TaskRoute(cfg, plan.rule, plan.task, student, teacher, self.metrics,
-                            **self._caches(plan.rule, plan))]
-        reference = held_out_answers(Path(cfg.run_dir))
-        for route in routes:
-            route.watch = Watch(route, self.store, self.traffic, self.serve_dir, reference)
-            route.watch.start()
-            route.watch.refresh_metrics()
-        return ledger, teacher, routes
-
-    def _caches(self, rule: RoutingRule, plan: ServePlan | None = None) -> dict:
-        """The store and the caches serve.exact_cache / serve.semantic_cache turn on, for one task's rule."""
-        plan = plan or self.plan
-        s = plan.cfg.serve
-        if self.store is None:
-            self.store = open_store(self.cfg, self.cfg.run_dir)
-        base = route_digest(self.cfg, rule, plan.artifact_sha256)
-        out = {"store": self.store}
-        if s.exact_cache.enabled:
-            out["exact"] = ExactCache(self.store, base, s.exact_cache.ttl_s, plan.task)
-        if s.semantic_cache.enabled:
-            threshold = load_threshold(plan.cfg, paths.stage_dir(Path(plan.cfg.run_dir), paths.SERVE_DIR))
-            if threshold is None:
-                log.warning("serve: semantic cache off for %s: calibrate-cache found no threshold whose false-hit "
-                            "bound is within serve.semantic_cache.max_false_hit", rule.task.id)
-            else:
-                sc = s.semantic_cache
-                out["semantic"] = SemanticCache(self.store, base, threshold, sc.ttl_s, sc.max_entries)
-                log.info("serve: semantic cache on for %s at similarity >= %.3f", rule.task.id, threshold)
-        return out
-
-    async def close(self) -> None:
-        for task in list(self.retiring):  # a reload's old routes: let them finish closing
-            with contextlib.suppress(Exception):
-                await task
-        for route in self.routes:
-            if route.watch is not None:
-                await route.watch.close(drain_s=min(5.0, self.cfg.serve.shutdown_timeout_s))
-        if self.traffic is not None:
-            await asyncio.to_thread(self.traffic.close)
-        if self.reload_stack is not None:
-            await asyncio.to_thread(self.reload_stack.close)
-        if self.teacher is not None:
-            await self.teacher.close()
-        if self.session is not None:
-            await self.session.close()
-        if self.ledger is not None:
-            self.ledger.close()
-        if self.store is not None:
-            self.store.close()
-
-    def route_for(self, request: dict) -> TaskRoute | None:
-        """The task a request belongs to (its model is a task alias, or its metadata names the task), or None."""
-        return next((r for r in self.routes if matches(r.rule, request)), None)
-
-    def teacher_headers(self) -> dict[str, str]:
-        """Headers for a pass-through request: the teacher's key, never the client's."""
-        headers = {"Content-Type": "application/json"}
-        if self.teacher_key != NO_KEY:
-            headers["Authorization"] = f"Bearer {self.teacher_key}"
-        return headers
-
-    async def reachable(self, url: str, headers: dict | None = None, timeout_s: float = 2.0) -> bool:
-        """Whether ``GET {url}/models`` answers (any status below 500: the server is up)."""
-        try:
-            async with self.session.get(f"{url}/models", headers=headers,
-                                        timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-                return resp.status < 500
-        except (aiohttp.ClientError, asyncio.TimeoutError):
+    def _in_ledger(self, messages: list[dict]) -> bool:
+        """Whether the ledger already answers this input (free, whatever the day's budget); one vote only."""
+        if self.teacher.votes != 1:
             return False
-
-
-def held_out_answers(run_dir: Path) -> list[dict]:
-    """The student's answers on the run's held-out items (evaluate's predictions): the reference the
-    answer-distribution drift test compares live answers with ([] when evaluate wrote none)."""
-    from distill import runio
-
-    path = paths.stage_dir(run_dir, "evaluate") / paths.PREDICTIONS
-    if not path.is_file():
-        return []
-    return [p["student"] for p in runio.read_jsonl(path) if isinstance(p.get("student"), dict)]
+        return self.teacher.ledger.get(request_key(self.teacher.build_request(messages, 0))) is not None

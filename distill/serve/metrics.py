@@ -3,6 +3,8 @@
     curl -s 127.0.0.1:8088/metrics | grep distill_
 
 Each gateway holds its own registry, so several gateways in one process (tests, notebooks) never share counts.
+publish writes a Grafana dashboard over these metrics (``dashboard``, publish/grafana.json); its queries name only
+the series this registry exposes (a test checks them against a live ``/metrics``).
 """
 
 from __future__ import annotations
@@ -51,7 +53,96 @@ class Metrics:
                                     registry=self.registry)
         self.reloads = Counter("distill_reloads", "POST /admin/reload, by result (ok, failed)", ["result"],
                                registry=self.registry)
+        # money and coverage: what the student's answers saved against sending every task request to the teacher
+        self.coverage = Gauge("distill_live_coverage", "Share of the task's answered requests the student answered "
+                              "(since this gateway started)", ["task"], registry=self.registry)
+        self.saved = Counter("distill_saved_usd", "Dollars the student's answers saved: each priced at the teacher's "
+                             "cost per request in the run's results.json (the cost case)", ["task"],
+                             registry=self.registry)
+        self.teacher_price = Gauge("distill_teacher_price_usd", "The teacher's cost of one task request, as the "
+                                   "run's cost case priced it (results.json cost.teacher_usd_per_1k / 1000)",
+                                   ["task"], registry=self.registry)
+        self.budget_spent = Gauge("distill_teacher_budget_spent_usd", "Teacher spend of the gateway (every replica "
+                                  "on the store) this UTC day, reservations in flight included", [],
+                                  registry=self.registry)
+        self.budget_cap = Gauge("distill_teacher_budget_usd_per_day", "serve.teacher_budget_usd_per_day (-1: no "
+                                "cap)", [], registry=self.registry)
+        self.cache_lookups = Gauge("distill_cache_lookups", "Cache lookups by task, cache (exact, semantic) and "
+                                   "result (hit, miss), every replica on the store", ["task", "cache", "result"],
+                                   registry=self.registry)
+        self._answered: dict[str, list[int]] = {}  # task -> [answered, by the student]
+
+    def answered(self, task: str, route: str, teacher_price: float | None) -> None:
+        """One task request answered (HTTP 200) by ``route``: live coverage, and the money a student answer saved."""
+        counts = self._answered.setdefault(task, [0, 0])
+        counts[0] += 1
+        if route == "student":
+            counts[1] += 1
+            if teacher_price:
+                self.saved.labels(task).inc(teacher_price)
+        self.coverage.labels(task).set(counts[1] / counts[0])
+
+    def cache_counts(self, counters: dict[str, float]) -> None:
+        """The store's ``cache.<exact|semantic>.<hit|miss>.<task>`` counters as gauges."""
+        for name, value in counters.items():
+            parts = name.split(".", 3)
+            if len(parts) == 4 and parts[0] == "cache":
+                self.cache_lookups.labels(parts[3], parts[1], parts[2]).set(value)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text format."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _panel(pid: int, title: str, kind: str, exprs: list[tuple[str, str]], x: int, y: int, unit: str) -> dict:
+    return {"id": pid, "type": kind, "title": title, "gridPos": {"h": 8, "w": 12, "x": x, "y": y},
+            "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []}, "options": {},
+            "targets": [{"refId": chr(65 + i), "expr": expr, "legendFormat": legend,
+                         "datasource": {"type": "prometheus", "uid": "${datasource}"}}
+                        for i, (expr, legend) in enumerate(exprs)]}
+
+
+def dashboard(title: str) -> dict:
+    """A Grafana dashboard (JSON model) over the gateway's metrics, filtered by a ``task`` variable."""
+    t = 'task=~"$task"'
+    panels = [
+        ("Requests per second by route", "timeseries",
+         [(f"sum by (route) (rate(distill_requests_total{{{t}}}[5m]))", "{{route}}")], "reqps"),
+        ("Live coverage (share answered by the student)", "timeseries",
+         [(f"distill_live_coverage{{{t}}}", "{{task}}")], "percentunit"),
+        ("Money saved vs the teacher on every request", "stat",
+         [(f"sum(distill_saved_usd_total{{{t}}})", "saved")], "currencyUSD"),
+        ("Teacher spend", "timeseries",
+         [(f"sum by (task) (increase(distill_teacher_spend_usd_total{{{t}}}[1h]))", "{{task}} per hour"),
+          ("distill_teacher_budget_spent_usd", "today (every replica)"),
+          ("distill_teacher_budget_usd_per_day", "daily cap")], "currencyUSD"),
+        ("Latency p50 / p99 by route", "timeseries",
+         [("histogram_quantile(0.5, sum by (le, route) (rate(distill_request_latency_seconds_bucket[5m])))",
+           "p50 {{route}}"),
+          ("histogram_quantile(0.99, sum by (le, route) (rate(distill_request_latency_seconds_bucket[5m])))",
+           "p99 {{route}}")], "s"),
+        ("Fallback reasons", "timeseries",
+         [(f'sum by (reason) (rate(distill_requests_total{{{t}, route="teacher"}}[5m]))', "{{reason}}")], "reqps"),
+        ("Teacher calls by result", "timeseries",
+         [(f"sum by (result) (rate(distill_teacher_calls_total{{{t}}}[5m]))", "{{result}}")], "reqps"),
+        ("Live agreement with the teacher (shadow)", "timeseries",
+         [(f'distill_live_agreement{{{t}, field="_all", bound="value"}}', "{{task}}"),
+          (f'distill_live_agreement{{{t}, field="_all", bound="low"}}', "{{task}} low")], "percentunit"),
+        ("Drift alarms and student circuit", "timeseries",
+         [(f"distill_drift_alarm{{{t}}}", "drift {{kind}}"),
+          (f"distill_student_circuit_closed{{{t}}}", "circuit closed")], "none"),
+        ("Cache hit rate", "timeseries",
+         [(f'sum by (cache) (distill_cache_lookups{{{t}, result="hit"}}) / sum by (cache) '
+           f"(distill_cache_lookups{{{t}}})", "{{cache}}")], "percentunit"),
+    ]
+    return {"title": title, "uid": None, "schemaVersion": 39, "version": 1, "editable": True,
+            "tags": ["distill"], "timezone": "utc", "refresh": "30s", "time": {"from": "now-6h", "to": "now"},
+            "templating": {"list": [
+                {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus"},
+                {"name": "task", "type": "query", "label": "task", "includeAll": True, "multi": True,
+                 "datasource": {"type": "prometheus", "uid": "${datasource}"},
+                 "query": "label_values(distill_requests_total, task)", "refresh": 2}]},
+            "annotations": {"list": []},
+            "panels": [_panel(i + 1, title, kind, exprs, 12 * (i % 2), 8 * (i // 2), unit)
+                       for i, (title, kind, exprs, unit) in enumerate(panels)]}

@@ -26,7 +26,8 @@ import yaml
 from distill import DistillError, paths
 from distill.config import Config, validate
 from distill.serve.drift import append_event
-from distill.serve.gateway import Gateway, ServePlan, TaskRoute
+from distill.serve.gateway import TaskRoute
+from distill.serve.hub import Gateway, ServePlan
 from distill.teacher.client import TeacherClient
 
 log = logging.getLogger("distill")
@@ -64,6 +65,9 @@ class Reloader:
         from distill.serve.command import open_plan  # command imports the app, which imports this module
 
         gw = self.gateway
+        if len(gw.plans) > 1:
+            raise DistillError(f"reload swaps one run; this gateway serves {len(gw.plans)} "
+                               f"({', '.join(str(p.cfg.run_dir) for p in gw.plans)}): restart it to change them")
         async with self.lock:
             target = run_dir or str(gw.cfg.run_dir)
             started = time.perf_counter()
@@ -78,6 +82,7 @@ class Reloader:
             old = (gw.plan, gw.ledger, gw.teacher, gw.routes, gw.reload_stack)
             # the swap: no await between these lines
             gw.plan, gw.cfg, gw.ledger, gw.teacher, gw.routes = plan, cfg, ledger, teacher, routes
+            gw.plans = [plan]
             gw.reload_stack = stack
             took = time.perf_counter() - started
             rule = plan.rule

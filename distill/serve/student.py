@@ -12,6 +12,11 @@ Two protocols (``serve.confidence``):
   llama.cpp), the request and confidence of ``evaluate.predict_endpoint``: the probability of the token sequence
   the server wrote. A different number from the scored one: the threshold was not chosen on it.
 
+The embedding-classifier rung (``student.kind=embed_classifier``) has no server: ``ClassifierStudent`` runs the
+published encoder and heads in the gateway's process (``EmbedClassifier.predict`` in a worker thread), and the
+confidence is the heads' (the product of each field's top probability), the one evaluate scored and publish chose
+the threshold on.
+
 The circuit breaker is a few lines of state (``Breaker``), not a library: the maintained Python breakers
 (pybreaker) wrap synchronous calls, and the gateway needs only "N failures in a row open it for T seconds, then one
 request tries again".
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -123,6 +129,29 @@ class SequenceStudent:
             except (KeyError, TypeError, ValueError):
                 confidence = None  # decide() then falls back with no_confidence
         return StudentReply(answer, confidence, why, raw)
+
+
+class ClassifierStudent:
+    """The embedding classifier, in process: its answer and the confidence from its heads."""
+
+    endpoint = "in-process"
+
+    def __init__(self, classifier, task: Task):
+        self.classifier, self.task = classifier, task
+        self._lock = threading.Lock()  # one encoder forward at a time: it uses every core already
+
+    def _predict(self, text: str):
+        with self._lock:
+            return self.classifier.predict([text])[0]
+
+    async def answer(self, text: str) -> StudentReply:
+        try:
+            answer, confidence, _ = await asyncio.to_thread(self._predict, text)
+        except Exception as exc:  # a broken encoder or head: the breaker counts it, the teacher answers
+            raise StudentFailed(f"classifier_{type(exc).__name__}") from None
+        if self.task.schema.errors(answer):
+            return StudentReply(None, None, "schema_violation", json.dumps(answer))
+        return StudentReply(answer, float(confidence), None, json.dumps(answer))
 
 
 class Breaker:

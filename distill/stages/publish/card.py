@@ -164,9 +164,10 @@ def render_card(cfg: Config, generate: dict, train: dict, results: dict, rule: r
                 ["- Trained on one system prompt and one user turn; other conversation shapes are untested.",
                  "- Quantized artifacts can answer differently from the student: see parity above."]),
               *([f"- The threshold was chosen on the in-process student's confidence (eval.decode="
-                 f"{cfg.eval.decode}); a served GGUF's confidence (token log-probs) is another estimate: measure its "
-                 f"curve with `python -m distill evaluate eval.endpoint.base_url=URL eval.endpoint.model="
-                 f"{model_name(cfg)}` before relying on the threshold there."]
+                 f"{cfg.eval.decode}); `python -m distill serve run_dir=..` computes that confidence on the served "
+                 f"GGUF (SERVING.md). A server of your own gives another number (token log-probs): measure its curve "
+                 f"with `python -m distill evaluate run_dir=.. eval.endpoint.base_url={cfg.publish.endpoint} "
+                 f"eval.endpoint.model={model_name(cfg)}` before relying on the threshold there."]
                 if (results.get("predictor") or {}).get("kind", "in_process") == "in_process" and not classifier
                 else []), "",
               "## Lineage",

@@ -3,13 +3,19 @@
     python -m distill publish run_dir=DIR [publish.target_agreement=0.98] [publish.endpoint=http://127.0.0.1:8080/v1]
 
 The routing rule (distill.routing) takes its confidence threshold from evaluate's validation coverage curve
-(publish.target_agreement), its costs from results.json, and names the published artifacts; the other files serve
-those artifacts with the model's own chat template and stop token. student=embed_classifier is loaded in process,
-so it gets the rule and SERVING.md only.
+(publish.target_agreement), its costs from results.json, names the published artifacts and states the prompt
+contract (the student's system prompt, the response format, an example request). Every other file is generated
+from that rule: ``python -m distill serve`` (the gateway) applies it and is the primary serving path; litellm.yaml
+puts LiteLLM in front of the gateway (task traffic never reaches the student except through the rule, and a
+fallback gets the teacher's few-shot prompt, which only the gateway builds); SERVING.md and the Modelfile serve the
+artifacts with the model's own chat template, stop token and system prompt. student=embed_classifier is loaded in
+process (by the gateway too), so it gets no LiteLLM, Ollama or llama.cpp files.
 """
 
 from __future__ import annotations
 
+import json
+import shlex
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -17,12 +23,13 @@ import yaml
 
 from distill import DistillError, paths, routing, runio
 from distill.config import Config
+from distill.serve.metrics import dashboard
 from distill.stages.publish.gguf import model_name
 from distill.student import embed_classifier
 from distill.task import Task
-from distill.teacher.server import embedded_gguf
 
 SERVER_CTX = 2048  # context the llama.cpp server gets for parity checks and in the serving snippets
+RUN_DIR_FROM_PUBLISH = ".."  # SERVING.md's commands run in publish/; the run directory is its parent
 
 
 def _fallback(cfg: Config) -> routing.FallbackSpec:
@@ -84,6 +91,7 @@ def build_rule(cfg: Config, task: Task, results: dict, results_sha: str, publish
         cost=routing.CostSpec(teacher_usd_per_1k=cost.get("teacher_usd_per_1k"),
                               student_usd_per_1k=cost.get("student_usd_per_1k"), blended_usd_per_1k=blended,
                               saving_vs_teacher=saving),
+        prompt=prompt_spec(cfg, task),
         evidence=routing.Evidence(results_sha256=results_sha, curve="val_coverage_curve",
                                   n_val=max((p.get("n", 0) for p in val_curve), default=0) if val_curve else None,
                                   test_coverage=test_point and test_point["coverage"],
@@ -91,21 +99,60 @@ def build_rule(cfg: Config, task: Task, results: dict, results_sha: str, publish
     return routing.validate_rule(rule.model_dump(mode="json"), "the routing rule publish built")
 
 
+def prompt_spec(cfg: Config, task: Task) -> routing.PromptSpec:
+    """The prompt contract: the student's system prompt, the response format, an example request to the gateway."""
+    example = task.few_shot[0][0] if task.few_shot else "<the task input>"
+    return routing.PromptSpec(system=task.student_system, teacher_few_shot=len(task.few_shot),
+                              response_format=task.schema.response_format("json_schema", cfg.recipe.name),
+                              example_request={"model": cfg.recipe.name,
+                                               "messages": [{"role": "user", "content": example}]})
+
+
+def gateway_url(cfg: Config) -> str:
+    """Where ``python -m distill serve`` listens with the run's serve settings (0.0.0.0 is reached on loopback)."""
+    host = "127.0.0.1" if cfg.serve.host in ("0.0.0.0", "::", "") else cfg.serve.host
+    return f"http://{host}:{cfg.serve.port}/v1"
+
+
 def _artifact_key(art: dict) -> str:
     return f"gguf-{art['type']}" if art["format"] == "gguf" else f"safetensors-{art['type']}"
 
 
-def litellm_config(rule: routing.RoutingRule) -> dict:
-    """A LiteLLM router config: the task's name served by the student, falling back to the teacher on errors."""
-    teacher_name = f"{rule.task.id}-teacher"
-    student = {"model": f"openai/{rule.student.model}", "api_base": rule.student.endpoint, "api_key": "none",
-               "stop": rule.student.stop, "max_tokens": rule.student.max_tokens,
-               "temperature": rule.student.temperature}
-    teacher = {"model": f"openai/{rule.fallback.model}", "api_base": rule.fallback.endpoint,
-               "api_key": f"os.environ/{rule.fallback.api_key_env}" if rule.fallback.api_key_env else "none"}
-    return {"model_list": [{"model_name": rule.task.id, "litellm_params": student},
-                           {"model_name": teacher_name, "litellm_params": teacher}],
-            "router_settings": {"fallbacks": [{rule.task.id: [teacher_name]}]}}
+def litellm_config(rule: routing.RoutingRule, gateway: str, api_key: str = "none") -> dict:
+    """A LiteLLM router config in front of the gateway: every task alias and the teacher's model go to it.
+
+    The gateway applies the rule (a disabled route sends task traffic to the teacher) and builds both prompts; no
+    deployment calls the student directly, and no LiteLLM fallback sends task traffic to the teacher, since
+    LiteLLM would send the client's bare input instead of the teacher's few-shot prompt. ``api_key``: what LiteLLM
+    sends the gateway (``os.environ/NAME`` when the gateway checks client keys)."""
+    response_format = rule.prompt.response_format if rule.prompt else None
+    models = []
+    for alias in rule.task.match.model_aliases or [rule.task.id]:
+        params = {"model": f"openai/{alias}", "api_base": gateway, "api_key": api_key}
+        if response_format:
+            params["response_format"] = response_format
+        models.append({"model_name": alias, "litellm_params": params,
+                       "model_info": {"distill_task": rule.task.id,
+                                      "distill_route": "student when confident" if rule.route.enabled
+                                      else "teacher (route disabled)"}})
+    models.append({"model_name": rule.fallback.model,
+                   "litellm_params": {"model": f"openai/{rule.fallback.model}", "api_base": gateway,
+                                      "api_key": api_key},
+                   "model_info": {"distill_task": None, "distill_route": "pass-through to the teacher"}})
+    return {"model_list": models}
+
+
+GATEWAY_KEY_ENV = "DISTILL_GATEWAY_KEY"  # litellm.yaml reads the gateway key from it when serve.api_keys_env is set
+
+
+def _litellm_header(rule: routing.RoutingRule, gateway: str) -> str:
+    route = (f"enabled: the student answers when its confidence >= {rule.route.confidence_threshold}"
+             if rule.route.enabled else f"DISABLED ({rule.route.reason}): every task request goes to the teacher")
+    return (f"# LiteLLM in front of the distill gateway (python -m distill serve run_dir={RUN_DIR_FROM_PUBLISH}, "
+            f"at {gateway}).\n"
+            f"# pip install 'litellm[proxy]'; litellm --config {paths.LITELLM}. A gateway that checks client keys "
+            f"(serve.api_keys_env) gets one from {GATEWAY_KEY_ENV}.\n"
+            f"# Route {route}. Generated from {paths.ROUTING}: edit the rule and re-run publish, not this file.\n")
 
 
 def ollama_template(tokenizer, eot: str) -> str:
@@ -117,29 +164,79 @@ def ollama_template(tokenizer, eot: str) -> str:
     return prompt.replace(sys_mark, "{{ .System }}").replace(user_mark, "{{ .Prompt }}") + "{{ .Response }}" + eot
 
 
+def _fence(lang: str, lines: list[str]) -> list[str]:
+    return [f"```{lang}", *lines, "```", ""]
+
+
+def gateway_lines(cfg: Config, rule: routing.RoutingRule) -> list[str]:
+    """SERVING.md's primary path: the gateway command, a curl request, the prompt contract."""
+    gateway, r = gateway_url(cfg), rule.route
+    state = (f"**Route enabled**: the student's answer is kept when its confidence is at least "
+             f"{r.confidence_threshold} (expected coverage {r.expected_coverage:.1%} of requests on the val split); "
+             f"the teacher answers the rest." if r.enabled else
+             f"**Route disabled** ({r.reason}): the gateway sends every task request to the teacher.")
+    body = json.dumps(rule.prompt.example_request, ensure_ascii=False)
+    lines = ["## The gateway (the primary path)", "", state, "",
+             "Run from this folder (`publish/`); the run directory is its parent:", "",
+             *_fence("bash", [f"python -m distill serve run_dir={RUN_DIR_FROM_PUBLISH} serve.port={cfg.serve.port}"]),
+             "It starts the student (" + ("in process" if rule.student.kind == "embed_classifier" else
+                                          "the published GGUF in distill's student runtime") +
+             "), reaches the teacher as generate did, and answers an OpenAI-compatible API on "
+             f"`{gateway}`. A task request carries only the task's input as its user message:", "",
+             *_fence("bash", [f"curl -s {gateway}/chat/completions -H 'Content-Type: application/json' "
+                              f"-d {shlex.quote(body)}"]),
+             "The reply's content is the JSON answer; headers `x-distill-route` (student | teacher), "
+             "`x-distill-confidence`, `x-distill-reason`. Metrics: `GET /metrics` (Prometheus); the Grafana "
+             f"dashboard over them is `{paths.GRAFANA}`.", "",
+             "## The prompt contract", "",
+             "- system prompt the student was trained with (the gateway sends it; a server of your own must, or the "
+             "chat template may inject its own default):", "", *_fence("text", rule.prompt.system.splitlines()),
+             "- user message: the task input, verbatim",
+             f"- the teacher (every fallback): the recipe's few-shot prompt, {rule.prompt.teacher_few_shot} shot(s), "
+             "built by the gateway as generate built it",
+             f"- response format (`prompt.response_format` in `{paths.ROUTING}`): JSON constrained to "
+             "`task.output_schema`", ""]
+    if rule.student.kind != "embed_classifier":
+        lines += ["## LiteLLM in front of the gateway", "",
+                  "`litellm --config` needs the proxy extra, which distill does not install:", "",
+                  *_fence("bash", ["pip install 'litellm[proxy]'", f"litellm --config {paths.LITELLM} --port 4000"]),
+                  f"`{paths.LITELLM}` sends model `{rule.task.id}` and the teacher's model `{rule.fallback.model}` "
+                  "to the gateway, which applies the rule; it has no deployment that calls the student directly and "
+                  "no LiteLLM fallback for task traffic (LiteLLM would send the teacher the bare input, not its "
+                  "few-shot prompt).", ""]
+    return lines
+
+
 def write_serving(cfg: Config, task: Task, staging: Path, rule: routing.RoutingRule, published: dict,
                   tokenizer, eot: str) -> None:
-    """routing.yaml + its JSON schema, litellm.yaml, Modelfile and SERVING.md."""
+    """routing.yaml + its JSON schema, grafana.json, litellm.yaml, Modelfile and SERVING.md, all from ``rule``."""
     header = (f"# distill routing rule, schema version {routing.SCHEMA_VERSION} (routing.schema.json); "
               f"load with distill.routing.load_rule\n")
     runio.atomic_write_text(staging / paths.ROUTING, header + yaml.safe_dump(rule.model_dump(mode="json"),
                                                                              sort_keys=False, allow_unicode=True))
     runio.write_json(staging / paths.ROUTING_SCHEMA, routing.json_schema())
+    runio.write_json(staging / paths.GRAFANA, dashboard(f"distill gateway: {rule.task.id}"))
+    name = rule.student.model
     if rule.student.kind == "embed_classifier":  # loaded in process: no server, so no LiteLLM or Ollama config
-        runio.atomic_write_text(staging / paths.SERVING, embed_classifier.serving_markdown(rule.student.model))
+        body = embed_classifier.serving_markdown(name).split("\n", 1)[1]
+        runio.atomic_write_text(staging / paths.SERVING, "\n".join([f"# Serving {name}", "",
+                                                                     *gateway_lines(cfg, rule)]) + body)
         return
-    runio.atomic_write_text(staging / paths.LITELLM, "# litellm --config litellm.yaml  (fallback on errors; the "
-                            "confidence rule is distill.routing.decide)\n"
-                            + yaml.safe_dump(litellm_config(rule), sort_keys=False, allow_unicode=True))
+    gateway = gateway_url(cfg)
+    key = f"os.environ/{GATEWAY_KEY_ENV}" if cfg.serve.api_keys_env else "none"
+    runio.atomic_write_text(staging / paths.LITELLM, _litellm_header(rule, gateway)
+                            + yaml.safe_dump(litellm_config(rule, gateway, key), sort_keys=False, allow_unicode=True))
     ggufs = [rel for rel, art in published.items() if art["format"] == "gguf"]
     gguf = next((g for g in ggufs if g.endswith("-q8_0.gguf")), ggufs[0] if ggufs else None)
-    name, endpoint = rule.student.model, urlparse(rule.student.endpoint)
-    port = endpoint.port or 8080
-    lines = [f"# Serving {name}", "",
-             f"Answers end at `{eot}`; every command below keeps the model's chat template and that stop token.",
-             "Constrain each answer to the task's schema (`task.output_schema` in routing.yaml) per request: "
-             "llama.cpp `response_format={\"type\": \"json_object\", \"schema\": ...}`, vLLM / OpenAI "
-             "`{\"type\": \"json_schema\", ...}`, Ollama `format: <schema>`.", ""]
+    endpoint = urlparse(rule.student.endpoint)
+    host, port = endpoint.hostname, endpoint.port or 8080
+    lines = [f"# Serving {name}", "", *gateway_lines(cfg, rule),
+             "## The student without the gateway", "",
+             "A server of the student alone does not apply the rule" + (
+                 ": the route is disabled, so do not send it task traffic." if not rule.route.enabled else
+                 "; put the gateway in front of it (below)."),
+             f"Answers end at `{eot}`; every command below keeps the model's chat template and that stop token. "
+             "Each request must carry the system prompt above and the response format.", ""]
     if gguf:
         template = ollama_template(tokenizer, eot)
         for text in (task.student_system, template):
@@ -151,31 +248,25 @@ def write_serving(cfg: Config, task: Task, staging: Path, rule: routing.RoutingR
                      f'SYSTEM """{task.student_system}"""', f'PARAMETER stop "{eot}"', "PARAMETER temperature 0",
                      f"PARAMETER num_predict {rule.student.max_tokens}", f"PARAMETER num_ctx {SERVER_CTX}"]
         runio.atomic_write_text(staging / paths.MODELFILE, "\n".join(modelfile) + "\n")
-        lines += ["## llama.cpp", "", "```bash",
-                  f"llama-server -m {gguf} --host {endpoint.hostname} --port {port} --alias {name} --jinja "
-                  f"-c {SERVER_CTX}",
-                  f"python -m llama_cpp.server --model {gguf} --host {endpoint.hostname} --port {port} "
-                  f"--model_alias {name} --n_ctx {SERVER_CTX}", "```", "",
-                  "## Ollama", "", "```bash", f"ollama create {name} -f {paths.MODELFILE}", f"ollama run {name}",
-                  "```", ""]
+        lines += ["### llama.cpp (llama-cpp-python, installed with distill)", "",
+                  *_fence("bash", [f"python -m llama_cpp.server --model {gguf} --host {host} --port {port} "
+                                   f"--model_alias {name} --n_ctx {SERVER_CTX}",
+                                   f"python -m distill serve run_dir={RUN_DIR_FROM_PUBLISH} serve.student_endpoint="
+                                   f"{rule.student.endpoint} serve.confidence=sequence"]),
+                  "The second line puts the gateway in front of that server; it then routes on the probability of "
+                  "the answer the server wrote (`serve.confidence=sequence`), not the scored confidence the "
+                  "threshold was chosen on, so prefer the plain `python -m distill serve` above.", "",
+                  "### Ollama (not installed by distill: https://ollama.com)", "",
+                  *_fence("bash", [f"ollama create {name} -f {paths.MODELFILE}", f"ollama run {name}"])]
     hf_rel = next((rel for rel, art in published.items() if art["type"] == "merged"), None)
     nf4_rel = next((rel for rel, art in published.items() if art["type"] == "nf4"), None)
     if hf_rel or nf4_rel:
-        lines += ["## vLLM", "", "```bash"]
+        vllm = []
         if hf_rel:
-            lines.append(f"vllm serve {hf_rel} --served-model-name {name} --host {endpoint.hostname} --port {port} "
-                         f"--max-model-len {SERVER_CTX} --generation-config auto")
+            vllm.append(f"vllm serve {hf_rel} --served-model-name {name} --host {host} --port {port} "
+                        f"--max-model-len {SERVER_CTX} --generation-config auto")
         if nf4_rel:
-            lines.append(f"vllm serve {nf4_rel} --quantization bitsandbytes --served-model-name {name} "
-                         f"--host {endpoint.hostname} --port {port} --max-model-len {SERVER_CTX}")
-        lines += ["```", ""]
-    if cfg.teacher.kind != "openai":  # the embedded teacher has no fixed address: serve it where litellm.yaml says
-        fb = urlparse(rule.fallback.endpoint)
-        lines += ["## The teacher (fallback)", "", "```bash",
-                  f"python -m llama_cpp.server --model {cfg.teacher.model_path or embedded_gguf()} --host "
-                  f"{fb.hostname} --port {fb.port} --model_alias {rule.fallback.model}", "```", ""]
-    lines += ["## Gateway", "", "```bash", f"litellm --config {paths.LITELLM}", "```", "",
-              f"Requests for model `{rule.task.id}` (or with metadata `distill_task: {rule.task.id}`) go to the "
-              "student; LiteLLM falls back to the teacher when the student errors. The confidence rule in "
-              f"`{paths.ROUTING}` is applied with `distill.routing.decide(rule, request, answer, confidence)`.", ""]
+            vllm.append(f"vllm serve {nf4_rel} --quantization bitsandbytes --served-model-name {name} "
+                        f"--host {host} --port {port} --max-model-len {SERVER_CTX}")
+        lines += ["### vLLM (not installed by distill: `pip install vllm`, a CUDA GPU)", "", *_fence("bash", vllm)]
     runio.atomic_write_text(staging / paths.SERVING, "\n".join(lines))
