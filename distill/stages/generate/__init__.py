@@ -5,7 +5,8 @@
 Order of work: read inputs (or have the teacher synthesize them), redact PII if asked, drop exact and near
 duplicates, estimate the cost of what the ledger does not already hold (and stop there on a dry run), then label
 with the teacher under the budget cap, and split without leakage. Everything paid for is in the ledger the moment it
-validated, so a crash or a budget stop loses nothing.
+validated, so a crash or a budget stop loses nothing. ``generate.source=traffic`` re-distils from a served run's
+traffic log on that run's ledger, keeping its test split (``distill.stages.generate.traffic``).
 """
 
 from __future__ import annotations
