@@ -58,6 +58,17 @@ def resolve_api_key(tcfg: TeacherConfig) -> str:
     return key
 
 
+_logged_transports: set[str] = set()
+
+
+def _log_transport(transport: str) -> None:
+    """Say once per process which HTTP transport the teacher calls go through (a fallback is a warning)."""
+    if transport in _logged_transports:
+        return
+    _logged_transports.add(transport)
+    (log.warning if transport.startswith("httpx (fallback") else log.info)("teacher client: transport %s", transport)
+
+
 class TeacherClient:
     """Labels inputs through the ledger: ``label`` (chat answers, optionally voted), ``top_logprobs`` (scoring),
     ``write`` (free text for synthesis); one instance per event loop."""
@@ -72,8 +83,10 @@ class TeacherClient:
         self.votes = votes
         self.min_vote_share = min_vote_share
         self._key = resolve_api_key(tcfg)
+        http, self.transport = http_client(tcfg.timeout_s)  # "aiohttp ..." or "httpx (fallback: why)"
+        _log_transport(self.transport)
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=self._key, timeout=tcfg.timeout_s,
-                                         max_retries=0, http_client=http_client(tcfg.timeout_s))
+                                         max_retries=0, http_client=http)
         self.semaphore = asyncio.Semaphore(tcfg.concurrency)
         # Requests: a per-second bucket (rpm/60), steady spacing rather than a minute's worth at once. Tokens: a
         # one-minute bucket (a request may need more than a second's share), charged an estimate before sending.

@@ -15,6 +15,13 @@ import openai
 from aiolimiter import AsyncLimiter
 from tenacity import RetryCallState, wait_exponential_jitter
 
+try:  # openai >= 3 runs on httpx2 (its default pool and the aiohttp transport raise httpx2's errors)
+    import httpx2
+except ImportError:  # pragma: no cover - openai 1.x/2.x
+    httpx2 = httpx
+_NOT_CONNECTED = (httpx.ConnectError, httpx.ConnectTimeout, httpx2.ConnectError, httpx2.ConnectTimeout,
+                  ConnectionRefusedError)
+
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 FATAL_STATUS = {401: "rejected the API key", 403: "refused access (HTTP 403)", 404: "does not serve the model"}
 
@@ -110,7 +117,7 @@ def possibly_billed(exc: BaseException) -> bool:
         return False  # APITimeoutError is an APIConnectionError
     cause: BaseException | None = exc
     while cause is not None:
-        if isinstance(cause, (httpx.ConnectError, httpx.ConnectTimeout, ConnectionRefusedError)):
+        if isinstance(cause, _NOT_CONNECTED):
             return False
         if type(cause).__name__ in ("ClientConnectorError", "ClientConnectorDNSError", "ClientProxyConnectionError"):
             return False  # aiohttp: the connection was never made
@@ -126,13 +133,21 @@ def per_second(per_minute: float) -> AsyncLimiter:
 
 
 def http_client(timeout_s: float):
-    """aiohttp under the SDK when installed (``openai[aiohttp]``): httpx's connection pool scans every open
-    connection on each request, which at 64 in flight cost more client CPU than the rest of a call together."""
-    if hasattr(openai, "DefaultAioHttpClient"):
-        try:
-            import httpx_aiohttp  # noqa: F401  (optional extra: only whether it is installed matters)
+    """The SDK's HTTP client and the name of its transport, e.g. ``(client, "aiohttp 3.14.5 (openai 3.57.0)")``.
 
-            return openai.DefaultAioHttpClient(timeout=timeout_s)
-        except ImportError:
-            pass
-    return None
+    aiohttp under the SDK (``openai[aiohttp]``, what ``make setup`` installs): httpx's connection pool scans every
+    open connection on each request, which at 64 in flight cost more client CPU than the rest of a call together.
+    Without it the client is ``None`` (the SDK's default httpx pool) and the name says why: ``httpx (fallback: ...)``.
+    """
+    try:
+        import aiohttp
+    except ImportError:
+        return None, "httpx (fallback: aiohttp is not installed; pip install 'openai[aiohttp]')"
+    make = getattr(openai, "DefaultAioHttpClient", None)
+    if make is None:
+        return None, f"httpx (fallback: openai {openai.__version__} has no aiohttp client; it needs openai>=1.97)"
+    try:
+        client = make(timeout=timeout_s)
+    except RuntimeError as exc:  # the SDK's own check: its aiohttp extra is incomplete (httpx_aiohttp for openai 1.x)
+        return None, f"httpx (fallback: {exc})"
+    return client, f"aiohttp {aiohttp.__version__} (openai {openai.__version__})"

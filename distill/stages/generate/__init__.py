@@ -139,8 +139,9 @@ def run(cfg: Config, run_dir: Path) -> dict | pricing.DryRun:
                 labelled_outcomes = [None if o is not None and o.reason == BUDGET else o for o in labelled_outcomes]
                 transport = dict(client.transport_errors)
                 batches_created = getattr(client, "batches_created", None)
+                http_transport = client.transport  # "aiohttp ..." or "httpx (fallback: why)"
             else:
-                labelled_outcomes, transport, batches_created = [], {}, None
+                labelled_outcomes, transport, batches_created, http_transport = [], {}, None, None
         ledger_summary = ledger.summary()
         spent_total = ledger.spent()
         by_id = {ex.id: o for ex, o in zip(to_label, labelled_outcomes)}
@@ -190,7 +191,7 @@ def run(cfg: Config, run_dir: Path) -> dict | pricing.DryRun:
         "rejected": dict(reasons),
         "not_labelled_budget": budget_skipped,
         "splits": {s: len(r) for s, r in rows.items()},
-        "teacher": {"model": cfg.teacher.model, "kind": cfg.teacher.kind},
+        "teacher": {"model": cfg.teacher.model, "kind": cfg.teacher.kind, "transport": http_transport},
         "estimate": estimate,
         "paid_calls_this_run": sum(o.paid_calls for o in outcomes if o is not None),
         "new_ledger_rows": new_rows,
