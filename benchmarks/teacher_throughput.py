@@ -8,7 +8,10 @@ latency. Measured in this process, side by side, median of ``--runs``:
     validation, ledger write);
   - baseline: ``asyncio.gather`` over the ``openai`` async client behind a semaphore (no ledger, no validation);
   - re-run: distill again over the same ledger: paid calls (must be 0) and wall time.
-Ideal wall time = requests x latency / concurrency. Client CPU per request = process CPU time / requests.
+Ideal wall time = requests x latency / concurrency. Client CPU per request = process CPU time / requests; server
+CPU per request = the fake server process's CPU time over the same run / requests (Linux ``/proc``), to show whether
+the harness, not the client, is what holds the wall time up. The line above the table names the client's transport
+(``distill.teacher.transport.http_client``) and the load average before and after.
 Prints the table last and appends it to BENCHMARKS.md (``--no-record`` to skip).
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import append, summary, table  # noqa: E402
+from benchmarks.common import append, load_average, summary, table  # noqa: E402
 
 SERVER = """
 import json, sys, time
@@ -36,6 +40,15 @@ with FakeTeacher(answer, latency_s=float(sys.argv[1])) as t:
     sys.stdin.read()
     print(json.dumps({"calls": len(t.calls)}), flush=True)
 """
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (``/proc/<pid>/stat``; NaN where there is no /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def distill_run(base_url: str, ledger_path: Path, messages: list, concurrency: int) -> dict:
@@ -61,7 +74,7 @@ def distill_run(base_url: str, ledger_path: Path, messages: list, concurrency: i
         outcomes = asyncio.run(go())
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     return {"wall": wall, "cpu": cpu, "paid": sum(o.paid_calls for o in outcomes),
-            "ok": sum(o.answer is not None for o in outcomes)}
+            "ok": sum(o.answer is not None for o in outcomes), "transport": client.transport}
 
 
 def baseline_run(base_url: str, messages: list, concurrency: int) -> dict:
@@ -104,13 +117,21 @@ def main() -> None:
                 for i in range(args.requests)]
     ideal = args.requests * args.latency / args.concurrency
     results: dict[str, list[dict]] = {"distill": [], "baseline": [], "rerun": []}
+    load_before = load_average()
+
+    def measured(name: str, fn, *fn_args) -> None:
+        server0 = process_cpu_s(server.pid)
+        result = fn(*fn_args)
+        result["server_cpu"] = process_cpu_s(server.pid) - server0
+        results[name].append(result)
+
     try:
         for _ in range(args.runs):
             with tempfile.TemporaryDirectory() as tmp:
                 ledger = Path(tmp) / "ledger.sqlite"
-                results["distill"].append(distill_run(base_url, ledger, messages, args.concurrency))
-                results["rerun"].append(distill_run(base_url, ledger, messages, args.concurrency))
-            results["baseline"].append(baseline_run(base_url, messages, args.concurrency))
+                measured("distill", distill_run, base_url, ledger, messages, args.concurrency)
+                measured("rerun", distill_run, base_url, ledger, messages, args.concurrency)
+            measured("baseline", baseline_run, base_url, messages, args.concurrency)
     finally:
         server.stdin.close()
         server.wait(timeout=30)
@@ -120,12 +141,17 @@ def main() -> None:
         wall, lo, hi = summary([r["wall"] for r in runs])
         cpu_ms = summary([1000 * r["cpu"] / args.requests for r in runs])[0]
         paid = summary([r["paid"] for r in runs])[0]
+        server_ms = summary([1000 * r["server_cpu"] / args.requests for r in runs])[0]
         ratio = f"{wall / ideal:.2f}x" if name != "rerun" else "n/a"
-        rows.append([name, f"{wall:.2f}", f"{lo:.2f}-{hi:.2f}", ratio, f"{cpu_ms:.2f}", int(paid)])
+        rows.append([name, f"{wall:.2f}", f"{lo:.2f}-{hi:.2f}", ratio, f"{cpu_ms:.2f}", f"{server_ms:.2f}",
+                     int(paid)])
+    transport = results["distill"][0]["transport"]
     text = (f"{args.requests} requests, {args.latency * 1000:.0f} ms server latency, concurrency "
-            f"{args.concurrency}: ideal {ideal:.2f} s; median of {args.runs} runs.\n\n"
-            + table(["client", "wall s (median)", "min-max", "vs ideal", "client CPU ms/request", "paid calls"],
-                    rows))
+            f"{args.concurrency}: ideal {ideal:.2f} s; median of {args.runs} runs. distill's transport: {transport} "
+            f"(baseline: the SDK's default httpx pool). Load average {load_before} before, {load_average()} "
+            f"after.\n\n"
+            + table(["client", "wall s (median)", "min-max", "vs ideal", "client CPU ms/request",
+                     "server CPU ms/request", "paid calls"], rows))
     append("Teacher throughput and re-run cost", text, record=not args.no_record)
     print(text)
 
