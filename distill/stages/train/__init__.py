@@ -22,28 +22,26 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from distill import DistillError, paths, runio
-from distill.config import Config, speed_only_fields
+from distill.config import Config
 from distill.student import embed_classifier, ladder
 from distill.task import Task, dump_answer, load_split
 from distill.student.template import encode_example, end_of_turn
+# checkpoint_problem, CHECKPOINT_SEAL and the head are re-exported: the tests and benchmarks reach them here
+from distill.stages.train.checkpoints import (CHECKPOINT_SEAL, _prepare_resume, checkpoint_problem,
+                                               last_complete_checkpoint, resume_key, seal_checkpoint)  # noqa: F401
+from distill.stages.train.trainer import _score_labelled_positions_only, _trainer_class  # noqa: F401
 
 log = logging.getLogger("distill")
 
-# Written last into a checkpoint folder: its training-config key and every file with its size. No seal, no resume.
-CHECKPOINT_SEAL = "distill_checkpoint.json"
-_NEEDED = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
 # Keys of train/metrics.jsonl rows that depend on wall time, not on the training itself.
 TIMING_KEYS = ("elapsed_s", "tokens_per_s", "train_runtime", "train_samples_per_second", "train_steps_per_second",
                "train_tokens_per_second", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
-# Vocabulary columns per logit tile of the fused LM head (TRL's default).
-_VOCAB_TILE = 32768
 _DROPPED_KEYS = ("num_input_tokens_seen", "num_tokens", "eval_num_tokens")
 
 
@@ -54,174 +52,6 @@ def build_dataset(rows: list[dict], task: Task, tokenizer, max_len: int):
     encoded = [encode_example(tokenizer, task.student_messages(r["input"]), dump_answer(r["teacher"]), max_len, eot)
                for r in rows]
     return Dataset.from_list(encoded)
-
-
-def resume_key(cfg: Config, run_dir: Path) -> str:
-    """What a checkpoint must have been trained with to be resumed: student, training config, seed and data.
-
-    The data is the content of the train and val splits as they are on disk now (sha256 of each file), plus
-    generate's fingerprint (recipe, prompts, teacher): a checkpoint never resumes over changed or half-rewritten
-    data, whatever generate's DONE.json says."""
-    done = runio.read_done(run_dir, "generate", verify=False) or {}
-    data = {}
-    for split in ("train", "val"):  # what training reads (val: eval_loss, early stopping, the best checkpoint)
-        path = paths.split_path(run_dir, split)
-        data[split] = runio.sha256_file(path) if path.is_file() else None
-    train = cfg.train.model_dump(mode="json")
-    for speed_only in speed_only_fields(type(cfg.train)):
-        train.pop(speed_only, None)
-    return runio.sha256_obj({"student": cfg.student.model_dump(mode="json"), "train": train, "seed": cfg.seed,
-                             "data": done.get("fingerprint"), "splits_sha256": data})[:16]
-
-
-def seal_checkpoint(folder: Path, step: int, key: str) -> None:
-    """Record every file of a finished checkpoint and its size, atomically, as the last write."""
-    files = {p.relative_to(folder).as_posix(): p.stat().st_size
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != CHECKPOINT_SEAL}
-    runio.write_json(folder / CHECKPOINT_SEAL, {"step": step, "key": key, "files": files})
-
-
-def checkpoint_problem(folder: Path, key: str | None = None) -> str | None:
-    """Why a checkpoint folder must not be loaded, or None when it is complete (and, given ``key``, ours)."""
-    try:
-        seal = runio.read_json(folder / CHECKPOINT_SEAL)
-        files, step = dict(seal["files"]), int(seal["step"])
-    except FileNotFoundError:
-        return f"no {CHECKPOINT_SEAL} (the save was interrupted before it finished)"
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-        return f"its {CHECKPOINT_SEAL} is unreadable"
-    if key is not None and seal.get("key") != key:
-        return "it was trained with another config or data"
-    missing = [name for name in _NEEDED if name not in files]
-    if missing:
-        return f"it lacks {', '.join(missing)}"
-    for name, size in files.items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes, {size} were written (truncated or overwritten)"
-    try:
-        state = runio.read_json(folder / "trainer_state.json")
-    except json.JSONDecodeError:
-        return "trainer_state.json is corrupt"
-    if state.get("global_step") != step:
-        return f"trainer_state.json is at step {state.get('global_step')}, the seal at step {step}"
-    return None
-
-
-def _step_of(folder: Path) -> int:
-    tail = folder.name.rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
-
-
-def last_complete_checkpoint(ckpt_dir: Path, key: str | None = None) -> Path | None:
-    """Newest sealed, intact checkpoint-N folder (of training config ``key`` if given); the rest get a warning."""
-    if not Path(ckpt_dir).is_dir():
-        return None
-    for cand in sorted(Path(ckpt_dir).glob("checkpoint-*"), key=_step_of, reverse=True):
-        problem = checkpoint_problem(cand, key)
-        if problem is None:
-            return cand
-        log.warning("skipping checkpoint %s: %s; it is not loaded", cand.name, problem)
-    return None
-
-
-def _prepare_resume(ckpt_dir: Path, metrics_file: Path, key: str) -> Path | None:
-    """Pick the resume point, delete checkpoints that cannot be resumed, and cut metrics rows written after it."""
-    resume = last_complete_checkpoint(ckpt_dir, key)
-    keep_step = _step_of(resume) if resume else 0
-    for cand in Path(ckpt_dir).glob("checkpoint-*") if ckpt_dir.is_dir() else []:
-        if cand != resume and (_step_of(cand) > keep_step or checkpoint_problem(cand, key) is not None):
-            # Unusable (half-written, corrupt, another config) or newer than the resume point: the trainer would
-            # write into it or rotate a good checkpoint out in its favour.
-            shutil.rmtree(cand, ignore_errors=True)
-    if resume is None:
-        metrics_file.unlink(missing_ok=True)
-    elif metrics_file.exists():
-        rows = runio.read_jsonl(metrics_file)
-        runio.write_jsonl(metrics_file, [r for r in rows if r.get("step", 0) <= keep_step])
-    return resume
-
-
-def _trainer_class():
-    """SFTTrainer whose batches group examples of similar length (less padding), in an order fixed per epoch.
-
-    transformers' length-grouped sampler draws its order from the global RNG when an epoch starts, which a resume
-    restores only later, so a run resumed after the first epoch would see other batches; seeding the order by
-    (seed, epoch) makes a resumed run train on exactly the batches an uninterrupted one does.
-    """
-    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
-    from trl import SFTTrainer
-
-    class EpochSeededLengthSampler(LengthGroupedSampler):
-        def __init__(self, *args, seed: int, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.seed, self.epoch = seed, 0
-
-        def set_epoch(self, epoch: int) -> None:
-            self.epoch = epoch
-
-        def __iter__(self):
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
-
-    class Trainer(SFTTrainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            _score_labelled_positions_only(self.model.get_base_model() if hasattr(self.model, "get_base_model")
-                                           else self.model)
-
-        def _get_train_sampler(self, train_dataset=None):
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            return EpochSeededLengthSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
-                                            lengths=[len(ids) for ids in dataset["input_ids"]],
-                                            seed=self.args.data_seed if self.args.data_seed is not None
-                                            else self.args.seed)
-
-    return Trainer
-
-
-def _score_labelled_positions_only(model) -> None:
-    """Make TRL's fused LM head project only the positions that carry a label, on every device.
-
-    SFTTrainer computes the loss through a fused head (``model(..., fused_lm_head=True)``) that never builds the
-    full logits, but off CUDA/XPU it scores every position, prompt and padding included, and masks afterwards: on CPU
-    that is [tokens, 32768] fp32 logit tiles and their softmax temporaries (about 1 GB) for the ~15% of positions
-    that have a label. This forward selects the labelled positions first, then calls the same TRL kernel, so the
-    per-token log-probabilities, entropy and accuracy are the ones TRL computes. Models whose head scales or caps its
-    logits, or that add a router loss, keep TRL's forward.
-    """
-    import types
-
-    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-    from trl.trainer.utils import FusedCausalLMOutput
-
-    text = model.config.get_text_config()
-    scaled = [k for k in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                          "logits_scaling") if getattr(text, k, None) not in (None, 1.0)]
-    if scaled or getattr(text, "output_router_logits", False):
-        return
-    trl_forward = model.forward
-
-    def forward(self, *args, fused_lm_head=False, labels=None, shift_labels=None, num_items_in_batch=None, **kwargs):
-        if not fused_lm_head or labels is None or shift_labels is not None:
-            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
-                               num_items_in_batch=num_items_in_batch, **kwargs)
-        kwargs["use_cache"] = False
-        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
-        labels = labels[:, 1:].to(hidden.device)
-        mask = labels != -100
-        head = self.get_output_embeddings()
-        scored = ChunkedLogProbFunction.apply(hidden[mask], head.weight, head.bias, labels[mask], 1.0, _VOCAB_TILE,
-                                              None, 1.0, ("log_probs", "entropy", "is_top1"))
-        # masked_scatter keeps the loss connected to the model when a batch has no label at all
-        log_probs, entropy, _, _, is_top1 = (None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x)
-                                             for x in scored)
-        loss = -log_probs.sum() / (mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch)
-        return FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, is_top1=is_top1, label_mask=mask)
-
-    model.forward = types.MethodType(forward, model)
 
 
 def _check_report_to(report_to: str) -> None:
