@@ -140,7 +140,9 @@ def choose(tried: list[dict], target: float) -> tuple[int, str]:
                                          else float("inf"), i))
     head = f"no rung met publish.target_agreement={target} on val"
     if cheapest == best:
-        return best, f"{head}; kept {tried[best]['rung']}, the best val agreement ({tried[best]['val_agreement']['value']})"
+        tie = sum(r["val_agreement"]["value"] == tried[best]["val_agreement"]["value"] for r in tried) > 1
+        return best, (f"{head}; kept {tried[best]['rung']}, the best val agreement "
+                      f"({tried[best]['val_agreement']['value']}{', a tie: the cheaper rung is kept' if tie else ''})")
     return cheapest, (f"{head}; kept {tried[cheapest]['rung']} ({tried[cheapest]['val_agreement']['value']}): its "
                       f"interval overlaps that of the best, {tried[best]['rung']} "
                       f"({tried[best]['val_agreement']['value']}), and it costs less per request")
