@@ -49,3 +49,52 @@ def tiny_overrides(run_dir: Path, base_url: str, *extra: str) -> list[str]:
 
 def cfg_for(overrides: list[str]):
     return load_config(overrides)
+
+
+def publish_tiny(run_dir: Path, base_url: str, *extra: str) -> Path:
+    """A whole tiny pipeline (generate through publish) into ``run_dir``, labelled by the teacher at ``base_url``."""
+    from distill import pipeline
+
+    pipeline.run(load_config(tiny_overrides(run_dir, base_url, *extra)))
+    return run_dir
+
+
+def set_route(run_dir: Path, threshold: float) -> None:
+    """Enable a published run's route at ``threshold``, whatever publish decided."""
+    import yaml
+
+    from distill import paths
+    from distill.routing import RouteSpec, load_rule
+
+    path = paths.stage_dir(run_dir, "publish") / paths.ROUTING
+    rule = load_rule(path)
+    rule.route = RouteSpec(enabled=True, confidence_threshold=threshold, target_agreement=0.98,
+                           expected_coverage=0.5, expected_agreement=0.98, reason="forced by the test")
+    path.write_text(yaml.safe_dump(rule.model_dump(mode="json"), sort_keys=False))
+
+
+def copy_with_route(published: Path, dest: Path, threshold: float | None = None) -> Path:
+    """A copy of a published run (its own ledger); ``threshold`` enables its route at that confidence."""
+    import shutil
+
+    shutil.copytree(published, dest, ignore=shutil.ignore_patterns("checkpoints"))
+    if threshold is not None:
+        set_route(dest, threshold)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def teacher(fake_answer):
+    """A fake teacher for one test module, alive for all its tests (its URL is part of every ledger key)."""
+    from distill.testing.fake_teacher import FakeTeacher
+
+    with FakeTeacher(fake_answer) as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def published(teacher, tmp_path_factory, request):
+    """A tiny published run labelled by the module's ``teacher``; the module's ``PUBLISH_EXTRA`` overrides add to
+    the tiny config (e.g. which GGUFs to build)."""
+    extra = getattr(request.module, "PUBLISH_EXTRA", ())
+    return publish_tiny(tmp_path_factory.mktemp(request.module.__name__) / "run", teacher.base_url, *extra)

@@ -16,18 +16,14 @@ from types import SimpleNamespace
 import numpy as np
 import openai
 import pytest
-import yaml
-from conftest import tiny_overrides
+from conftest import set_route
 
-from distill import DistillError, paths, pipeline, runio
-from distill.config import load_config
-from distill.routing import RouteSpec, load_rule
+from distill import DistillError, paths, runio
 from distill.serve import calibrate
 from distill.serve.cache import CACHE_CALIBRATION, ExactCache, SemanticCache, VectorIndex, load_threshold
 from distill.serve.command import background, load_serve_config
 from distill.serve.store import RedisStore, SqliteStore, StoreError
 from distill.testing.fake_student import FakeStudent
-from distill.testing.fake_teacher import FakeTeacher
 
 TASK = "support_tickets"
 TICKET = "The invoice for March shows two charges of $49 for one seat; please explain or refund one."
@@ -266,33 +262,15 @@ def test_load_threshold_refuses_an_uncalibrated_cache_and_reads_the_choice(tmp_p
 # the gateway over loopback
 
 
-@pytest.fixture(scope="module")
-def teacher(fake_answer):
-    with FakeTeacher(fake_answer) as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def published(teacher, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("cache") / "run"
-    pipeline.run(load_config(tiny_overrides(run_dir, teacher.base_url, "publish.gguf_types=[q8_0]")))
-    return run_dir
+PUBLISH_EXTRA = ("publish.gguf_types=[q8_0]",)  # conftest's `published` run
 
 
 def _copy(published, tmp_path, threshold: float = 0.9) -> Path:
     run_dir = tmp_path / "run"
     if not run_dir.exists():
         shutil.copytree(published, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
-    _set_threshold(run_dir, threshold)
+    set_route(run_dir, threshold)
     return run_dir
-
-
-def _set_threshold(run_dir: Path, threshold: float) -> None:
-    path = paths.stage_dir(run_dir, "publish") / paths.ROUTING
-    rule = load_rule(path)
-    rule.route = RouteSpec(enabled=True, confidence_threshold=threshold, target_agreement=0.98,
-                           expected_coverage=0.5, expected_agreement=0.98, reason="set by the test")
-    path.write_text(yaml.safe_dump(rule.model_dump(mode="json"), sort_keys=False))
 
 
 def _ask(url: str, text: str, **kwargs):
@@ -326,8 +304,8 @@ def test_repeated_request_is_an_exact_hit_that_calls_neither_model(published, te
     assert fallback_again["x-distill-cache"] == "exact" and taught_again == taught
     assert after == (calls_student + 1, calls_teacher + 1)  # the repeat reached neither the student nor the teacher
     assert "x-distill-cache" not in warmer and len(student.calls) == after[0] + 1
-    counts = SqliteStore(paths.stage_dir(run_dir, paths.SERVE_DIR) / "store.sqlite", "support_tickets").counters()
-    assert counts == {f"cache.exact.hit.{TASK}": 2.0, f"cache.exact.miss.{TASK}": 3.0}
+    store = SqliteStore(paths.stage_dir(run_dir, paths.SERVE_DIR) / "store.sqlite", "support_tickets")
+    assert store.counters("cache.") == {f"cache.exact.hit.{TASK}": 2.0, f"cache.exact.miss.{TASK}": 3.0}
 
 
 @pytest.mark.integration
@@ -339,7 +317,7 @@ def test_a_changed_rule_misses_the_entries_of_the_old_one(published, tmp_path):
         with background(load_serve_config(over)) as url:
             _ask(url, TICKET)
             same, _ = _ask(url, TICKET)
-        _set_threshold(run_dir, 0.95)  # a republished rule
+        set_route(run_dir, 0.95)  # a republished rule
         with background(load_serve_config(over)) as url:
             changed, _ = _ask(url, TICKET)
             again, _ = _ask(url, TICKET)

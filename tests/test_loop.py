@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import subprocess
 import sys
 import threading
@@ -18,12 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
-from conftest import REPO, tiny_overrides
+from conftest import REPO, copy_with_route
 
-from distill import paths, pipeline
-from distill.config import load_config
-from distill.routing import RouteSpec, load_rule
 from distill.serve.command import background, load_serve_config
 from distill.serve.drift import AgreementDrift, AnswerDrift, read_events
 from distill.serve.store import SqliteStore
@@ -108,29 +103,11 @@ def test_drift_benchmark_tiny():
 # the gateway: shadow, drift fallback, reload, status
 
 
-@pytest.fixture(scope="module")
-def teacher(fake_answer):
-    with FakeTeacher(fake_answer) as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def published(teacher, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("loop") / "run"
-    pipeline.run(load_config(tiny_overrides(run_dir, teacher.base_url, "publish.force=true",
-                                            "publish.gguf_types=[q8_0]")))
-    return run_dir
+PUBLISH_EXTRA = ("publish.force=true", "publish.gguf_types=[q8_0]")  # conftest's `published` run
 
 
 def _copy(published: Path, dest: Path, threshold: float | None = 0.9) -> Path:
-    shutil.copytree(published, dest, ignore=shutil.ignore_patterns("checkpoints"))
-    if threshold is not None:
-        path = paths.stage_dir(dest, "publish") / paths.ROUTING
-        rule = load_rule(path)
-        rule.route = RouteSpec(enabled=True, confidence_threshold=threshold, target_agreement=0.98,
-                               expected_coverage=0.5, expected_agreement=0.98, reason="forced by the test")
-        path.write_text(yaml.safe_dump(rule.model_dump(mode="json"), sort_keys=False))
-    return dest
+    return copy_with_route(published, dest, threshold)
 
 
 def _cfg(run_dir: Path, *extra: str):

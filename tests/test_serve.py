@@ -23,10 +23,9 @@ import httpx
 import openai
 import pytest
 import yaml
-from conftest import REPO, tiny_overrides
+from conftest import REPO, copy_with_route
 
-from distill import DistillError, paths, pipeline, runio
-from distill.config import load_config
+from distill import DistillError, paths, runio
 from distill.routing import RouteSpec, load_rule
 from distill.serve.command import background, load_serve_config
 from distill.serve.student import Breaker
@@ -40,34 +39,14 @@ NEW_TICKET = "The invoice for March shows two charges of $49 for one seat; pleas
 CONFIDENT = {"category": "billing", "priority": "high"}
 
 
-@pytest.fixture(scope="module")
-def teacher(fake_answer):
-    """The fake teacher generate labelled with, alive for every test (its URL is part of every ledger key)."""
-    with FakeTeacher(fake_answer) as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def published(teacher, tmp_path_factory):
-    """A tiny published run: q8_0 (what serve picks) and f32 GGUFs, routing.yaml (route disabled: 4 val items)."""
-    run_dir = tmp_path_factory.mktemp("serve") / "run"
-    cfg = load_config(tiny_overrides(run_dir, teacher.base_url, "publish.force=true",
-                                     "publish.gguf_types=[q8_0,f32]"))
-    pipeline.run(cfg)
-    return run_dir
+# conftest's `published` run: q8_0 (what serve picks) and f32 GGUFs, routing.yaml (route disabled: 4 val items),
+# labelled by the module's fake `teacher`
+PUBLISH_EXTRA = ("publish.force=true", "publish.gguf_types=[q8_0,f32]")
 
 
 def _copy(published, tmp_path, *, threshold: float | None = None) -> Path:
     """A copy of the run (its own ledger); ``threshold`` enables the route at that confidence."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(published, run_dir, ignore=shutil.ignore_patterns("checkpoints"))
-    if threshold is not None:
-        path = paths.stage_dir(run_dir, "publish") / paths.ROUTING
-        rule = load_rule(path)
-        rule.route = RouteSpec(enabled=True, confidence_threshold=threshold, target_agreement=0.98,
-                               expected_coverage=0.5, expected_agreement=0.98, reason="forced by the test")
-        path.write_text(yaml.safe_dump(rule.model_dump(mode="json"), sort_keys=False))
-    return run_dir
+    return copy_with_route(published, tmp_path / "run", threshold)
 
 
 def _cfg(run_dir: Path, *extra: str):

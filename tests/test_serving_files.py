@@ -27,14 +27,13 @@ import pytest
 import yaml
 from conftest import tiny_overrides
 
-from distill import paths, pipeline, routing, runio
+from distill import paths, routing, runio
 from distill.config import load_config
 from distill.routing import RouteSpec, load_rule
 from distill.serve.command import background, load_serve_config
 from distill.task import Task
 from distill.teacher.server import free_port
 from distill.testing.fake_student import FakeStudent
-from distill.testing.fake_teacher import FakeTeacher
 
 pytestmark = pytest.mark.integration
 
@@ -43,18 +42,7 @@ GATEWAY = "http://127.0.0.1:8088/v1"  # serve.host / serve.port defaults, as pub
 ABSOLUTE = re.compile(r"(?<![\w.:/])/(?:home|tmp|work|Users|root|var|opt|mnt|private)/")
 
 
-@pytest.fixture(scope="module")
-def teacher(fake_answer):
-    with FakeTeacher(fake_answer) as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
-def published(teacher, tmp_path_factory):
-    """A tiny published run (route disabled: 4 val items)."""
-    run_dir = tmp_path_factory.mktemp("files") / "run"
-    pipeline.run(load_config(tiny_overrides(run_dir, teacher.base_url, "publish.force=true")))
-    return run_dir
+PUBLISH_EXTRA = ("publish.force=true",)  # conftest's `published` run (route disabled: 4 val items)
 
 
 def _pub(run_dir: Path) -> Path:

@@ -78,10 +78,22 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, MalformedResponse)
 
 
+def _refused(exc: BaseException) -> bool:
+    """A connection refused or unreachable (not a slow one), wherever it sits in the cause chain: the SDK's aiohttp
+    client reports a refused connection as a connect *timeout*."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, (ConnectionRefusedError, ConnectionResetError)) or (
+                type(cause).__name__ == "ClientConnectorError" and not isinstance(cause, TimeoutError)):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def failure_reason(exc: BaseException) -> str:
     """The ledger's ``reason`` for a failed attempt (``timeout``, ``http_429``, ...)."""
     if isinstance(exc, openai.APITimeoutError):
-        return "timeout"
+        return "connection_error" if _refused(exc) else "timeout"
     if isinstance(exc, openai.APIConnectionError):
         return "connection_error"
     if isinstance(exc, openai.APIStatusError):
