@@ -1,9 +1,9 @@
 """The semantic cache on the Bitext customer-support sample: its calibration table, the chosen threshold checked on
 a disjoint sample, and lookup latency at 10k and 100k entries.
 
-    python benchmarks/semantic_cache.py [--sample 1000] [--max-false-hit 0.01] [--runs 5]
+    python benchmarks/semantic_cache.py [--sample 1000] [--max-false-hit 0.01] [--runs 5] [--answer intent]
 
-Gold categories stand in for the teacher's answers. The messages (duplicates dropped, shuffled with seed 0) split
+Gold categories (or intents, ``--answer intent``) stand in for the teacher's answers. The messages (duplicates dropped, shuffled with seed 0) split
 into a calibration sample and a check sample of ``--sample`` each and a pool of the rest (the cached entries, as
 calibrate-cache uses a run's train items), all disjoint. The calibration sample's table picks the threshold exactly as ``calibrate-cache`` does
 (distill.serve.calibrate: lowest threshold whose Clopper-Pearson 95% upper bound on the false-hit rate is within
@@ -53,7 +53,7 @@ def samples(n_pool: int | None, n_sample: int, seed: int = 0) -> tuple[list[dict
     return rows[:n_pool], rows[n_pool:n_pool + n_sample], rows[n_pool + n_sample:n_pool + 2 * n_sample]
 
 
-def quality(n_pool: int | None, n_sample: int, max_false_hit: float) -> None:
+def quality(n_pool: int | None, n_sample: int, max_false_hit: float, answer: str = "category") -> None:
     pool, cal, check = samples(n_pool, n_sample)
     embed = default_embedder()
     started = time.perf_counter()
@@ -64,12 +64,12 @@ def quality(n_pool: int | None, n_sample: int, max_false_hit: float) -> None:
     def rows_for(sample):
         q = np.asarray(embed([r["text"] for r in sample]), dtype=np.float32)
         nn, sim = calibrate.neighbours(q, p)
-        correct = np.array([pool[j]["category"] == r["category"] for j, r in zip(nn.tolist(), sample)])
+        correct = np.array([pool[j][answer] == r[answer] for j, r in zip(nn.tolist(), sample)])
         return calibrate.table(sim, correct)
 
     table = rows_for(cal)
     chosen = calibrate.choose(table, max_false_hit)
-    print(f"\nCalibration sample: {len(cal)} messages against {len(pool)} cached entries (answer = category)\n")
+    print(f"\nCalibration sample: {len(cal)} messages against {len(pool)} cached entries (answer = {answer})\n")
     shown = set(calibrate.THRESHOLDS[::5]) | ({chosen["threshold"]} if chosen else set())
     print(calibrate.markdown([r for r in table if r["threshold"] in shown], chosen, max_false_hit))
     if chosen is None:
@@ -168,10 +168,12 @@ def main() -> None:
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--crossover-sizes", default="2000,5000,10000,20000,50000")
     ap.add_argument("--only", choices=("quality", "latency"), default=None)
+    ap.add_argument("--answer", choices=("category", "intent"), default="category",
+                    help="the gold label standing in for the teacher's answer: 11 categories or 27 intents")
     args = ap.parse_args()
     print(f"machine: {machine()}")
     if args.only != "latency":
-        quality(args.pool, args.sample, args.max_false_hit)
+        quality(args.pool, args.sample, args.max_false_hit, args.answer)
     if args.only != "quality":
         embed_latency(args.runs)
         latency([int(s) for s in args.sizes.split(",")], args.runs)

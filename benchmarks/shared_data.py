@@ -26,7 +26,8 @@ def load_rows(path: Path = DATA) -> list[dict]:
         raise SystemExit(f"the Bitext sample is not at {path}; it is read from ../shared/data (see SOURCE.md there) "
                          f"or from the file named by DISTILL_BITEXT_CSV")
     with path.open(newline="", encoding="utf-8") as fh:
-        return [{"text": r["instruction"].strip(), "category": r["category"]} for r in csv.DictReader(fh)]
+        return [{"text": r["instruction"].strip(), "category": r["category"], "intent": r["intent"]}
+                for r in csv.DictReader(fh)]
 
 
 SEED_POOL_PER_CLASS = 10  # carved out before the inputs, so inputs are the same whatever few-shot size is asked
