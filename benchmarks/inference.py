@@ -34,6 +34,7 @@ def main() -> None:
 
     from distill import paths
     from distill.config import load_config
+    from distill.student import ladder
     from distill.student.endpoint import predict_endpoint
     from distill.student.models import load_student
     from distill.student.predict import predict_in_process
@@ -44,8 +45,10 @@ def main() -> None:
     saved = (run_dir / paths.CONFIG_YAML).read_text()
     import yaml
 
-    recipe = yaml.safe_load(saved)["recipe"]["name"]
-    cfg = load_config([f"recipe={recipe}", f"run_dir={run_dir}"])
+    saved_cfg = yaml.safe_load(saved)
+    # the student the run trained (for student=auto, the rung it chose), not today's default profile's
+    cfg = ladder.resolve(load_config([f"recipe={saved_cfg['recipe']['name']}", f"run_dir={run_dir}",
+                                      f"student={saved_cfg['student']['name']}"]), run_dir)
     task = Task(cfg)
     rows = load_split(run_dir, "test")[: args.items]
     results: list[list] = []
@@ -89,7 +92,7 @@ def main() -> None:
                    f"{per_ticket_teacher / per:.1f}x"] for name, per, lo, hi in results]
     table_rows.append([f"teacher {gen['teacher']['model']} ({gen['method']}, from the ledger)",
                        f"{1 / per_ticket_teacher:.2f}", f"{per_ticket_teacher * 1000:.0f}", "-", "1.0x"])
-    text = (f"{len(rows)} test tickets of `{run_dir.name}` (recipe {recipe}), median of {args.runs} runs; "
+    text = (f"{len(rows)} test tickets of `{run_dir.name}` (recipe {cfg.recipe.name}), median of {args.runs} runs; "
             f"s/ticket min-max over runs.\n\n"
             + table(["predictor", "tickets/s", "ms/ticket", "s/ticket min-max", "speed-up vs teacher"], table_rows))
     append("Student inference on CPU", text, record=not args.no_record)

@@ -53,6 +53,7 @@ def main() -> None:
         common = ["recipe=cs_category", f"recipe_dir={recipes}", f"run_dir={run_dir}", "teacher=local",
                   "teacher.method=score", f"generate.limit={args.test + n}", "generate.dedup.enabled=false",
                   f"generate.shared_ledger={work / 'ledger.sqlite'}", "profile=demo",
+                  "student=smollm2_135m",  # the LoRA student at each budget (the demo profile climbs a ladder)
                   f"train.max_steps={max(1, math.ceil(n / args.batch))}", f"train.batch_size={args.batch}",
                   "eval.limit=null"]
         walls = {c: stage(c, common) for c in ("generate", "train", "evaluate")}

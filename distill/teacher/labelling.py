@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +36,47 @@ async def teach(client: TeacherClient, cfg: Config, task: Task, method: str, exa
                 requests: list[dict], shots, budget: Budget, run_dir: Path) -> list:
     """All teacher traffic of one run in one event loop (the client's connection pool lives in it); closes the
     client. ``requests`` are the attempt-0 requests (their messages are what ``label_all`` sends)."""
+    with _stop_on_ctrl_c(client):
+        try:
+            await probe(client)
+            if cfg.generate.mode == "batch":
+                return await label_batch(client, cfg, [r["messages"] for r in requests], budget, run_dir)
+            if method == "score":
+                return await score_all(client, task, examples, shots, cfg.teacher.calibrate, budget)
+            return await label_all(client, [r["messages"] for r in requests], budget)
+        finally:
+            await client.close()
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c(client: TeacherClient):
+    """Ctrl-C stops the run even when a library swallows the task cancellation asyncio turns it into: nothing more
+    is sent from that moment (``client.fatal``), the calls in flight are cancelled, and KeyboardInterrupt is raised
+    once they have unwound, whatever they returned. Answers already recorded stay in the ledger."""
+    loop, main = asyncio.get_running_loop(), asyncio.current_task()
+    interrupted = False
+
+    def on_sigint() -> None:
+        nonlocal interrupted
+        interrupted = True
+        client.fatal = True
+        main.cancel()
+
     try:
-        await probe(client)
-        if cfg.generate.mode == "batch":
-            return await label_batch(client, cfg, [r["messages"] for r in requests], budget, run_dir)
-        if method == "score":
-            return await score_all(client, task, examples, shots, cfg.teacher.calibrate, budget)
-        return await label_all(client, [r["messages"] for r in requests], budget)
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (a notebook's worker): as asyncio does
+        yield
+        return
+    try:
+        yield
+    except BaseException:  # the cancellation, or "the run is stopping" from a call that was retrying
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
     finally:
-        await client.close()
+        loop.remove_signal_handler(signal.SIGINT)
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 async def label_all(client: TeacherClient, messages: list[list[dict]], budget: Budget) -> list:
