@@ -116,3 +116,41 @@ def test_generate_records_the_transport_in_its_summary(tmp_path):
     assert summary["teacher"]["transport"] == expected
     assert expected in json.dumps(done)
     assert len(teacher.calls) >= 6
+
+
+def test_one_ctrl_c_stops_labelling_even_when_the_cancellation_is_swallowed(monkeypatch):
+    """asyncio turns Ctrl-C into a cancellation of the main task; a library that swallows it must not keep the run
+    paying: nothing more is sent and the run still ends with KeyboardInterrupt."""
+    import asyncio
+    import os
+    import signal
+    from types import SimpleNamespace
+
+    from distill.teacher import labelling
+
+    sent: list[int] = []
+
+    async def label_all_that_swallows(client, messages, budget):
+        for i in range(len(messages)):
+            if client.fatal:
+                break
+            sent.append(i)
+            if i == 1:
+                os.kill(os.getpid(), signal.SIGINT)  # the user's Ctrl-C, during the second call
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                pass  # what some client libraries do with a cancellation
+        return [None] * len(messages)
+
+    async def nothing(*args, **kwargs):
+        return None
+
+    monkeypatch.setattr(labelling, "label_all", label_all_that_swallows)
+    monkeypatch.setattr(labelling, "probe", nothing)
+    client = SimpleNamespace(fatal=False, close=nothing)
+    cfg = SimpleNamespace(generate=SimpleNamespace(mode="online"))
+    requests = [{"messages": [{"role": "user", "content": str(i)}]} for i in range(6)]
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(labelling.teach(client, cfg, None, "generate", [], requests, None, None, None))
+    assert sent == [0, 1] and client.fatal is True
