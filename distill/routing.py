@@ -89,7 +89,7 @@ class StudentSpec(_Strict):
     model: str = Field(min_length=1, description="model name the student is served under")
     kind: Literal["causal_lm", "embed_classifier"] = Field(
         "causal_lm", description="causal_lm: a generating model served over the OpenAI protocol; embed_classifier: "
-                                 "loaded in process from its artifacts (distill.students.embed_classifier), no "
+                                 "loaded in process from its artifacts (distill.student.embed_classifier), no "
                                  "stop strings or token limit")
     endpoint: str = Field(min_length=1, description="OpenAI-compatible base URL of the student")
     artifacts: dict[str, str] = Field(description="artifact name -> path relative to the publish folder")

@@ -3,7 +3,7 @@
 Mean pooling over the last hidden state and L2 normalisation, as sentence-transformers does for this model, with
 plain transformers so no extra dependency is needed. Used to pick each input's nearest labelled seeds as few-shot
 examples (``generate.few_shot=nearest``) and as the frozen encoder of ``student=embed_classifier``
-(distill.students.embed_classifier), which passes its own folder (a published copy) and input length.
+(distill.student.embed_classifier), which passes its own folder (a published copy) and input length.
 """
 
 from __future__ import annotations

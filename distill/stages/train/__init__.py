@@ -14,7 +14,7 @@ batch, the same gradient), each padding-free (its examples end to end in one row
 and the loss projects only the labelled positions through the vocabulary.
 
 student=embed_classifier trains no LM: a frozen encoder + a linear head per enum field -> train/head/
-(distill.students.embed_classifier).
+(distill.student.embed_classifier).
 student=auto climbs the student ladder (distill.student.ladder) -> train/ladder.json and the chosen rung's files.
 """
 
