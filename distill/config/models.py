@@ -52,6 +52,8 @@ class TeacherConfig(_Strict):
     base_url: str | None = None
     model: str | None = None
     model_path: str | None = None
+    # kind=llama_cpp: the server distill starts (auto: llama.cpp's C++ llama-server when built, else llama-cpp-python's)
+    runtime: Literal["auto", "llama_server", "llama_cpp_python"] = "auto"
     api_key_env: EnvName = None
     structured_output: Literal["json_schema", "llama_cpp", "guided_json", "none"]
     method: Literal["generate", "score", "auto"] = "generate"
