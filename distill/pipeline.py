@@ -23,6 +23,7 @@ from pathlib import Path
 from distill import DistillError, GateFailed, __version__, paths, runio
 from distill.config import Config, check_startup, public_dict, without_speed_only
 from distill.metrics.gate import failure_reasons
+from distill.serve.traffic import source_digest
 from distill.teacher.pricing import DryRun
 
 log = logging.getLogger("distill")
@@ -42,6 +43,8 @@ def _slice(cfg: Config, stage: str) -> dict:
     if stage == "generate":
         out["recipe"] = {k: v for k, v in out["recipe"].items() if k != "dir"}
         out["recipe_files"] = runio.sha256_tree(Path(cfg.recipe.dir))
+        if cfg.generate.source == "traffic":  # the log's content, not its path: new traffic re-runs generate
+            out["traffic_log"] = source_digest(cfg)
         if cfg.teacher.kind == "llama_cpp":
             out["teacher"] = {k: v for k, v in out["teacher"].items() if k != "base_url"}
     return out

@@ -142,7 +142,8 @@ def served_ledger(traffic: str) -> str | None:
 def traffic_problems(cfg: Config) -> list[str]:
     """``generate.source=traffic``: the path holds a traffic log with records for this recipe, inside a served run
     whose generate stage finished (its test split is kept) and which is not this run."""
-    from distill.serve.traffic import locate, stream_counts
+    from distill.serve.store import StoreError
+    from distill.serve.traffic import in_shared_store, locate, source_counts, source_name
 
     given = cfg.generate.traffic
     run, log_file = locate(given)
@@ -152,10 +153,14 @@ def traffic_problems(cfg: Config) -> list[str]:
     if run is None:
         return [f"generate.traffic={given} is not inside a served run's serve/ folder: the re-distilled run keeps "
                 f"that run's test split and reads its ledger; {hint}"]
-    if not log_file.is_file():
+    if not in_shared_store(cfg) and not log_file.is_file():
         return [f"generate.traffic={given} holds no traffic log ({log_file} is missing): serve the run first "
-                f"(`python -m distill serve run_dir={run}`, serve.traffic.enabled=true)"]
-    counts = stream_counts(log_file)
+                f"(`python -m distill serve run_dir={run}`, serve.traffic.enabled=true), or pass the serve.store=redis "
+                f"settings the gateway ran with"]
+    try:
+        counts, log_file = source_counts(cfg), source_name(cfg)
+    except StoreError as exc:
+        return [f"generate.traffic={given} with serve.store=redis: {exc}"]
     namespace = cfg.serve.store_namespace or cfg.recipe.name
     problems = []
     if not counts.get(namespace):

@@ -22,6 +22,8 @@ copied or pointed at on its own (``generate.traffic=PATH``); the shared Redis wh
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import queue
 import threading
@@ -208,3 +210,57 @@ def read_traffic_file(path: Path, namespace: str) -> list[dict]:
         return [rec for _, rec in store.read(STREAM, after=0)]
     finally:
         store.close()
+
+
+def in_shared_store(cfg: Config) -> bool:
+    """Whether ``generate.traffic=RUN_DIR`` is read from the shared store (``serve.store=redis`` in this run's
+    config, the settings the gateway ran with) rather than the run's ``serve/traffic.sqlite``. A file path is always
+    read as that SQLite file."""
+    given = cfg.generate.traffic
+    return (bool(given) and cfg.serve.store == "redis" and not cfg.serve.traffic_path
+            and Path(given).expanduser().is_dir())
+
+
+def source_name(cfg: Config) -> str:
+    """Where re-distillation reads the traffic log: the SQLite file, or the Redis URL and namespace."""
+    if in_shared_store(cfg):
+        return f"{cfg.serve.redis_url} (namespace {cfg.serve.store_namespace or cfg.recipe.name})"
+    return str(locate(cfg.generate.traffic)[1])
+
+
+def read_source(cfg: Config) -> list[dict]:
+    """Every record of the traffic log ``generate.traffic`` names, oldest first, through the store interface: the
+    SQLite file, or the Redis stream the gateway wrote with ``serve.store=redis``. Raises StoreError when the store
+    cannot be reached."""
+    namespace = cfg.serve.store_namespace or cfg.recipe.name
+    if not in_shared_store(cfg):
+        return read_traffic_file(locate(cfg.generate.traffic)[1], namespace)
+    store = open_store(cfg, locate(cfg.generate.traffic)[0], namespace)
+    try:
+        return [rec for _, rec in store.read(STREAM, after=0)]
+    finally:
+        store.close()
+
+
+def source_counts(cfg: Config) -> dict[str, int]:
+    """{namespace: records} of the traffic log ``generate.traffic`` names (the Redis stream: only this run's
+    namespace). Raises StoreError when Redis cannot be reached."""
+    if not in_shared_store(cfg):
+        return stream_counts(locate(cfg.generate.traffic)[1])
+    namespace = cfg.serve.store_namespace or cfg.recipe.name
+    store = open_store(cfg, locate(cfg.generate.traffic)[0], namespace)
+    try:
+        return {namespace: store.length(STREAM)}
+    finally:
+        store.close()
+
+
+def source_digest(cfg: Config) -> dict:
+    """``{"records", "sha256"}`` of the content of the traffic log ``generate.traffic`` names: part of generate's
+    fingerprint, so a changed log (new requests, retention) re-runs generate and the same one skips it."""
+    records = read_source(cfg)
+    digest = hashlib.sha256()
+    for rec in records:
+        digest.update(json.dumps(rec, sort_keys=True, ensure_ascii=False, default=str).encode())
+        digest.update(b"\n")
+    return {"records": len(records), "sha256": digest.hexdigest()}

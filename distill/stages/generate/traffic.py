@@ -2,6 +2,14 @@
 
     python -m distill run recipe=support_tickets generate.source=traffic generate.traffic=runs/served \\
         eval.baseline=runs/served/evaluate/results.json run_dir=runs/next
+    # the gateway ran with serve.store=redis: the same settings read its Redis stream
+    python -m distill run recipe=support_tickets generate.source=traffic generate.traffic=runs/served \\
+        serve.store=redis serve.redis_url=redis://127.0.0.1:6379/0 run_dir=runs/next
+
+The log is read through the store interface (``distill.serve.traffic.read_source``): ``generate.traffic=RUN_DIR``
+with ``serve.store=redis`` reads the Redis stream of ``serve.redis_url`` under ``serve.store_namespace`` (default
+the recipe's name), as the gateway wrote it; otherwise the run's ``serve/traffic.sqlite`` (or the file named).
+Generate's fingerprint covers the log's content (``source_digest``): a changed log re-runs generate.
 
 The dataset: the served run's test split exactly as it was (same ids, inputs and teacher answers), so the new run is
 compared with the served one item by item (McNemar, ``eval.baseline``); then the recipe's own inputs and the logged
@@ -32,7 +40,7 @@ from distill.data import dedup
 from distill.data.split import assign_split
 from distill.ledger import Ledger
 from distill.ledger.store import request_key
-from distill.serve.traffic import locate, read_traffic_file
+from distill.serve.traffic import locate, read_source, source_name
 from distill.task import Example, Task
 
 log = logging.getLogger("distill")
@@ -55,7 +63,8 @@ class TrafficPlan:
 
 def load(cfg: Config, task: Task) -> TrafficPlan:
     """The served run's test split, the recipe's inputs and the distinct logged inputs (with their teacher answers)."""
-    served, log_file = locate(cfg.generate.traffic)
+    served, _ = locate(cfg.generate.traffic)
+    log_file = source_name(cfg)
     if served is None:
         raise DistillError(f"generate.traffic={cfg.generate.traffic} is not inside a served run's serve/ folder; "
                            f"point it at the served run's directory")
@@ -67,7 +76,7 @@ def load(cfg: Config, task: Task) -> TrafficPlan:
     inputs = task.load_inputs(cfg.generate.limit)
     recipe = [ex for ex in inputs.examples if ex.id not in test_ids]
 
-    records = read_traffic_file(log_file, cfg.serve.store_namespace or cfg.recipe.name)
+    records = read_source(cfg)  # the SQLite file, or the Redis stream with serve.store=redis
     logged: dict[str, Example] = {}
     answers: dict[str, dict] = {}
     sources: Counter = Counter()
