@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -113,11 +114,63 @@ def test_length_grouped_order_is_fixed_per_epoch_and_groups_lengths():
 
 
 def test_early_stopping_needs_validation_steps(tmp_path):
+    # epochs null: no epoch to validate at, so eval_steps is needed
     with pytest.raises(DistillError, match="early_stopping_patience needs train.eval_steps"):
-        load_config([f"run_dir={tmp_path}", "train.early_stopping_patience=2"])
+        load_config([f"run_dir={tmp_path}", "train.early_stopping_patience=2", "train.epochs=null"])
     with pytest.raises(DistillError, match="multiple of train.eval_steps"):
         load_config([f"run_dir={tmp_path}", "train.early_stopping_patience=2", "train.eval_steps=3",
                      "train.save_steps=4"])
+    with pytest.raises(DistillError, match="set train.epochs .* or train.max_steps"):
+        load_config([f"run_dir={tmp_path}", "train.epochs=null", "train.max_steps=null"])
+    load_config([f"run_dir={tmp_path}", "train.early_stopping_patience=2"])  # epochs: validation once per epoch
+
+
+def test_epochs_capped_by_max_steps_say_which_decided():
+    from distill.config.models import TrainConfig
+
+    def cfg(**kw):
+        return TrainConfig(batch_size=4, lr=1e-3, save_steps=5, **kw)
+
+    plan = train.plan_steps(cfg(epochs=3, max_steps=None), 10)   # 3 steps per epoch (10 examples, batch 4)
+    assert plan == {"steps_per_epoch": 3, "planned_steps": 9, "epoch_steps": 9, "decided_by": "epochs"}
+    capped = train.plan_steps(cfg(epochs=3, max_steps=6), 10)
+    assert capped["planned_steps"] == 6 and capped["decided_by"] == "max_steps"
+    assert train.plan_steps(cfg(max_steps=7), 10)["planned_steps"] == 7
+    assert train.plan_steps(cfg(epochs=0.5), 10)["planned_steps"] == 2
+    assert train.plan_steps(cfg(epochs=1, grad_accum=2), 10, world_size=2)["steps_per_epoch"] == 1
+    by, why = train.stop_reason(cfg(epochs=3, max_steps=6), capped, 6, patience_used=False)
+    assert by == "max_steps" and "stopped early by train.max_steps=6" in why and "2.00 epochs" in why
+    by, why = train.stop_reason(cfg(epochs=3, early_stopping_patience=1), plan, 6, patience_used=True)
+    assert by == "early_stopping" and "1 validation(s) without a higher val agreement" in why
+    assert train.stop_reason(cfg(epochs=3), plan, 9, patience_used=True)[0] == "epochs"
+
+
+def test_balanced_batches_on_skewed_labels():
+    from distill.task import Task
+
+    task = Task(load_config(["run_dir=/tmp/unused"]))   # support_tickets: category x priority
+    rows = ([{"teacher": {"category": "billing", "priority": "low"}}] * 40
+            + [{"teacher": {"category": "bug", "priority": "high"}}] * 4
+            + [{"teacher": {"category": "account", "priority": "medium"}}] * 4)
+    classes, info = train.balance_classes(rows, task, "auto", 3.0)
+    assert info["balanced"] and info["classes"] == 3 and info["most_to_least"] == 10.0
+    sampler = train._trainer_class()._get_train_sampler(
+        type("T", (), {"train_dataset": None, "balance_classes": classes,
+                       "args": type("A", (), {"train_batch_size": 6, "gradient_accumulation_steps": 1,
+                                              "data_seed": 3, "seed": 0})()})())
+    order = list(sampler)
+    assert len(order) == len(rows)
+    for start in range(0, len(order), 6):  # every batch of 6: two of each label
+        assert sorted(Counter(classes[i] for i in order[start:start + 6]).values()) == [2, 2, 2]
+    # unbalanced order (the data as it comes) would put 40/48 of the draws on one label; here each gets 16
+    assert Counter(classes[i] for i in order) == {0: 16, 1: 16, 2: 16}
+    assert len({order[i] for i in range(len(order)) if classes[order[i]] == classes[0]}) == 16  # no repeats of
+    # the common label within an epoch, the rare ones repeat; the order is fixed per (seed, epoch)
+    assert list(sampler) == order
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+    assert train.balance_classes(rows[:44], task, "auto", 20.0)[0] is None   # 10x < ratio 20: left as it comes
+    assert train.balance_classes(rows, task, "none", 3.0)[0] is None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,55 +290,76 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(labelled_run
 
 
 @pytest.mark.integration
-def test_validation_loss_metrics_and_early_stopping(labelled_run, tmp_path, monkeypatch):
-    from transformers import Trainer
+def test_early_stopping_on_val_agreement_keeps_the_best_checkpoint(labelled_run, tmp_path, monkeypatch):
+    from distill.student.models import load_student
+    from distill.student.predict import predict_in_process
+    from distill.task import Task
 
     run_dir = _copy(labelled_run, tmp_path / "run")
-    # No drop of the validation loss reaches a threshold of 1 nat on this tiny model (it barely moves from
-    # ln(vocab)), so patience 1 stops the run at the second evaluation. So that the best adapter is not simply the
-    # last one, the second evaluation reports a loss 1 nat higher than measured (how a random model reacts to a
-    # huge learning rate changed between library releases, so a real rise is not relied on); the final evaluation
-    # of the kept adapter is left as measured.
-    loop, seen = Trainer.evaluation_loop, []
+    # The validation measures the real val agreement by scored decoding; so that the best adapter is not simply
+    # the last one whatever a random model does, the second validation reports it 0.5 lower than measured.
+    probe, measured = train._agreement_probe, []
 
-    def second_evaluation_worse(self, *args, **kwargs):
-        out = loop(self, *args, **kwargs)
-        seen.append(self.state.global_step)
-        if len(seen) == 2:
-            out.metrics["eval_loss"] += 1.0
-        return out
+    def second_validation_worse(*args):
+        real = probe(*args)
 
-    monkeypatch.setattr(Trainer, "evaluation_loop", second_evaluation_worse)
-    cfg = load_config(_train_args(run_dir, "train.max_steps=8", "train.eval_steps=2", "train.save_steps=2",
-                                  "train.early_stopping_patience=1", "train.early_stopping_threshold=1.0",
+        def agreement():
+            measured.append(real())
+            return measured[-1] - (0.5 if len(measured) == 2 else 0.0)
+        return agreement
+
+    monkeypatch.setattr(train, "_agreement_probe", second_validation_worse)
+    cfg = load_config(_train_args(run_dir, "train.max_steps=8", "train.epochs=null", "train.eval_steps=2",
+                                  "train.save_steps=2", "train.early_stopping_patience=1",
                                   "train.warmup_ratio=0")[1:])
     summary = pipeline.run_stage(cfg, "train")
     rows = runio.read_jsonl(paths.stage_dir(run_dir, "train") / paths.TRAIN_METRICS)
     step_rows = [r for r in rows if "loss" in r]
-    eval_rows = [r for r in rows if "eval_loss" in r]
-    assert summary["stopped_early"] and summary["steps"] == 4  # evaluated at 2 and 4, then stopped
+    eval_rows = [r for r in rows if "eval_agreement" in r]
+    assert summary["stopped_early"] and summary["steps"] == 4 and summary["stopped_by"] == "early_stopping"
+    assert "1 validation(s) without a higher val agreement" in summary["stop_reason"]
     assert [r["step"] for r in step_rows] == list(range(1, summary["steps"] + 1))
     assert all({"lr", "loss", "tokens_seen"} <= r.keys() for r in step_rows)
     assert all(r["tokens_per_s"] > 0 for r in step_rows[1:])
-    assert [r["step"] for r in eval_rows][: len(summary["val_losses"])] == \
-        [v["step"] for v in summary["val_losses"]]
-    logged = [{"step": r["step"], "eval_loss": r["eval_loss"]} for r in eval_rows]
-    assert logged[:2] == summary["val_losses"][:2] and [v["step"] for v in logged[:2]] == [2, 4]
-    best = min(logged[:2], key=lambda v: v["eval_loss"])  # the evaluations during training, as logged
-    assert seen[:2] == [2, 4] and best["step"] == 2
-    assert summary["best_checkpoint"] == f"checkpoint-{best['step']}"
-    assert summary["val_loss"] == pytest.approx(best["eval_loss"], abs=1e-5)
+    # the agreement curve: in the metrics file and the summary, one point per validation during training
+    assert len(measured) == 2 and [r["step"] for r in eval_rows] == [2, 4]
+    assert summary["val_agreements"] == [{"step": r["step"], "eval_agreement": r["eval_agreement"]}
+                                         for r in eval_rows]
+    assert summary["val_agreements"][1]["eval_agreement"] == pytest.approx(measured[1] - 0.5)
+    assert summary["best_checkpoint"] == "checkpoint-2" and summary["kept_val_agreement"] == measured[0]
     # The adapter kept on disk is the best checkpoint's, weight for weight (and not the other one's).
     from safetensors.torch import load_file
 
     ckpt_dir = paths.stage_dir(run_dir, "train") / paths.CHECKPOINTS_DIR
     kept = _adapter(run_dir)
-    other = 4 if best["step"] == 2 else 2
-    assert kept.keys() == load_file(ckpt_dir / summary["best_checkpoint"] / "adapter_model.safetensors").keys()
-    for name, tensor in load_file(ckpt_dir / summary["best_checkpoint"] / "adapter_model.safetensors").items():
+    best = load_file(ckpt_dir / "checkpoint-2" / "adapter_model.safetensors")
+    assert kept.keys() == best.keys()
+    for name, tensor in best.items():
         torch.testing.assert_close(kept[name], tensor, atol=0, rtol=0)
-    second = load_file(ckpt_dir / f"checkpoint-{other}" / "adapter_model.safetensors")
+    second = load_file(ckpt_dir / "checkpoint-4" / "adapter_model.safetensors")
     assert any(not torch.equal(kept[name], second[name]) for name in kept if "lora_B" in name)
+    # what training measured is what evaluate's scored decoding gives for the kept adapter
+    val_rows = runio.read_jsonl(paths.split_path(run_dir, "val"))
+    model, tokenizer = load_student(cfg, paths.adapter_path(run_dir))
+    preds = predict_in_process(cfg, Task(cfg), val_rows, model, tokenizer)
+    assert cfg.eval.decode == "scored"
+    assert sum(a == r["teacher"] for a, r in zip(preds.answers, val_rows)) / len(val_rows) == \
+        pytest.approx(measured[0], abs=1e-6)
+
+
+@pytest.mark.integration
+def test_epochs_decide_and_the_summary_says_so(labelled_run, tmp_path):
+    run_dir = _copy(labelled_run, tmp_path / "run")
+    # 10 train examples at batch 4: 3 steps per epoch; 2 epochs = 6 steps, capped by max_steps=100 (not reached)
+    cfg = load_config(_train_args(run_dir, "train.epochs=2", "train.max_steps=100", "train.save_steps=3",
+                                  "train.early_stopping_patience=null", "train.targets=soft")[1:])
+    summary = pipeline.run_stage(cfg, "train")
+    n = summary["train_examples"]
+    assert summary["steps_per_epoch"] == -(-n // 4) and summary["steps"] == 2 * summary["steps_per_epoch"]
+    assert summary["stopped_by"] == "epochs" and not summary["stopped_early"] and summary["epochs_trained"] == 2
+    # soft targets on the fake teacher's trusted-free generate answers: no distribution stored, so one-hot
+    assert summary["targets"] == "soft" and summary["soft_targets"]["fields_by_source"] == {"one_hot": 2 * n}
+    assert any(t.abs().sum() > 0 for name, t in _adapter(run_dir).items() if "lora_B" in name)
 
 
 @pytest.mark.integration

@@ -174,7 +174,10 @@ class StudentConfig(_Strict):
 
 class TrainConfig(_Strict):
     method: Literal["lora", "qlora"] = "lora"
-    max_steps: int = Field(ge=1)
+    # How long: train.epochs passes over the train split, capped by train.max_steps optimizer steps (a profile's
+    # time budget); at least one of them is set. The train summary's stopped_by names the one that decided.
+    epochs: float | None = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1)
     batch_size: int = Field(ge=1)
     grad_accum: int = Field(1, ge=1)
     # at most this many examples per forward/backward pass (the largest divisor of batch_size not above it); the
@@ -187,19 +190,34 @@ class TrainConfig(_Strict):
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     save_steps: int = Field(ge=1)
+    # validation (loss, and agreement with the teacher by scored decoding) every N steps; null = once per epoch
+    # when train.early_stopping_patience is set and train.epochs decides, else at the end only
     eval_steps: int | None = Field(None, ge=1)
+    # stop after N validations without a higher val agreement with the teacher; the best adapter is kept
     early_stopping_patience: int | None = Field(None, ge=1)
-    early_stopping_threshold: float = Field(0.0, ge=0)  # a val-loss drop smaller than this counts as no improvement
+    early_stopping_threshold: float = Field(0.0, ge=0)  # an agreement gain smaller than this counts as no improvement
+    # batches over the teacher's labels: none (as the data comes) | classes (round-robin over the enum labels, so
+    # rare ones are seen as often as common ones) | auto (classes when the most common label is at least
+    # balance_ratio times as frequent as the rarest, else none)
+    balance: Literal["auto", "none", "classes"] = "auto"
+    balance_ratio: float = Field(3.0, ge=1)
+    # hard: the teacher's answer token by token | soft: at each enum value's first token, cross-entropy to the
+    # teacher's distribution over the allowed values (distill.stages.train.soft)
+    targets: Literal["hard", "soft"] = "hard"
     threads: int | None = Field(None, json_schema_extra=SPEED_ONLY)
     bf16: bool = False
     report_to: str = Field("none", json_schema_extra=SPEED_ONLY)
 
     @model_validator(mode="after")
-    def _early_stopping_needs_eval(self) -> "TrainConfig":
+    def _length_and_early_stopping(self) -> "TrainConfig":
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("set train.epochs (passes over the train split) or train.max_steps (optimizer steps), "
+                             "or both (epochs capped by max_steps)")
         if self.early_stopping_patience is not None:
-            if self.eval_steps is None:
-                raise ValueError("train.early_stopping_patience needs train.eval_steps (validation loss every N steps)")
-            if self.save_steps % self.eval_steps:
+            if self.eval_steps is None and self.epochs is None:
+                raise ValueError("train.early_stopping_patience needs train.eval_steps (validation every N steps) "
+                                 "or train.epochs (validation once per epoch)")
+            if self.eval_steps is not None and self.save_steps % self.eval_steps:
                 raise ValueError(f"train.early_stopping_patience needs train.save_steps ({self.save_steps}) to be a "
                                  f"multiple of train.eval_steps ({self.eval_steps}): the best checkpoint is kept")
         return self

@@ -1,13 +1,21 @@
 """train: LoRA SFT of the student on the teacher's labels (TRL SFTTrainer + peft) -> train/adapter/.
 
-    python -m distill train recipe=support_tickets run_dir=DIR [train.max_steps=100] [student=phi3_mini train=qlora]
+    python -m distill train recipe=support_tickets run_dir=DIR [train.epochs=3] [train.max_steps=100]
     accelerate launch --num_processes 2 -m distill train recipe=support_tickets run_dir=DIR     # data-parallel
 
-Loss is on the answer tokens and the end-of-turn token only (see distill.template). Every train.save_steps a
-checkpoint (adapter safetensors, optimizer, scheduler, RNG, data position) goes to train/checkpoints/ and is sealed
-last by a record of its files and sizes; re-running the stage resumes from the newest sealed checkpoint of the same
-training config, and a half-written or corrupt one is skipped with a warning, never loaded. train/metrics.jsonl
-gets one row per step (loss, lr, tokens/s) and one per validation (eval_loss).
+How long: train.epochs passes over the train split, capped by train.max_steps (a profile's time budget); with
+train.early_stopping_patience, the val split is decoded at every validation (once per epoch unless train.eval_steps
+says otherwise) by scored decoding, the same decoder evaluate uses, and training stops after that many validations
+without a higher agreement with the teacher, keeping the best checkpoint's adapter. The summary's stopped_by says
+what ended it (epochs, max_steps, early_stopping) and stop_reason says it in words.
+
+Loss is on the answer tokens and the end-of-turn token only (see distill.template); train.targets=soft trains each
+enum value's first token on the teacher's distribution (distill.stages.train.soft); train.balance=classes (or auto
+on skewed labels) draws batches round-robin over the teacher's labels. Every train.save_steps a checkpoint (adapter
+safetensors, optimizer, scheduler, RNG, data position) goes to train/checkpoints/ and is sealed last by a record of
+its files and sizes; re-running the stage resumes from the newest sealed checkpoint of the same training config,
+and a half-written or corrupt one is skipped with a warning, never loaded. train/metrics.jsonl gets one row per
+step (loss, lr, tokens/s) and one per validation (eval_loss, eval_agreement).
 
 Memory and FLOPs: a batch runs as micro-batches of at most train.micro_batch_size examples (one optimizer step per
 batch, the same gradient), each padding-free (its examples end to end in one row, kept apart by their position ids),
@@ -22,7 +30,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -30,7 +41,7 @@ import torch
 from distill import DistillError, paths, runio
 from distill.config import Config
 from distill.student import embed_classifier, ladder
-from distill.task import Task, dump_answer, load_split
+from distill.task import Task, dump_answer, load_split, value_text
 from distill.student.template import encode_example, end_of_turn
 # checkpoint_problem, CHECKPOINT_SEAL and the head are re-exported: the tests and benchmarks reach them here
 from distill.stages.train.checkpoints import (CHECKPOINT_SEAL, _prepare_resume, checkpoint_problem,
@@ -45,13 +56,94 @@ TIMING_KEYS = ("elapsed_s", "tokens_per_s", "train_runtime", "train_samples_per_
 _DROPPED_KEYS = ("num_input_tokens_seen", "num_tokens", "eval_num_tokens")
 
 
-def build_dataset(rows: list[dict], task: Task, tokenizer, max_len: int):
+def build_dataset(rows: list[dict], task: Task, tokenizer, max_len: int, soft: bool = False,
+                  sources: Counter | None = None):
+    """The tokenized examples; ``soft``: with the soft_* columns (distill.stages.train.soft), counting the fields by
+    the source of their distribution into ``sources``."""
     from datasets import Dataset
 
+    from distill.stages.train.soft import soft_columns
+
     eot = end_of_turn(tokenizer)
-    encoded = [encode_example(tokenizer, task.student_messages(r["input"]), dump_answer(r["teacher"]), max_len, eot)
-               for r in rows]
+    encoded = []
+    for r in rows:
+        ex = encode_example(tokenizer, task.student_messages(r["input"]), dump_answer(r["teacher"]), max_len, eot)
+        if soft:
+            cols, seen = soft_columns(r, task, tokenizer, ex, eot)
+            ex.update(cols)
+            if sources is not None:
+                sources.update(seen)
+        encoded.append(ex)
     return Dataset.from_list(encoded)
+
+
+def balance_classes(rows: list[dict], task: Task, mode: str, ratio: float) -> tuple[list[int] | None, dict]:
+    """(class id per train row for round-robin batches, or None; what was decided). A row's class is the tuple of
+    the teacher's enum values; ``auto`` balances when the most common class is at least ``ratio`` times as frequent
+    as the rarest."""
+    enums = list(task.schema.enums)
+    if mode == "none" or not enums or not rows:
+        return None, {"mode": mode, "balanced": False, "why": "train.balance=none" if mode == "none"
+                      else "no enum field to balance"}
+    keys = [tuple(value_text(r["teacher"].get(f)) for f in enums) for r in rows]
+    counts = Counter(keys)
+    skew = max(counts.values()) / min(counts.values())
+    info = {"mode": mode, "classes": len(counts), "most_to_least": round(skew, 2)}
+    if mode == "auto" and skew < ratio:
+        return None, {**info, "balanced": False,
+                      "why": f"labels not skewed: the most common is {skew:.2f}x the rarest (< {ratio})"}
+    index = {k: i for i, k in enumerate(sorted(counts))}
+    why = ("train.balance=classes" if mode == "classes"
+           else f"the most common label is {skew:.2f}x the rarest (>= train.balance_ratio={ratio})")
+    return [index[k] for k in keys], {**info, "balanced": True, "why": why}
+
+
+def plan_steps(tcfg, train_examples: int, world_size: int = 1) -> dict:
+    """How many optimizer steps train.epochs and train.max_steps allow, and which of them decides."""
+    per_step = tcfg.batch_size * tcfg.grad_accum * max(world_size, 1)
+    steps_per_epoch = max(1, math.ceil(train_examples / per_step))
+    epoch_steps = math.ceil(tcfg.epochs * steps_per_epoch) if tcfg.epochs is not None else None
+    if epoch_steps is not None and (tcfg.max_steps is None or epoch_steps <= tcfg.max_steps):
+        steps, decided_by = epoch_steps, "epochs"
+    else:
+        steps, decided_by = tcfg.max_steps, "max_steps"
+    return {"steps_per_epoch": steps_per_epoch, "planned_steps": steps, "epoch_steps": epoch_steps,
+            "decided_by": decided_by}
+
+
+def stop_reason(tcfg, plan: dict, steps: int, patience_used: bool) -> tuple[str, str]:
+    """(stopped_by: epochs | max_steps | early_stopping, the same in words) for a run that ended at ``steps``."""
+    per = plan["steps_per_epoch"]
+    done = f"{steps} steps ({steps / per:.2f} epochs of {per} steps)"
+    if patience_used and steps < plan["planned_steps"]:
+        return "early_stopping", (f"early stopping after {done}: {tcfg.early_stopping_patience} validation(s) "
+                                  f"without a higher val agreement with the teacher; the best checkpoint is kept")
+    if plan["decided_by"] == "max_steps" and tcfg.epochs is not None:
+        return "max_steps", (f"stopped early by train.max_steps={tcfg.max_steps} (the time budget) after {done}, "
+                             f"short of train.epochs={tcfg.epochs:g}")
+    if plan["decided_by"] == "max_steps":
+        return "max_steps", f"train.max_steps={tcfg.max_steps} reached: {done}"
+    return "epochs", f"train.epochs={tcfg.epochs:g} completed: {done}"
+
+
+def _agreement_probe(cfg: Config, task: Task, val_rows: list[dict], model, tokenizer):
+    """The val agreement with the teacher of the model as it is now: scored decoding (evaluate's decoder,
+    distill.student.predict) of the val split, whole answers compared with the teacher's."""
+    from distill.student.predict import predict_in_process
+
+    scored = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"decode": "scored"})})
+
+    def agreement() -> float:
+        side, was_training = tokenizer.padding_side, model.training
+        try:
+            preds = predict_in_process(scored, task, val_rows, model, tokenizer)
+        finally:
+            tokenizer.padding_side = side
+            model.train(was_training)
+        return round(sum(a is not None and a == r["teacher"] for a, r in zip(preds.answers, val_rows))
+                     / len(val_rows), 6)
+
+    return agreement
 
 
 def _check_report_to(report_to: str) -> None:
@@ -144,8 +236,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
     if tcfg.method == "qlora" and not scfg.load_in_4bit:
         raise DistillError("train=qlora needs a 4-bit base: set student.load_in_4bit=true (CUDA only)")
     if tcfg.early_stopping_patience and not val_rows:
-        raise DistillError("train.early_stopping_patience needs a val split, and it is empty; raise "
-                           "generate.split.val or set train.early_stopping_patience=null")
+        log.warning("train.early_stopping_patience: the val split is empty, so training runs its full length "
+                    "without early stopping (raise generate.split.val to stop on val agreement)")
 
     _check_report_to(tcfg.report_to)
 
@@ -160,20 +252,34 @@ def run(cfg: Config, run_dir: Path) -> dict:
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
 
-    train_ds = build_dataset(train_rows, task, tokenizer, scfg.max_seq_len)
-    val_ds = build_dataset(val_rows, task, tokenizer, scfg.max_seq_len) if val_rows else None
+    soft = tcfg.targets == "soft"
+    if soft and not task.schema.enums:
+        raise DistillError(f"train.targets=soft trains enum fields on the teacher's distribution, and recipe "
+                           f"{cfg.recipe.name!r} has none; set train.targets=hard")
+    sources: Counter = Counter()
+    train_ds = build_dataset(train_rows, task, tokenizer, scfg.max_seq_len, soft, sources)
+    val_ds = build_dataset(val_rows, task, tokenizer, scfg.max_seq_len, soft) if val_rows else None
+    if soft and not getattr(model.get_base_model(), "_distill_labelled_head", True):
+        raise DistillError(f"train.targets=soft needs the labelled-positions LM head, which student {scfg.name} "
+                           f"(a head that scales or caps its logits) does not use; set train.targets=hard")
+    classes, balance = balance_classes(train_rows, task, tcfg.balance, tcfg.balance_ratio)
     ckpt_dir = out_dir / paths.CHECKPOINTS_DIR
     metrics_file = out_dir / paths.TRAIN_METRICS
     on_cuda = torch.cuda.is_available()
     if tcfg.bf16 and not on_cuda:
         log.warning("train.bf16 ignored: no CUDA device (bf16 matmuls are emulated on CPU and far slower)")
-    evaluating = bool(tcfg.eval_steps) and val_ds is not None
-    early_stopping = bool(tcfg.early_stopping_patience) and evaluating
+    plan = plan_steps(tcfg, len(train_ds), int(os.environ.get("WORLD_SIZE", "1")))
+    early_stopping = bool(tcfg.early_stopping_patience) and val_ds is not None
+    # with early stopping and no train.eval_steps: a validation once per epoch
+    eval_every = tcfg.eval_steps or (plan["steps_per_epoch"] if early_stopping else None)
+    evaluating = bool(eval_every) and val_ds is not None
+    # the best checkpoint must exist when a validation finds it: with early stopping, a save at every validation
+    save_every = eval_every if early_stopping and tcfg.save_steps % eval_every else tcfg.save_steps
     micro = max(d for d in range(1, min(tcfg.micro_batch_size or tcfg.batch_size, tcfg.batch_size) + 1)
                 if tcfg.batch_size % d == 0)
     args = SFTConfig(
         output_dir=str(ckpt_dir),
-        max_steps=tcfg.max_steps,
+        max_steps=plan["planned_steps"],
         # A batch of batch_size examples runs as equal micro-batches and the optimizer steps once per batch: the
         # same gradient (the loss is summed over the batch's labelled tokens), the activations of a micro-batch.
         # Validation keeps no activations, so it runs whole batches (eval_loss is the same mean as before).
@@ -182,16 +288,17 @@ def run(cfg: Config, run_dir: Path) -> dict:
         gradient_accumulation_steps=tcfg.grad_accum * (tcfg.batch_size // micro),
         learning_rate=tcfg.lr,
         lr_scheduler_type="linear",
-        warmup_steps=int(tcfg.warmup_ratio * tcfg.max_steps),
+        warmup_steps=int(tcfg.warmup_ratio * plan["planned_steps"]),
         weight_decay=tcfg.weight_decay,
         logging_steps=1,
-        save_steps=tcfg.save_steps,
+        save_steps=save_every,
         save_total_limit=2,
         eval_strategy="steps" if evaluating else "no",
-        eval_steps=tcfg.eval_steps,
+        eval_steps=eval_every if evaluating else None,
         load_best_model_at_end=early_stopping,
-        metric_for_best_model="eval_loss" if early_stopping else None,
-        greater_is_better=False if early_stopping else None,
+        # the quantity the routing rule gates on, not the val loss
+        metric_for_best_model="eval_agreement" if early_stopping else None,
+        greater_is_better=True if early_stopping else None,
         seed=cfg.seed,
         data_seed=cfg.seed,
         # SFTConfig defaults to bf16 + activation checkpointing; bf16 matmuls are emulated on most CPUs (~20x
@@ -221,18 +328,24 @@ def run(cfg: Config, run_dir: Path) -> dict:
     if early_stopping:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=tcfg.early_stopping_patience,
                                                early_stopping_threshold=tcfg.early_stopping_threshold))
+    probe = _agreement_probe(cfg, task, val_rows, model, tokenizer) if evaluating else None
     trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                                   processing_class=tokenizer, callbacks=callbacks)
+                               processing_class=tokenizer, callbacks=callbacks, balance_classes=classes, soft=soft,
+                               agreement=probe)
     if resume:
         log.info("resuming training from %s", resume.name)
-    log.info("training %s: %d examples, %d trainable of %d parameters, %d process(es)", scfg.name, len(train_ds),
-             trainable, total, args.world_size)
+    log.info("training %s: %d examples, %d trainable of %d parameters, %d process(es); %d steps (%s decides: "
+             "%d steps per epoch)%s%s", scfg.name, len(train_ds), trainable, total, args.world_size,
+             plan["planned_steps"], plan["decided_by"], plan["steps_per_epoch"],
+             f", validation every {eval_every} steps" if evaluating else "",
+             f", balanced batches ({balance['why']})" if balance["balanced"] else "")
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     elapsed = time.perf_counter() - started
     session_tokens = trainer.state.num_input_tokens_seen - getattr(trainer, "_initial_num_input_tokens_seen", 0)
     history = trainer.state.log_history
     evals = [h for h in history if "eval_loss" in h]
+    trainer.measure_agreement = False  # the curve is measured; the kept adapter's agreement is on it
     if val_ds is None:
         val_loss = None
     elif evals and evals[-1]["step"] == trainer.state.global_step and not early_stopping:
@@ -250,12 +363,31 @@ def run(cfg: Config, run_dir: Path) -> dict:
         raise SystemExit(0)
 
     losses = [h["loss"] for h in history if "loss" in h]
+    steps = trainer.state.global_step
+    stopped_by, why = stop_reason(tcfg, plan, steps, early_stopping)
+    log.info("train: %s", why)
+    curve = [{"step": h["step"], "eval_agreement": h["eval_agreement"]} for h in evals if "eval_agreement" in h]
+    best = trainer.state.best_model_checkpoint if early_stopping else None
+    best_step = int(Path(best).name.rsplit("-", 1)[-1]) if best else None
     return {
-        "steps": trainer.state.global_step,
+        "steps": steps,
         "resumed_from": resume.name if resume else None,
-        "stopped_early": trainer.state.global_step < tcfg.max_steps,
-        "best_checkpoint": Path(trainer.state.best_model_checkpoint).name if early_stopping
-        and trainer.state.best_model_checkpoint else None,
+        "epochs": tcfg.epochs,
+        "max_steps": tcfg.max_steps,
+        "steps_per_epoch": plan["steps_per_epoch"],
+        "planned_steps": plan["planned_steps"],
+        "epochs_trained": round(steps / plan["steps_per_epoch"], 3),
+        "stopped_by": stopped_by,
+        "stop_reason": why,
+        "stopped_early": stopped_by == "early_stopping" or (stopped_by == "max_steps" and tcfg.epochs is not None),
+        "best_checkpoint": Path(best).name if best else None,
+        "val_agreements": curve,
+        # the kept adapter's: the best checkpoint's with early stopping, else the last validation's if at the end
+        "kept_val_agreement": next((c["eval_agreement"] for c in curve if c["step"] == best_step), None) if best
+        else (curve[-1]["eval_agreement"] if curve and curve[-1]["step"] == steps else None),
+        "balance": balance,
+        "targets": tcfg.targets,
+        "soft_targets": {"fields_by_source": dict(sources)} if soft else None,
         "train_examples": len(train_ds),
         "val_examples": len(val_ds) if val_ds is not None else 0,
         "first_loss": losses[0] if losses else None,
