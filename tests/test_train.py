@@ -494,3 +494,120 @@ def test_padding_free_row_gives_the_padded_batchs_loss():
     # log-probabilities move by far more than the tolerance above, so the check has teeth
     leaky = model(input_ids=packed["input_ids"], labels=packed["labels"], fused_lm_head=True)
     assert (leaky.log_probs[leaky.label_mask] - packed_lp).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# soft targets
+
+
+def _soft_forward(model, ids, labels, soft):
+    batch = {"input_ids": ids, "labels": labels, "fused_lm_head": True}
+    if soft is not None:
+        batch.update(soft_index=soft[0], soft_tokens=soft[1], soft_probs=soft[2])
+    return model(**batch)
+
+
+def _tiny_fused():
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = _tiny_llama()
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    train._score_labelled_positions_only(model)
+    return model
+
+
+def test_one_hot_soft_targets_are_the_hard_loss_exactly():
+    model = _tiny_fused()
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[:, :6] = -100
+    hard = _soft_forward(model, ids, labels, None)
+    # the token at input position 8 trained on a one-hot distribution over it and two other candidates
+    soft = (torch.tensor([8]), torch.tensor([[int(ids[0, 8]), 5, 7]]), torch.tensor([[1.0, 0.0, 0.0]]))
+    out = _soft_forward(model, ids, labels, soft)
+    torch.testing.assert_close(out.loss, hard.loss)
+    torch.testing.assert_close(out.log_probs, hard.log_probs)
+    spread = _soft_forward(model, ids, labels, (soft[0], soft[1], torch.tensor([[0.5, 0.25, 0.25]])))
+    assert not torch.allclose(spread.loss, hard.loss)
+    # only the soft position's term changed
+    differs = (spread.log_probs - hard.log_probs).abs() > 1e-6
+    assert differs.sum() == 1 and differs[0, 7]
+
+
+@pytest.mark.parametrize("targets", ["soft", "hard"])
+def test_soft_targets_move_the_students_value_distribution_to_the_teachers(targets):
+    model = _tiny_fused()
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(10, 300, (4, 10), generator=gen)
+    a, b = 3, 4  # two values' first tokens, at input position 7 of every example
+    ids[:, 7] = a  # the teacher's top value, as the hard answer writes it
+    labels = ids.clone()
+    labels[:, :7] = -100
+    teacher = torch.tensor([0.7, 0.3])
+    flat = torch.arange(4) * 10 + 7
+    soft = (flat, torch.tensor([[a, b]] * 4), teacher.repeat(4, 1)) if targets == "soft" else None
+
+    def share_of_a():
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[:, 6, [a, b]]
+        return float(torch.softmax(logits, -1)[:, 0].mean())
+
+    before = share_of_a()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        opt.zero_grad()
+        _soft_forward(model, ids, labels, soft).loss.backward()
+        opt.step()
+    after = share_of_a()
+    assert abs(before - 0.5) < 0.2  # a random model: no preference yet
+    if targets == "soft":  # measured: the student's split between the two values is the teacher's
+        assert abs(after - 0.7) < 0.05
+    else:  # hard targets push all the mass onto the teacher's top value
+        assert after > 0.95
+
+
+def test_soft_columns_point_at_each_enum_values_first_token(tmp_path):
+    from distill.stages.train.soft import soft_columns, teacher_distribution
+    from distill.student.models import load_tokenizer
+    from distill.student.template import encode_example, end_of_turn
+    from distill.task import Task, dump_answer
+
+    cfg = load_config([f"run_dir={tmp_path}", "student=tiny_random"])
+    task, tok = Task(cfg), load_tokenizer(cfg)
+    eot = end_of_turn(tok)
+    cats = task.schema.enums["category"]
+    row = {"input": "I was charged twice", "teacher": {"category": cats[1], "priority": "high"},
+           "provenance": {"confidence": {"category": 0.6}}}
+    enc = encode_example(tok, task.student_messages(row["input"]), dump_answer(row["teacher"]), 512, eot)
+    cols, sources = soft_columns(row, task, tok, enc, eot)
+    assert sources == {"confidence": 1, "one_hot": 1} and len(cols["soft_pos"]) == 2
+    for pos, toks, probs, field in zip(cols["soft_pos"], cols["soft_tokens"], cols["soft_probs"], ["category",
+                                                                                                  "priority"]):
+        assert enc["labels"][pos] == enc["input_ids"][pos] != -100  # a labelled answer token
+        assert enc["input_ids"][pos] in toks and len(set(toks)) == len(toks) and sum(probs) == pytest.approx(1)
+        # the value's text starts at that token: the text before it is the answer up to the field's value
+        before = tok.decode(enc["input_ids"][len(enc["input_ids"]) - len(tok(dump_answer(row["teacher"]) + eot,
+                            add_special_tokens=False)["input_ids"]):pos])
+        assert before.rstrip(' "').endswith(f'"{field}":')
+    cat_probs = dict(zip(cols["soft_tokens"][0], cols["soft_probs"][0]))
+    assert cat_probs[enc["input_ids"][cols["soft_pos"][0]]] >= 0.6
+    dist, source = teacher_distribution({**row, "provenance": {"distribution": {"category": {cats[0]: 3, cats[1]: 1}}}},
+                                        "category", cats)
+    assert source == "distribution" and dist[:2] == [0.75, 0.25] and sum(dist) == 1
+
+
+def test_soft_collator_indexes_the_packed_row():
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from distill.stages.train.soft import SoftTargetCollator
+
+    collate = SoftTargetCollator(DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True))
+    examples = [{"input_ids": [11, 12, 13, 14], "labels": [-100, -100, 13, 14], "soft_pos": [2],
+                 "soft_tokens": [[13, 20]], "soft_probs": [[0.9, 0.1]]},
+                {"input_ids": [21, 22, 23], "labels": [-100, 22, 23], "soft_pos": [1, 2],
+                 "soft_tokens": [[22, 30, 31], [23, 40]], "soft_probs": [[0.5, 0.25, 0.25], [1.0, 0.0]]}]
+    out = collate(examples)
+    assert out["input_ids"].shape == (1, 7)
+    assert out["input_ids"][0, out["soft_index"]].tolist() == [13, 22, 23]
+    assert out["soft_tokens"].tolist() == [[13, 20, 0], [22, 30, 31], [23, 40, 0]]
+    torch.testing.assert_close(out["soft_probs"].sum(-1), torch.ones(3))
