@@ -7,9 +7,11 @@
 
 publish writes ``routing.yaml`` (schema version 2, below) and its JSON schema ``routing.schema.json``; version 1
 files (no ``prompt`` section) still load. The
-confidence threshold is chosen on evaluate's validation coverage/agreement curve: the threshold with the most
-coverage whose agreement with the teacher meets ``publish.target_agreement``; when none does, the route is disabled
-and every request goes to the teacher.
+confidence threshold is chosen on a validation coverage/agreement curve: the threshold with the most coverage whose
+agreement with the teacher meets ``publish.target_agreement``; when none does, the route is disabled and every
+request goes to the teacher. The curve is the served artifact's (``evidence.artifact``: the GGUF the gateway serves,
+scored by the gateway's own code), or evaluate's in-process one (``evidence.artifact`` null: the embedding
+classifier, which the gateway runs with the same code, or a publish that did not load its artifacts).
 
 ``decide`` fails safe: anything it cannot trust sends the request to the teacher, with the reason why
 (``Decision.reason``): ``not_this_task``, ``route_disabled``, ``invalid_answer`` (an answer evaluate would not
@@ -164,7 +166,11 @@ class CurvePoint(_Strict):
 
 class Evidence(_Strict):
     results_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of evaluate/results.json")
-    curve: str = Field(description="the results.json curve the threshold was chosen on")
+    curve: str = Field(description="the curve the threshold was chosen on: results.json's val_coverage_curve "
+                                   "(evaluate's in-process student) or the served artifact's in parity.json")
+    artifact: str | None = Field(None, description="the published artifact (path in publish/) whose confidence, "
+                                                   "computed by the gateway's scoring code, the curve and the test "
+                                                   "figures hold; null: evaluate's in-process student")
     n_val: int | None = Field(None, ge=0, description="validation items behind the curve")
     test_coverage: float | None = Field(None, ge=0, le=1, description="coverage at the threshold on the test split")
     test_agreement: float | None = Field(None, ge=0, le=1, description="agreement at the threshold on the test split")

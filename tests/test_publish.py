@@ -209,6 +209,83 @@ def test_route_enabled_on_a_curve_that_meets_the_target(published, tmp_path):
     assert rule.cost.saving_vs_teacher == pytest.approx(1 - 0.2 / 0.5)
 
 
+def _runtime_curves(gguf, hf_dir, task, val_rows, test_rows, max_new_tokens):
+    """The served GGUF's val and test curves, recomputed apart from publish: the student runtime the gateway starts
+    (a child process on loopback), asked over HTTP as the gateway asks it, then evaluate's curve code."""
+    import httpx
+
+    from distill.metrics.stats import coverage_curve
+    from distill.serve.runtime import SCORE_PATH, StudentRuntime
+
+    def curve(runtime, rows):
+        conf, agree = [], []
+        for r in rows:
+            got = httpx.post(runtime.base_url + SCORE_PATH, timeout=60,
+                             json={"messages": task.student_messages(r["input"]), "schema": task.schema.schema,
+                                   "max_new_tokens": max_new_tokens}).json()
+            answer = got["answer"] if got["answer"] is not None and not task.schema.errors(got["answer"]) else None
+            conf.append(got["confidence"] if answer is not None else None)
+            agree.append(answer is not None and answer == r["teacher"])
+        return coverage_curve(conf, agree), conf
+
+    with StudentRuntime(gguf, hf_dir) as runtime:
+        (val_curve, _), (test_curve, test_conf) = curve(runtime, val_rows), curve(runtime, test_rows)
+    return val_curve, test_curve, test_conf
+
+
+def test_threshold_and_test_evidence_come_from_the_served_ggufs_confidence(base_run, tmp_path):
+    """routing.yaml's threshold is chosen on the confidence the gateway computes on the GGUF it serves, not on
+    evaluate's unquantized student: recomputed here through the student runtime, they match exactly."""
+    from distill.routing import choose_threshold, point_at
+    from distill.task import Task, load_split
+
+    run_dir = _copy(base_run, tmp_path)
+    # one val item per curve point is enough here; the target 0 makes the route take the most coverage it can
+    cfg = _cfg(run_dir, "publish.gguf_types=[q8_0]", "publish.min_route_items=1", "publish.target_agreement=0.0")
+    publish.run(cfg, run_dir)
+    pub = run_dir / "publish"
+    rule = load_rule(pub / paths.ROUTING)
+    gguf = _gguf(run_dir, "q8_0")
+    rel = gguf.relative_to(pub).as_posix()
+    val_rows = load_split(run_dir, "val")[: cfg.eval.limit]
+    test_rows = [r for r in runio.read_jsonl(run_dir / "evaluate" / paths.PREDICTIONS) if not r["contaminated"]]
+    assert len(val_rows) >= 2 and test_rows
+    val_curve, test_curve, test_conf = _runtime_curves(gguf, pub / paths.MODEL_DIR / paths.HF_DIR, Task(cfg),
+                                                       val_rows, test_rows, cfg.eval.max_new_tokens)
+    expected = choose_threshold(val_curve, 0.0, 1)
+    point = point_at(test_curve, expected.threshold)
+    assert rule.route.enabled and rule.route.confidence_threshold == expected.threshold
+    assert (rule.route.expected_coverage, rule.route.expected_agreement) == (expected.coverage, expected.agreement)
+    assert (rule.evidence.test_coverage, rule.evidence.test_agreement) == (point["coverage"], point["agreement"])
+    assert rule.evidence.artifact == rel and rel in rule.evidence.curve and rel in rule.route.reason
+    assert rule.evidence.n_val == len(val_rows)
+    # parity.json keeps the curves the rule rests on, under the served artifact
+    served = runio.read_json(pub / paths.PARITY)[rel]["served_confidence"]
+    assert served["val_coverage_curve"] == val_curve and served["coverage_curve"] == test_curve
+    # ... and they are not evaluate's: q8_0 moves the confidences a little
+    evaluated = [r["confidence"] for r in test_rows]
+    assert served["max_confidence_diff"] == pytest.approx(max(abs(a - b) for a, b in zip(test_conf, evaluated)),
+                                                          abs=1e-6)
+    assert 0 < served["max_confidence_diff"] < 0.01
+    # report.md says whose confidence the threshold was chosen on
+    report = (pub / paths.REPORT).read_text()
+    assert f"Chosen on the confidence of `{rel}` as the gateway computes it" in report
+    assert f"route enabled at confidence >= {expected.threshold}" in report
+
+
+def test_without_a_served_gguf_the_threshold_stays_on_evaluates_curve(base_run, tmp_path):
+    run_dir = _copy(base_run, tmp_path)
+    publish.run(_cfg(run_dir, "publish.gguf_types=[]", "publish.min_route_items=1", "publish.target_agreement=0.0"),
+                run_dir)
+    rule = load_rule(run_dir / "publish" / paths.ROUTING)
+    results = runio.read_json(run_dir / "evaluate" / paths.RESULTS)
+    from distill.routing import choose_threshold
+
+    assert rule.evidence.artifact is None and rule.evidence.curve == "val_coverage_curve"
+    assert rule.route.confidence_threshold == choose_threshold(results["val_coverage_curve"], 0.0, 1).threshold
+    assert "Chosen on evaluate's in-process student" in (run_dir / "publish" / paths.REPORT).read_text()
+
+
 def test_litellm_config_loads_and_sends_task_traffic_to_the_gateway(published, monkeypatch):
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of litellm's price list
     from litellm import Router

@@ -88,13 +88,14 @@ def parity_lines(cfg: Config, artifacts: dict, parity: dict) -> list[str]:
     return lines
 
 
-def report_markdown(cfg: Config, artifacts: dict, parity: dict) -> str:
-    """publish/report.md: each artifact's parity in one sentence, then the parity table."""
+def report_markdown(cfg: Config, artifacts: dict, parity: dict, threshold: list[str] = ()) -> str:
+    """publish/report.md: each artifact's parity in one sentence, then the parity table; ``threshold``: Markdown
+    lines on whose confidences the routing threshold was chosen (serving.threshold_lines), appended."""
     lines = ["# Publish: the shipped artifacts", ""]
     if not parity:
         lines += ["Parity was not checked (publish.verify_load=false): the artifacts below were not reloaded.", "",
                   *[f"- `{rel}` ({art['type']}, {art['runtime']})" for rel, art in artifacts.items()]]
-        return "\n".join(lines) + "\n"
+        return "\n".join([*lines, *([""] + list(threshold) if threshold else [])]) + "\n"
     for rel, res in parity.items():
         runtime = {"gguf": "served by the llama.cpp server"}.get(artifacts[rel]["format"], "loaded in transformers")
         if artifacts[rel]["type"] == "embed_classifier":
@@ -104,7 +105,7 @@ def report_markdown(cfg: Config, artifacts: dict, parity: dict) -> str:
                      f"{res['parity'] * 100:.1f}% of {res['n']} test items; {verdict}.")
     lines += ["", *parity_lines(cfg, artifacts, parity), "", f"Figures: {paths.PARITY}; the student's own scores: "
               f"evaluate/{paths.REPORT}."]
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, *([""] + list(threshold) if threshold else [])]) + "\n"
 
 
 def render_card(cfg: Config, generate: dict, train: dict, results: dict, rule: routing.RoutingRule,

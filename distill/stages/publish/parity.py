@@ -20,8 +20,10 @@ from distill.stages.publish.gguf import model_name
 from distill.stages.publish.serving import SERVER_CTX
 from distill.student import embed_classifier, predict
 from distill.student import endpoint as student_endpoint
+from distill.metrics.stats import coverage_curve
+from distill.serve.runtime import Scorer
 from distill.student.predictions import Predictions, agreement
-from distill.task import Task
+from distill.task import Task, load_split
 from distill.teacher.server import LlamaCppServer
 
 log = logging.getLogger("distill")
@@ -153,3 +155,57 @@ def classifier_parity(cfg: Config, run_dir: Path, staging: Path, task: Task) -> 
                            f"nothing published: re-run train and evaluate")
     return {paths.MODEL_DIR: {**res, "published": True}}
 
+
+
+def served_confidence(cfg: Config, run_dir: Path, staging: Path, rel: str, task: Task) -> dict:
+    """The served GGUF's own confidence curves: ``rel`` scored by the gateway's scoring code on evaluate's items.
+
+    The student runtime's ``Scorer`` (distill.serve.runtime, the same class ``python -m distill serve`` starts, with
+    the runtime's context and threads from ``serve.*``) loads the GGUF in process and answers each item as the
+    gateway asks it (the student's messages, the task's schema, eval.max_new_tokens); an answer the schema rejects
+    has no confidence, as in the gateway. The items are those of evaluate's curves: the val split up to eval.limit
+    and the clean evaluated test items, so the curves differ from results.json's only by the artifact.
+
+    Returns:
+        ``{"artifact", "scorer", "n_val", "n_test", "val_coverage_curve", "coverage_curve", "val_agreement",
+        "agreement", "invalid_rate", "max_confidence_diff"}``; the last is the largest difference from evaluate's
+        confidence on the same test items (None where evaluate did not score them with a confidence).
+    """
+    ev = cfg.eval
+    val_rows = load_split(run_dir, "val")[: ev.limit] if ev.val_curve and ev.split != "val" else []
+    # evaluate's predictions.jsonl holds each test item's input and teacher answer; its curve leaves out duplicates
+    test_rows = [r for r in _evaluated_rows(run_dir) if not r.get("contaminated")]
+    log.info("publish: scoring %s with the gateway's scorer on %d val + %d test items", rel, len(val_rows),
+             len(test_rows))
+    scorer = Scorer(staging / rel, staging / paths.MODEL_DIR / paths.HF_DIR, n_ctx=cfg.serve.student_n_ctx,
+                    n_threads=cfg.serve.student_threads)
+    try:
+        val = [_served_answer(scorer, cfg, task, r["input"]) for r in val_rows]
+        test = [_served_answer(scorer, cfg, task, r["input"]) for r in test_rows]
+    finally:
+        scorer.model.llm.close()
+
+    def agrees(answers, rows):
+        return [a is not None and a == r["teacher"] for (a, _), r in zip(answers, rows)]
+
+    diffs = [abs(c - e["confidence"]) for (_, c), e in zip(test, test_rows)
+             if c is not None and e.get("confidence") is not None]
+    return {"artifact": rel, "scorer": "distill.serve.runtime.Scorer (the student runtime's scored decode)",
+            "n_val": len(val_rows), "n_test": len(test_rows),
+            "val_coverage_curve": coverage_curve([c for _, c in val], agrees(val, val_rows)),
+            "coverage_curve": coverage_curve([c for _, c in test], agrees(test, test_rows)),
+            "val_agreement": round(agreement([a for a, _ in val], [r["teacher"] for r in val_rows]), 4)
+            if val_rows else None,
+            "agreement": round(agreement([a for a, _ in test], [r["teacher"] for r in test_rows]), 4)
+            if test_rows else None,
+            "invalid_rate": round(sum(a is None for a, _ in test) / len(test), 4) if test else None,
+            "max_confidence_diff": round(max(diffs), 6) if diffs else None}
+
+
+def _served_answer(scorer: Scorer, cfg: Config, task: Task, text: str) -> tuple[dict | None, float | None]:
+    """(answer, confidence) as the gateway takes them from the runtime (distill.serve.student.ScoredStudent)."""
+    out = scorer.score(task.student_messages(text), task.schema.schema, cfg.eval.max_new_tokens)
+    answer = out.get("answer")
+    if answer is not None and (not isinstance(answer, dict) or task.schema.errors(answer)):
+        answer = None
+    return answer, (out.get("confidence") if answer is not None else None)

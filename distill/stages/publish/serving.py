@@ -2,9 +2,12 @@
 
     python -m distill publish run_dir=DIR [publish.target_agreement=0.98] [publish.endpoint=http://127.0.0.1:8080/v1]
 
-The routing rule (distill.routing) takes its confidence threshold from evaluate's validation coverage curve
-(publish.target_agreement), its costs from results.json, names the published artifacts and states the prompt
-contract (the student's system prompt, the response format, an example request). Every other file is generated
+The routing rule (distill.routing) takes its confidence threshold (publish.target_agreement) from the validation
+coverage curve of the confidence the gateway will compute: the served GGUF's (``served_gguf``), scored by the
+gateway's own code (parity.served_confidence), or, for the embedding classifier (the same code in process) and
+without a served GGUF or with publish.verify_load=false, evaluate's in-process curve in results.json. It takes its
+costs from results.json, names the published artifacts and states the prompt contract (the student's system
+prompt, the response format, an example request). Every other file is generated
 from that rule: ``python -m distill serve`` (the gateway) applies it and is the primary serving path; litellm.yaml
 puts LiteLLM in front of the gateway (task traffic never reaches the student except through the rule, and a
 fallback gets the teacher's few-shot prompt, which only the gateway builds); SERVING.md and the Modelfile serve the
@@ -23,6 +26,7 @@ import yaml
 
 from distill import DistillError, paths, routing, runio
 from distill.config import Config
+from distill.serve.command import pick_artifact
 from distill.serve.metrics import dashboard
 from distill.stages.publish.gguf import model_name
 from distill.student import embed_classifier
@@ -45,16 +49,34 @@ def _teacher_local_endpoint(cfg: Config) -> str:
     return f"{student.scheme}://{student.hostname}:{(student.port or 80) + 1}/v1"
 
 
+def served_gguf(cfg: Config, rule: routing.RoutingRule) -> str | None:
+    """The GGUF ``python -m distill serve`` serves for ``rule`` (its path in publish/, chosen as the gateway chooses:
+    serve.artifact, else q8_0, else the first), or None when it serves none (the embedding classifier runs in
+    process; no GGUF was published). Raises DistillError for a serve.artifact that names no published GGUF."""
+    if rule.student.kind == "embed_classifier" or not any(v.endswith(".gguf") for v in rule.student.artifacts.values()):
+        return None
+    return pick_artifact(cfg, rule, Path()).as_posix()
+
+
 def build_rule(cfg: Config, task: Task, results: dict, results_sha: str, published: dict,
-               eot: str) -> routing.RoutingRule:
-    """The routing rule: threshold from the validation curve, coverage and blended cost, evidence."""
+               eot: str, served: dict | None = None) -> routing.RoutingRule:
+    """The routing rule: threshold from the validation curve, coverage and blended cost, evidence.
+
+    ``served``: the served GGUF's own curves (parity.served_confidence); the threshold and the test evidence then
+    come from them, not from evaluate's in-process curves in ``results``."""
     target = cfg.publish.target_agreement
-    val_curve = results.get("val_coverage_curve")
-    test_curve = results.get("coverage_curve") or []
+    if served:
+        val_curve, test_curve = served["val_coverage_curve"], served["coverage_curve"]
+        source, curve_name = (f" (the confidence of {served['artifact']} as the gateway scores it)",
+                              f"{paths.PARITY}: {served['artifact']} served_confidence.val_coverage_curve")
+    else:
+        val_curve, test_curve = results.get("val_coverage_curve"), results.get("coverage_curve") or []
+        source, curve_name = "", "val_coverage_curve"
     cost = results.get("cost") or {}
     choice = None
     if not val_curve:
-        reason = "results.json has no val_coverage_curve (student confidence on the val split); re-run evaluate"
+        reason = ("no val items to score the served GGUF on (eval.val_curve, eval.split); re-run evaluate" if served
+                  else "results.json has no val_coverage_curve (student confidence on the val split); re-run evaluate")
     else:
         choice = routing.choose_threshold(val_curve, target, cfg.publish.min_route_items)
         n_val = max(p.get("n", 0) for p in val_curve)
@@ -62,14 +84,14 @@ def build_rule(cfg: Config, task: Task, results: dict, results_sha: str, publish
                    default=None)
         if choice:
             reason = (f"confidence >= {choice.threshold} keeps {choice.coverage:.1%} of val items at agreement "
-                      f"{choice.agreement:.3f} >= target {target}")
+                      f"{choice.agreement:.3f} >= target {target}{source}")
         elif best is None:
             reason = (f"the val split has {n_val} items, fewer than publish.min_route_items "
                       f"{cfg.publish.min_route_items}: too few to choose a threshold; every request goes to the "
                       f"teacher")
         else:
             reason = (f"no confidence threshold reaches agreement {target} on >= {cfg.publish.min_route_items} val "
-                      f"items (best {best:.3f}); every request goes to the teacher")
+                      f"items (best {best:.3f}){source}; every request goes to the teacher")
     test_point = routing.point_at(test_curve, choice.threshold) if choice and test_curve else None
     blended, saving = routing.blended_cost(choice.coverage if choice else None, cost.get("teacher_usd_per_1k"),
                                            cost.get("student_usd_per_1k"))
@@ -92,11 +114,48 @@ def build_rule(cfg: Config, task: Task, results: dict, results_sha: str, publish
                               student_usd_per_1k=cost.get("student_usd_per_1k"), blended_usd_per_1k=blended,
                               saving_vs_teacher=saving),
         prompt=prompt_spec(cfg, task),
-        evidence=routing.Evidence(results_sha256=results_sha, curve="val_coverage_curve",
+        evidence=routing.Evidence(results_sha256=results_sha, curve=curve_name,
+                                  artifact=served["artifact"] if served else None,
                                   n_val=max((p.get("n", 0) for p in val_curve), default=0) if val_curve else None,
                                   test_coverage=test_point and test_point["coverage"],
                                   test_agreement=test_point and test_point["agreement"]))
     return routing.validate_rule(rule.model_dump(mode="json"), "the routing rule publish built")
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def threshold_lines(rule: routing.RoutingRule, results: dict, served: dict | None) -> list[str]:
+    """report.md's section on the threshold: whose confidences it was chosen on, and what it gives on the test items
+    (the served artifact's figures beside evaluate's in-process ones at the same threshold)."""
+    r, ev = rule.route, rule.evidence
+    lines = ["## The routing threshold", ""]
+    if served:
+        lines.append(f"Chosen on the confidence of `{served['artifact']}` as the gateway computes it "
+                     f"({served['scorer']}) on {served['n_val']} val items, not on evaluate's unquantized student; "
+                     f"curve: `{ev.curve}`. On the {served['n_test']} evaluated test items it agrees with the teacher "
+                     f"on {_pct(served['agreement'])} (invalid {_pct(served['invalid_rate'])}); its confidences "
+                     f"differ from evaluate's by at most {served['max_confidence_diff']}.")
+    elif rule.student.kind == "embed_classifier":
+        lines.append("Chosen on evaluate's val curve of the classifier (results.json `val_coverage_curve`): the "
+                     "gateway runs the same files with the same code in process, so its confidence is that one.")
+    else:
+        lines.append("Chosen on evaluate's in-process student (results.json `val_coverage_curve`): publish did not "
+                     "score a served GGUF (publish.verify_load=false, or none was published), so the gateway's "
+                     "confidence on what it serves may differ from the one the threshold was chosen on.")
+    lines.append("")
+    if not r.enabled:
+        return lines + [f"- route disabled: {r.reason}"]
+    lines += [f"- route enabled at confidence >= {r.confidence_threshold}: val coverage {_pct(r.expected_coverage)}, "
+              f"agreement {_pct(r.expected_agreement)}",
+              f"- test split at that threshold: coverage {_pct(ev.test_coverage)}, agreement "
+              f"{_pct(ev.test_agreement)}"]
+    in_process = routing.point_at(results.get("coverage_curve") or [], r.confidence_threshold) if served else None
+    if in_process:
+        lines.append(f"- evaluate's in-process student at the same threshold on the test split: coverage "
+                     f"{_pct(in_process['coverage'])}, agreement {_pct(in_process['agreement'])}")
+    return lines
 
 
 def prompt_spec(cfg: Config, task: Task) -> routing.PromptSpec:

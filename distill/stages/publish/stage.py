@@ -7,7 +7,10 @@
 2. Parity (parity.py): every artifact is reloaded in its runtime (GGUF in the llama.cpp server, safetensors in
    transformers), answers the evaluated test items through distill.student, and is compared with the unquantized
    student's answers; an artifact below publish.min_parity is dropped.
-3. Serving files (serving.py): routing.yaml (distill.routing schema), litellm.yaml, Modelfile, SERVING.md; then
+3. The threshold's evidence (parity.served_confidence): the GGUF the gateway will serve answers the val and test
+   items evaluate scored, through the gateway's own scorer (distill.serve.runtime.Scorer); routing.yaml's threshold
+   is chosen on that curve (parity.json keeps it under the artifact's served_confidence).
+4. Serving files (serving.py): routing.yaml (distill.routing schema), litellm.yaml, Modelfile, SERVING.md; then
    MODEL_CARD.md and report.md (card.py).
 
 student=embed_classifier has nothing to merge, convert or quantize: model/ gets a copy of its encoder (safetensors +
@@ -36,8 +39,8 @@ from distill.config import Config
 from distill.metrics.gate import failure_reasons
 from distill.stages.publish.card import render_card, report_markdown
 from distill.stages.publish.gguf import build_artifacts, merge_adapter
-from distill.stages.publish.parity import check_parity, classifier_parity
-from distill.stages.publish.serving import build_rule, write_serving
+from distill.stages.publish.parity import check_parity, classifier_parity, served_confidence
+from distill.stages.publish.serving import build_rule, served_gguf, threshold_lines, write_serving
 from distill.student import embed_classifier, ladder
 from distill.task import Task
 
@@ -114,16 +117,24 @@ def run(cfg: Config, run_dir: Path) -> dict:
             raise DistillError("no artifact reached publish.min_parity " + str(cfg.publish.min_parity) + " ("
                                + ", ".join(f"{rel} {res['parity']}" for rel, res in parity.items())
                                + "); nothing published")
-        contracts.write_parity(staging / paths.PARITY, parity)
-        contracts.write_schemas(staging)
         results_sha = runio.sha256_file(results_file)
         rule = build_rule(cfg, task, results, results_sha, published, eot)
+        # The threshold is calibrated on the confidence the gateway computes on what it serves: the served GGUF's,
+        # from the gateway's own scorer (the classifier runs in process with evaluate's code: its curve stands).
+        served_rel = served_gguf(cfg, rule) if cfg.publish.verify_load else None
+        served = served_confidence(cfg, run_dir, staging, served_rel, task) if served_rel else None
+        if served:
+            parity[served_rel]["served_confidence"] = served
+            rule = build_rule(cfg, task, results, results_sha, published, eot, served)
+        contracts.write_parity(staging / paths.PARITY, parity)
+        contracts.write_schemas(staging)
         write_serving(cfg, task, staging, rule, published, tokenizer, eot)
         files = {p.relative_to(staging).as_posix(): runio.sha256_file(p)
                  for p in sorted((staging / paths.MODEL_DIR).rglob("*")) if p.is_file()}
         card = render_card(cfg, generate, train, results, rule, artifacts, parity, files, forced_past)
         runio.atomic_write_text(staging / paths.MODEL_CARD, card)
-        runio.atomic_write_text(staging / paths.REPORT, report_markdown(cfg, artifacts, parity))
+        runio.atomic_write_text(staging / paths.REPORT, report_markdown(cfg, artifacts, parity,
+                                                                        threshold_lines(rule, results, served)))
         # Swap the finished staging folder into place: publish/ is either the old complete one (with its DONE.json)
         # or the new one (no DONE.json until the pipeline writes it), never old files half deleted; the old folder
         # is deleted only after the swap, and one left by a kill is removed by the next publish.
