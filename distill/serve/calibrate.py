@@ -6,8 +6,10 @@ similarity plays the cached entry, with the teacher's label as the cached answer
 item whose neighbour is at least that similar, and a *false hit* is a hit whose cached answer differs from the
 teacher's answer for the item itself. The threshold chosen is the lowest whose false-hit rate's Clopper-Pearson 95%
 interval has its upper end at or below ``serve.semantic_cache.max_false_hit``; when none has, the cache is off
-(``threshold: null``). Writes ``serve/cache_calibration.json`` (the table and the choice, which serve reads) and
-``serve/cache_calibration.md`` (the same table for people).
+(``threshold: null``). Writes ``serve/cache_calibration.json`` (the table and the choice, which serve reads),
+``serve/cache_calibration.md`` (the same table for people) and ``serve/cache_calibration.png`` (hit rate and
+false-hit rate with its interval against the threshold). Publish runs it when ``serve.semantic_cache.enabled`` and
+puts the table and the plot in report.md and MODEL_CARD.md (distill.stages.publish.card).
 
 With zero false hits, the upper end is about 3.7 / hits: a 1% bound needs some 370 hits at the chosen threshold, so
 a small run disables the cache rather than trusting a handful of matches.
@@ -29,6 +31,7 @@ from distill.serve.cache import CACHE_CALIBRATION, default_embedder, normalize_i
 log = logging.getLogger("distill")
 
 CACHE_TABLE = "cache_calibration.md"
+CACHE_PLOT = "cache_calibration.png"
 THRESHOLDS = tuple(round(0.50 + 0.005 * i, 3) for i in range(100))  # 0.500 .. 0.995
 LEVEL = 0.95
 
@@ -106,6 +109,36 @@ def markdown(rows: list[dict], chosen: dict | None, max_false_hit: float) -> str
     return "\n".join(lines) + "\n\n" + verdict + "\n"
 
 
+def plot(path: Path, rows: list[dict], chosen: dict | None, max_false_hit: float) -> None:
+    """Hit rate and false-hit rate (with its 95% interval) against the threshold, the bound and the choice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r["threshold"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(t, [r["hit_rate"] for r in rows], label="hit rate", color="tab:blue")
+    hit = [r for r in rows if r["hits"]]
+    ax.plot([r["threshold"] for r in hit], [r["false_hit_rate"]["value"] for r in hit], label="false-hit rate",
+            color="tab:red")
+    ax.fill_between([r["threshold"] for r in hit], [r["false_hit_rate"]["low"] for r in hit],
+                    [r["false_hit_rate"]["high"] for r in hit], color="tab:red", alpha=0.2,
+                    label=f"false-hit {LEVEL:.0%} interval")
+    ax.axhline(max_false_hit, color="black", lw=0.8, ls="--", label=f"max_false_hit {max_false_hit:g}")
+    if chosen is not None:
+        ax.axvline(chosen["threshold"], color="tab:green", lw=1, label=f"chosen {chosen['threshold']:.3f}")
+    ax.set_xlabel("similarity threshold (MiniLM cosine)")
+    ax.set_ylabel("share of held-out items / of hits")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("semantic cache calibration" + ("" if chosen else ": no threshold within the bound, cache off"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def calibrate(cfg, embedder: Callable[[list[str]], np.ndarray] | None = None) -> dict:
     """Measure the run's table, choose the threshold, write serve/cache_calibration.{json,md}; returns the JSON."""
     run_dir = Path(cfg.run_dir)
@@ -123,6 +156,7 @@ def calibrate(cfg, embedder: Callable[[list[str]], np.ndarray] | None = None) ->
     serve_dir.mkdir(parents=True, exist_ok=True)
     runio.write_json(serve_dir / CACHE_CALIBRATION, out)
     runio.atomic_write_text(serve_dir / CACHE_TABLE, markdown(rows, chosen, max_false_hit))
+    plot(serve_dir / CACHE_PLOT, rows, chosen, max_false_hit)
     return out
 
 

@@ -8,10 +8,15 @@ report is never edited, so it reads the same whether or not publish ran.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 from distill import paths, routing, runio
 from distill.config import Config
 from distill.metrics.report import baseline_line, ladder_lines
 from distill.metrics.stats import format_interval
+from distill.serve import calibrate
+from distill.serve.cache import CACHE_CALIBRATION
 from distill.stages.publish.gguf import model_name
 from distill.student import embed_classifier
 
@@ -88,6 +93,38 @@ def parity_lines(cfg: Config, artifacts: dict, parity: dict) -> list[str]:
     return lines
 
 
+def calibrate_cache(cfg: Config, staging: Path) -> None:
+    """With ``serve.semantic_cache.enabled``: run calibrate-cache (serve/cache_calibration.{json,md,png}) and put its
+    plot beside the card, which, like report.md, then shows the table (``cache_lines``). Nothing otherwise."""
+    if not cfg.serve.semantic_cache.enabled:
+        return
+    calibrate.calibrate(cfg)
+    shutil.copy2(paths.stage_dir(Path(cfg.run_dir), paths.SERVE_DIR) / calibrate.CACHE_PLOT,
+                 staging / calibrate.CACHE_PLOT)
+
+
+def cache_lines(cfg: Config) -> list[str]:
+    """The semantic cache's calibration (serve/cache_calibration.json) as Markdown: the verdict, the plot and the
+    table rows around the choice ([] when the cache is not enabled or was not calibrated)."""
+    found = paths.stage_dir(Path(cfg.run_dir), paths.SERVE_DIR) / CACHE_CALIBRATION
+    if not cfg.serve.semantic_cache.enabled or not found.is_file():
+        return []
+    cal = runio.read_json(found)
+    rows, chosen = cal["table"], cal.get("chosen")
+    # every 0.05 of the grid, and the chosen row: the full 0.005 grid is in serve/cache_calibration.md
+    shown = [r for r in rows if round(r["threshold"] * 1000) % 50 == 0 or (chosen and r["threshold"] ==
+                                                                           chosen["threshold"])]
+    table = calibrate.markdown(shown, chosen, cal["max_false_hit"]).rstrip("\n").splitlines()
+    return ["## Semantic cache calibration (serve.semantic_cache)", "",
+            f"Measured by calibrate-cache on {cal['held_out_items']} held-out items, each against its nearest of "
+            f"{cal['train_items']} train items: a hit is a neighbour at least as similar as the threshold, a false "
+            f"hit one whose teacher answer differs from the item's own; {cal['level']:.0%} Clopper-Pearson "
+            f"intervals. The gateway serves at the chosen threshold "
+            f"({'none: the cache stays off' if cal['threshold'] is None else format(cal['threshold'], '.3f')}).", "",
+            f"![semantic cache calibration]({calibrate.CACHE_PLOT})", "", *table, "",
+            f"Every threshold: {paths.SERVE_DIR}/{calibrate.CACHE_TABLE}.", ""]
+
+
 def report_markdown(cfg: Config, artifacts: dict, parity: dict, threshold: list[str] = ()) -> str:
     """publish/report.md: each artifact's parity in one sentence, then the parity table; ``threshold``: Markdown
     lines on whose confidences the routing threshold was chosen (serving.threshold_lines), appended."""
@@ -105,6 +142,8 @@ def report_markdown(cfg: Config, artifacts: dict, parity: dict, threshold: list[
                      f"{res['parity'] * 100:.1f}% of {res['n']} test items; {verdict}.")
     lines += ["", *parity_lines(cfg, artifacts, parity), "", f"Figures: {paths.PARITY}; the student's own scores: "
               f"evaluate/{paths.REPORT}."]
+    if cache := cache_lines(cfg):
+        lines += ["", *cache]
     return "\n".join([*lines, *([""] + list(threshold) if threshold else [])]) + "\n"
 
 
@@ -147,6 +186,8 @@ def render_card(cfg: Config, generate: dict, train: dict, results: dict, rule: r
         *_metric_lines(m, cfg.eval.confidence_level), "", baseline_line(results),
     ]
     lines += ["", "## Artifacts and parity", "", *parity_lines(cfg, artifacts, parity)]
+    if cache := cache_lines(cfg):
+        lines += ["", *cache]
     r = rule.route
     lines += ["", "## Routing", "",
               f"- {'enabled' if r.enabled else 'disabled'}: {r.reason}",

@@ -37,7 +37,7 @@ from transformers import AutoTokenizer
 from distill import DistillError, contracts, paths, runio
 from distill.config import Config
 from distill.metrics.gate import failure_reasons
-from distill.stages.publish.card import render_card, report_markdown
+from distill.stages.publish.card import calibrate_cache, render_card, report_markdown
 from distill.stages.publish.gguf import build_artifacts, merge_adapter
 from distill.stages.publish.parity import check_parity, classifier_parity, served_confidence
 from distill.stages.publish.serving import build_rule, served_gguf, threshold_lines, write_serving
@@ -131,6 +131,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         write_serving(cfg, task, staging, rule, published, tokenizer, eot)
         files = {p.relative_to(staging).as_posix(): runio.sha256_file(p)
                  for p in sorted((staging / paths.MODEL_DIR).rglob("*")) if p.is_file()}
+        calibrate_cache(cfg, staging)  # serve.semantic_cache.enabled: its table and plot in the card and report
         card = render_card(cfg, generate, train, results, rule, artifacts, parity, files, forced_past)
         runio.atomic_write_text(staging / paths.MODEL_CARD, card)
         runio.atomic_write_text(staging / paths.REPORT, report_markdown(cfg, artifacts, parity,
