@@ -17,7 +17,7 @@ from distill import runio
 from distill.config import TeacherConfig
 from distill.task import OutputSchema
 from distill.teacher.scoring import TOP_LOGPROBS
-from distill.teacher.server import embedded_gguf
+from distill.teacher.server import embedded_gguf, resolve_runtime
 
 DEFAULT_N_CTX = 4096
 
@@ -30,13 +30,19 @@ def teacher_identity(tcfg: TeacherConfig) -> dict:
     local teacher the model file's sha256 and its context size (never the loopback port of the server distill
     starts for it), for a remote one the base URL (another provider serving the same model name is another
     teacher), and for structured answers the schema (an answer bought under one schema is never served under
-    another, even with ``structured_output=none``). Speed and retry knobs are not part of it.
+    another, even with ``structured_output=none``). Speed and retry knobs are not part of it. A local teacher's
+    runtime is: llama.cpp's C++ server and llama-cpp-python's return log-probs that differ in the last digits and
+    sample differently, so the native one adds ``"runtime": "llama_server"`` (keys of llama-cpp-python's answers
+    stay the ones ledgers already hold).
     """
     if tcfg.kind == "llama_cpp":
         path = Path(tcfg.model_path) if tcfg.model_path else embedded_gguf()
         stat = path.stat()
-        return {"gguf_sha256": _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns),
-                "n_ctx": tcfg.n_ctx or DEFAULT_N_CTX}
+        identity = {"gguf_sha256": _file_sha256(str(path.resolve()), stat.st_size, stat.st_mtime_ns),
+                    "n_ctx": tcfg.n_ctx or DEFAULT_N_CTX}
+        if (runtime := resolve_runtime(tcfg.runtime)) != "llama_cpp_python":
+            identity["runtime"] = runtime
+        return identity
     url = urllib.parse.urlsplit((tcfg.base_url or "").rstrip("/"))
     host = url.hostname or ""  # never user:password@ (the key is stored in the ledger's request column)
     netloc = f"{host}:{url.port}" if url.port else host

@@ -1,7 +1,15 @@
 """Start and stop llama.cpp's OpenAI-compatible server on loopback (the embedded teacher, and the parity checks).
 
-    with LlamaCppServer(gguf_path, log_path=...) as server:
+    with LlamaCppServer(gguf_path, log_path=...) as server:   # llama-cpp-python's `python -m llama_cpp.server`
         server.base_url   # http://127.0.0.1:<free port>/v1
+    with LlamaServer(gguf_path, slots=4) as server:           # llama.cpp's own C++ llama-server (native)
+
+Two runtimes serve the embedded teacher (``teacher.runtime``): llama.cpp's C++ ``llama-server``, built once from
+the llama-cpp-python sdist of the installed version by ``scripts/build_llama_server.py`` (``make setup``), and
+llama-cpp-python's Python server. ``auto`` takes the native one when its binary is built. Both take the same
+requests (OpenAI chat completions, ``logprobs``/``top_logprobs``, ``{"type": "json_object", "schema": ...}``); the
+native one computes top log-probs in C++ for the returned token only (no ``logits_all``), keeps the shared prompt
+prefix in its slot's KV cache, and batches several slots continuously.
 
 The server is always stopped: on normal exit, on an exception, on Ctrl-C, and (via atexit) on SIGTERM handled by
 the CLI. It listens on 127.0.0.1 only.
@@ -11,6 +19,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -28,6 +38,10 @@ from distill.config import Config
 log = logging.getLogger("distill")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+RUNTIMES = ("auto", "llama_server", "llama_cpp_python")
+# The native binary: $DISTILL_LLAMA_SERVER (a file), else $DISTILL_LLAMA_SERVER_DIR or ~/.cache/distill/bin, holding
+# llama-server-<llama-cpp-python version> as scripts/build_llama_server.py writes it.
+BINARY_ENV, BINARY_DIR_ENV = "DISTILL_LLAMA_SERVER", "DISTILL_LLAMA_SERVER_DIR"
 
 
 def embedded_gguf() -> Path:
@@ -131,6 +145,48 @@ class LoopbackServer:
         self.stop()
 
 
+@functools.lru_cache(maxsize=1)
+def llama_cpp_version() -> str:
+    try:
+        return importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        raise DistillError("llama-cpp-python is not installed; run `make setup`") from None
+
+
+def _build_hint() -> str:
+    return f"build it with `python scripts/build_llama_server.py --version {llama_cpp_version()}` (or `make setup`)"
+
+
+def llama_server_binary() -> Path | None:
+    """The native ``llama-server`` for the installed llama-cpp-python version, or None when it is not built.
+
+    ``$DISTILL_LLAMA_SERVER`` names the binary itself; it must then exist (a clear error otherwise)."""
+    named = os.environ.get(BINARY_ENV)
+    if named:
+        path = Path(named).expanduser()
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise DistillError(f"${BINARY_ENV}={named} is not an executable file; point it at a llama-server "
+                               f"binary or unset it and {_build_hint()}")
+        return path
+    folder = Path(os.environ.get(BINARY_DIR_ENV) or Path.home() / ".cache" / "distill" / "bin").expanduser()
+    path = folder / f"llama-server-{llama_cpp_version()}"
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def resolve_runtime(runtime: str) -> str:
+    """``teacher.runtime`` as it will run: ``llama_server`` or ``llama_cpp_python`` (``auto``: native when built)."""
+    if runtime not in RUNTIMES:
+        raise DistillError(f"unknown teacher.runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
+    if runtime == "llama_cpp_python":
+        return runtime
+    if llama_server_binary() is not None:
+        return "llama_server"
+    if runtime == "llama_server":
+        raise DistillError(f"teacher.runtime=llama_server but the native llama-server is not built; {_build_hint()}, "
+                           f"or use teacher.runtime=auto")
+    return "llama_cpp_python"
+
+
 class LlamaCppServer(LoopbackServer):
     """A `python -m llama_cpp.server` child process bound to 127.0.0.1."""
 
@@ -156,18 +212,57 @@ class LlamaCppServer(LoopbackServer):
                 "--model_alias", self.alias, "--logits_all", str(self.logits_all)]
 
 
+class LlamaServer(LoopbackServer):
+    """llama.cpp's own C++ ``llama-server`` bound to 127.0.0.1, ``slots`` sequences batched continuously.
+
+    Each slot has ``n_ctx`` tokens of context and keeps its last prompt's KV cache, so a request sharing a prefix
+    with the previous one evaluates only the new tokens. Top log-probs (``logprobs`` + ``top_logprobs``) need no
+    option here. No web UI, no downloads: the binary only serves the given file.
+    """
+
+    def __init__(self, model_path: Path, *, alias: str = "model", n_ctx: int = 4096, n_threads: int | None = None,
+                 slots: int = 1, binary: Path | None = None, log_path: Path | None = None,
+                 startup_timeout_s: float = 120):
+        self.model_path = Path(model_path)
+        if not self.model_path.exists():
+            raise DistillError(f"GGUF model {self.model_path} does not exist")
+        self.binary = Path(binary) if binary else llama_server_binary()
+        if self.binary is None:
+            raise DistillError(f"the native llama-server is not built; {_build_hint()}")
+        if slots < 1:
+            raise DistillError(f"llama-server needs at least one slot (got {slots})")
+        super().__init__(log_path=log_path, startup_timeout_s=startup_timeout_s)
+        self.alias, self.n_ctx, self.slots = alias, n_ctx, slots
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self.what, self.model_name = f"llama-server ({slots} slot{'s' * (slots > 1)})", self.model_path.name
+
+    def command(self) -> list[str]:
+        return [str(self.binary), "--model", str(self.model_path), "--host", "127.0.0.1", "--port", str(self.port),
+                "--ctx-size", str(self.n_ctx * self.slots), "--parallel", str(self.slots), "--threads",
+                str(self.n_threads), "--threads-batch", str(self.n_threads), "--alias", self.alias, "--no-webui",
+                "--cache-ram", "0", "--no-warmup"]
+
+
 @contextlib.contextmanager
 def teacher_endpoint(cfg: Config, log_dir: Path, logits_all: bool = False):
     """Yield the teacher's base URL, starting (and always stopping) the llama.cpp server for teacher=local.
 
-    Used by generate and by ``python -m distill serve`` (the gateway's teacher fallback).
+    ``teacher.runtime`` picks the server (see the module docstring); ``logits_all`` (top log-probs, the score
+    method) matters to llama-cpp-python's server only. Used by generate and by ``python -m distill serve`` (the
+    gateway's teacher fallback).
     """
     if cfg.teacher.kind != "llama_cpp":
         yield cfg.teacher.base_url
         return
     model = Path(cfg.teacher.model_path) if cfg.teacher.model_path else embedded_gguf()
-    server = LlamaCppServer(model, alias=cfg.teacher.model or "teacher", n_ctx=cfg.teacher.n_ctx or 4096,
-                            n_threads=cfg.teacher.n_threads, log_path=log_dir / "teacher_server.log",
-                            startup_timeout_s=cfg.teacher.startup_timeout_s or 120, logits_all=logits_all)
+    runtime = resolve_runtime(cfg.teacher.runtime)
+    common = dict(alias=cfg.teacher.model or "teacher", n_ctx=cfg.teacher.n_ctx or 4096,
+                  n_threads=cfg.teacher.n_threads, log_path=log_dir / "teacher_server.log",
+                  startup_timeout_s=cfg.teacher.startup_timeout_s or 120)
+    if runtime == "llama_server":
+        server: LoopbackServer = LlamaServer(model, slots=cfg.teacher.concurrency, **common)
+    else:
+        server = LlamaCppServer(model, logits_all=logits_all, **common)
+    log.info("teacher runtime: %s (teacher.runtime=%s)", runtime, cfg.teacher.runtime)
     with server:
         yield server.base_url

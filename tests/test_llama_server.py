@@ -1,0 +1,251 @@
+"""The native llama-server: its cached build (scripts/build_llama_server.py), the runtime choice for the embedded
+teacher (teacher.runtime), what it puts in a request key, and the real binary answering distill's own requests."""
+
+from __future__ import annotations
+
+import io
+import stat
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from distill import DistillError
+from distill.config import TeacherConfig
+from distill.teacher import server as srv
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import build_llama_server as build  # noqa: E402
+
+
+def _executable(path: Path, exit_code: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"#!/bin/sh\nexit {exit_code}\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+@pytest.fixture
+def bin_dir(tmp_path, monkeypatch):
+    """An empty binary folder for this test: the real cache (if built) is out of the picture."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    monkeypatch.setenv(srv.BINARY_DIR_ENV, str(folder))
+    monkeypatch.delenv(srv.BINARY_ENV, raising=False)
+    return folder
+
+
+# --- the build script ---------------------------------------------------------------------------------------------
+
+def test_a_runnable_cached_binary_is_kept_and_nothing_is_built(tmp_path, monkeypatch, capsys):
+    cached = _executable(build.binary_path(tmp_path, "9.9.9"))
+    before = cached.stat().st_mtime_ns
+    monkeypatch.setattr(build, "check_toolchain", lambda: pytest.fail("the toolchain was consulted: a rebuild"))
+    monkeypatch.setattr(build, "download_sdist", lambda *a: pytest.fail("the sdist was downloaded: a rebuild"))
+    assert build.main(["--version", "9.9.9", "--dest", str(tmp_path)]) == 0
+    assert cached.stat().st_mtime_ns == before
+    assert "already built" in capsys.readouterr().out
+
+
+def test_a_cached_binary_that_does_not_run_is_rebuilt_and_a_missing_toolchain_says_what_to_install(
+        tmp_path, monkeypatch, capsys):
+    _executable(build.binary_path(tmp_path, "9.9.9"), exit_code=1)  # e.g. built for another CPU
+    monkeypatch.setattr(build.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(build, "download_sdist", lambda *a: pytest.fail("downloaded before checking the toolchain"))
+    assert build.main(["--version", "9.9.9", "--dest", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "cmake and a C++ compiler (g++ or clang++) not found" in err and "apt-get install cmake g++" in err
+
+
+def test_force_rebuilds_a_runnable_binary(tmp_path, monkeypatch):
+    _executable(build.binary_path(tmp_path, "9.9.9"))
+    calls = []
+    monkeypatch.setattr(build, "check_toolchain", lambda: calls.append("toolchain") or ("cmake", "c++"))
+    monkeypatch.setattr(build, "extract_vendored", lambda *a: (_ for _ in ()).throw(build.BuildError("stop")))
+    sdist = tmp_path / "llama_cpp_python-9.9.9.tar.gz"
+    sdist.write_bytes(b"")
+    with pytest.raises(build.BuildError, match="stop"):
+        build.build("9.9.9", tmp_path, sdist=sdist, force=True)
+    assert calls == ["toolchain"]
+
+
+def test_a_named_sdist_that_does_not_exist_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(build, "check_toolchain", lambda: ("cmake", "c++"))
+    with pytest.raises(build.BuildError, match="does not exist; omit it"):
+        build.build("9.9.9", tmp_path, sdist=tmp_path / "nope.tar.gz")
+
+
+def _sdist(path: Path, names: list[str]) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name in names:
+            data = b"x"
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_only_the_vendored_llama_cpp_tree_is_extracted(tmp_path):
+    sdist = _sdist(tmp_path / "s.tar.gz", ["llama_cpp_python-9/vendor/llama.cpp/tools/server/CMakeLists.txt",
+                                           "llama_cpp_python-9/vendor/llama.cpp/CMakeLists.txt",
+                                           "llama_cpp_python-9/llama_cpp/llama.py"])
+    root = build.extract_vendored(sdist, tmp_path / "out")
+    assert (root / "tools" / "server" / "CMakeLists.txt").is_file() and (root / "CMakeLists.txt").is_file()
+    assert not any(p.name == "llama.py" for p in (tmp_path / "out").rglob("*"))
+    without_server = _sdist(tmp_path / "t.tar.gz", ["llama_cpp_python-9/vendor/llama.cpp/CMakeLists.txt"])
+    with pytest.raises(build.BuildError, match="no vendored llama.cpp server sources"):
+        build.extract_vendored(without_server, tmp_path / "out2")
+
+
+def test_the_build_asks_for_the_server_target_only_without_https_or_ui_downloads(tmp_path):
+    args = build.cmake_args(tmp_path / "src", tmp_path / "b", native=False)
+    assert {"-DGGML_NATIVE=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_BUILD_UI=OFF",
+            "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TESTS=OFF"} <= set(args)
+    assert "-DGGML_NATIVE=ON" in build.cmake_args(tmp_path / "src", tmp_path / "b", native=True)
+
+
+# --- the runtime choice -------------------------------------------------------------------------------------------
+
+def test_auto_takes_the_native_server_only_when_it_is_built(bin_dir):
+    assert srv.llama_server_binary() is None
+    assert srv.resolve_runtime("auto") == "llama_cpp_python"
+    with pytest.raises(DistillError, match="not built; build it with `python scripts/build_llama_server.py"):
+        srv.resolve_runtime("llama_server")
+    binary = _executable(bin_dir / f"llama-server-{srv.llama_cpp_version()}")
+    assert srv.llama_server_binary() == binary
+    assert srv.resolve_runtime("auto") == "llama_server"
+    assert srv.resolve_runtime("llama_server") == "llama_server"
+    assert srv.resolve_runtime("llama_cpp_python") == "llama_cpp_python"
+    with pytest.raises(DistillError, match="unknown teacher.runtime 'fast'"):
+        srv.resolve_runtime("fast")
+
+
+def test_a_binary_named_in_the_environment_must_exist(bin_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(srv.BINARY_ENV, str(tmp_path / "missing"))
+    with pytest.raises(DistillError, match="DISTILL_LLAMA_SERVER=.* is not an executable file"):
+        srv.resolve_runtime("auto")
+    monkeypatch.setenv(srv.BINARY_ENV, str(_executable(tmp_path / "mine")))
+    assert srv.resolve_runtime("auto") == "llama_server"
+
+
+def test_the_native_runtime_is_part_of_the_key_and_the_python_servers_keys_are_unchanged(bin_dir, tmp_path):
+    from distill.ledger import request_key
+    from distill.teacher.request import build_score_request, teacher_identity
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"model")
+    messages = [{"role": "user", "content": "hi"}]
+
+    def tcfg(runtime):
+        return TeacherConfig(kind="llama_cpp", model="t", structured_output="llama_cpp", model_path=str(gguf),
+                             runtime=runtime)
+
+    python_identity = teacher_identity(tcfg("auto"))  # nothing built: the Python server
+    assert set(python_identity) == {"gguf_sha256", "n_ctx"}
+    python_key = request_key(build_score_request(tcfg("auto"), messages))
+    _executable(bin_dir / f"llama-server-{srv.llama_cpp_version()}")
+    assert teacher_identity(tcfg("auto")) == {**python_identity, "runtime": "llama_server"}
+    assert request_key(build_score_request(tcfg("auto"), messages)) != python_key
+    assert request_key(build_score_request(tcfg("llama_cpp_python"), messages)) == python_key
+
+
+def test_the_native_server_listens_on_loopback_with_a_context_of_n_ctx_per_slot(bin_dir, tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"model")
+    with pytest.raises(DistillError, match="native llama-server is not built"):
+        srv.LlamaServer(gguf)
+    binary = _executable(bin_dir / f"llama-server-{srv.llama_cpp_version()}")
+    cmd = srv.LlamaServer(gguf, slots=4, n_ctx=1024, n_threads=2).command()
+    assert cmd[0] == str(binary)
+    opts = dict(zip(cmd[1::2], cmd[2::2]))
+    assert opts["--host"] == "127.0.0.1" and opts["--parallel"] == "4" and opts["--ctx-size"] == "4096"
+    assert "--no-webui" in cmd
+    with pytest.raises(DistillError, match="at least one slot"):
+        srv.LlamaServer(gguf, slots=0)
+
+
+def test_the_teacher_endpoint_starts_the_runtime_chosen(bin_dir, monkeypatch, tmp_path):
+    from distill.config import load_config
+
+    started = []
+
+    class Recorder(srv.LoopbackServer):
+        def __init__(self, *a, **kw):
+            super().__init__()
+            started.append((type(self).__name__, kw))
+
+        def start(self):
+            return self
+
+    monkeypatch.setattr(srv, "LlamaServer", type("LlamaServer", (Recorder,), {}))
+    monkeypatch.setattr(srv, "LlamaCppServer", type("LlamaCppServer", (Recorder,), {}))
+    cfg = load_config(["recipe=support_tickets", "teacher=local", "teacher.concurrency=3"])
+    with srv.teacher_endpoint(cfg, tmp_path, logits_all=True):
+        pass
+    _executable(bin_dir / f"llama-server-{srv.llama_cpp_version()}")
+    with srv.teacher_endpoint(cfg, tmp_path, logits_all=True):
+        pass
+    cfg.teacher.runtime = "llama_cpp_python"
+    with srv.teacher_endpoint(cfg, tmp_path):
+        pass
+    assert [name for name, _ in started] == ["LlamaCppServer", "LlamaServer", "LlamaCppServer"]
+    assert started[0][1]["logits_all"] is True and started[1][1]["slots"] == 3 and "logits_all" not in started[1][1]
+
+
+# --- the real binary, when built ----------------------------------------------------------------------------------
+
+def _built_binary() -> Path | None:
+    try:
+        return srv.llama_server_binary()
+    except DistillError:
+        return None
+
+
+@pytest.mark.skipif(_built_binary() is None,
+                    reason="the native llama-server is not built (python scripts/build_llama_server.py --version "
+                           "<llama-cpp-python version>, or make setup)")
+def test_the_native_server_answers_generates_score_and_label_requests_unchanged(tmp_path):
+    """The bodies distill sends to llama-cpp-python's server (top_logprobs; the llama_cpp json_object + schema
+    response format) need no translation: the native server reads them and distill's readers parse its answers."""
+    import json
+    import urllib.request
+
+    from distill.task import OutputSchema
+    from distill.teacher.answers import ChatReader, ScoreReader, usage_tokens
+    from distill.teacher.request import build_chat_request, build_score_request, wire_body
+
+    schema = OutputSchema({"type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "blue"]}},
+                           "required": ["colour"], "additionalProperties": False})
+    tcfg = TeacherConfig(kind="llama_cpp", model="teacher", structured_output="llama_cpp", max_tokens=16,
+                         runtime="llama_server")
+    messages = [{"role": "system", "content": "Answer with the colour of the sky as JSON."},
+                {"role": "user", "content": "What colour is the sky?"}]
+
+    def post(base_url, request):
+        body = json.dumps(wire_body(request)).encode()
+        req = urllib.request.Request(f"{base_url}/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return json.loads(resp.read())
+
+    log_path = tmp_path / "server.log"
+    with srv.LlamaServer(srv.embedded_gguf(), alias="teacher", n_ctx=1024, slots=2, log_path=log_path) as server:
+        scored = post(server.base_url, build_score_request(tcfg, messages))
+        text, answer, reason = ScoreReader().body(scored)
+        assert reason is None and len(answer["top"]) == 20
+        assert all(lp <= 0 for _, lp in answer["top"]) and answer["top"] == sorted(answer["top"], key=lambda t: -t[1])
+        labelled = post(server.base_url, build_chat_request(tcfg, schema, messages, 0, None))
+        text, answer, reason = ChatReader(schema.parse).body(labelled)
+        assert reason is None and answer["colour"] in ("red", "blue")  # the grammar held the answer to the schema
+        # the same score request again: the slot's cache served the prompt, and the usage says so
+        again = post(server.base_url, build_score_request(tcfg, messages))
+        prompt, cached, completion = usage_tokens(again["usage"])
+        assert completion == 1 and 0 < cached <= prompt
+        assert ScoreReader().body(again)[1]["top"][0][0] == answer_top(scored)
+    assert server.proc is None and log_path.stat().st_size > 0
+
+
+def answer_top(body: dict) -> str:
+    return body["choices"][0]["logprobs"]["content"][0]["top_logprobs"][0]["token"]
