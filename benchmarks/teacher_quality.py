@@ -1,6 +1,6 @@
 """The same teacher, labelled five ways: accuracy against gold on the Bitext sample (category, 11 classes).
 
-    python benchmarks/teacher_quality.py [--items 110] [--no-record]
+    python benchmarks/teacher_quality.py [--items 110] [--runtime auto] [--no-record]
 
 Teacher: the embedded SmolLM2-135M-Instruct (llama.cpp, CPU). Options, each one `python -m distill generate` run
 on the same stratified items (rejected answers count as wrong):
@@ -38,12 +38,13 @@ OPTIONS = {
 }
 
 
-def run_option(name: str, work: Path, items: int) -> dict:
+def run_option(name: str, work: Path, items: int, runtime: str = "auto") -> dict:
     seeds, extra = OPTIONS[name]
     recipes = bitext.prepare(work / f"recipes-{seeds}", items, seeds)
     run_dir = work / f"run-{name}"
     cmd = [sys.executable, "-m", "distill", "generate", "recipe=cs_category", f"recipe_dir={recipes}",
-           f"run_dir={run_dir}", "teacher=local", "generate.limit=null", "generate.dedup.enabled=false", *extra]
+           f"run_dir={run_dir}", "teacher=local", f"teacher.runtime={runtime}", "generate.limit=null",
+           "generate.dedup.enabled=false", *extra]
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -62,17 +63,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--items", type=int, default=110)
     ap.add_argument("--options", nargs="*", default=list(OPTIONS), choices=list(OPTIONS))
+    ap.add_argument("--runtime", default="auto", choices=["auto", "llama_server", "llama_cpp_python"],
+                    help="teacher.runtime: the server the embedded teacher runs on")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="distill-bench-") as tmp:
         for name in args.options:
-            results.append(run_option(name, Path(tmp), args.items))
+            results.append(run_option(name, Path(tmp), args.items, args.runtime))
             print(json.dumps(results[-1]), flush=True)
     rows = [[r["option"], f"{100 * r['accuracy']:.1f}%", r["rejected"], r["distinct_labels"], r["calls"],
              f"{r['wall']:.0f}"] for r in results]
-    text = (f"Teacher SmolLM2-135M-Instruct (Q4_1, llama.cpp), {args.items} Bitext messages stratified over 11 "
-            f"categories (chance 9.1%); accuracy vs gold over all items, rejected answers counted wrong.\n\n"
+    from distill.teacher.server import resolve_runtime
+
+    text = (f"Teacher SmolLM2-135M-Instruct (Q4_1, llama.cpp, runtime {resolve_runtime(args.runtime)}), {args.items} "
+            f"Bitext messages stratified over 11 categories (chance 9.1%); accuracy vs gold over all items, "
+            f"rejected answers counted wrong.\n\n"
             + table(["option", "accuracy", "rejected", "distinct labels used", "teacher calls", "wall s"], rows))
     append("Teacher label quality by option (Bitext)", text, record=not args.no_record)
     print(text)

@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="parallel compile jobs (default 2)")
     parser.add_argument("--native", choices=("on", "off"), default="on",
                         help="GGML_NATIVE: tune for this CPU (on) or a portable build (off)")
-    parser.add_argument("--sdist", default=None, help="a local llama_cpp_python-<version>.tar.gz (default: pip download)")
+    parser.add_argument("--sdist", default=None,
+                        help="a local llama_cpp_python-<version>.tar.gz (default: pip download)")
     parser.add_argument("--force", action="store_true", help="rebuild even when a runnable binary is cached")
     args = parser.parse_args(argv)
     try:
