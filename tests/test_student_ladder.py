@@ -137,6 +137,32 @@ def test_heads_match_scikit_learn_for_binary_multiclass_and_one_value_fields():
         assert confidence == pytest.approx(np.prod(list(field_conf.values())))
 
 
+def test_soft_targets_move_the_heads_distribution_to_the_teachers():
+    """train.targets=soft for the classifier: fit to the teacher's distribution (each example repeated per value,
+    weighted by its probability), the head's probabilities approach the teacher's; hard labels push them to ~1."""
+    from sklearn.linear_model import LogisticRegression
+
+    from distill.student.embed_classifier import _replicate
+
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(2, 8)) * 4
+    y = rng.integers(0, 2, size=200)
+    x = (centers[y] + rng.normal(size=(200, 8))).astype(np.float32)
+    labels = [{"f": ["a", "b"][k]} for k in y]
+    teacher = np.where(y[:, None] == 0, [0.8, 0.2], [0.3, 0.7])  # the teacher's top value is the cluster's
+    hcfg = HeadConfig(c_grid=[100.0], class_weight=None)
+    hard, _ = fit_heads(x, labels, x, labels, {"f": ["a", "b"]}, hcfg)
+    soft, _ = fit_heads(x, labels, x, labels, {"f": ["a", "b"]}, hcfg, soft={"f": teacher})
+    gap = {name: float(np.abs(h.probs(x) - teacher).mean()) for name, h in (("hard", hard["f"]), ("soft", soft["f"]))}
+    assert gap["soft"] < 0.05 < 0.15 < gap["hard"], gap  # measured: the soft head reproduces the teacher's split
+    # the same answers as hard labels (the top value is the teacher's either way)
+    assert (soft["f"].probs(x).argmax(1) == hard["f"].probs(x).argmax(1)).mean() > 0.95
+    # the replication is exact: weighted copies give sklearn the soft cross-entropy
+    xr, yr, w = _replicate(x[:3], np.array([[0.8, 0.2], [1.0, 0.0], [0.5, 0.5]]))
+    assert yr.tolist() == [0, 1, 0, 0, 1] and w.tolist() == [0.8, 0.2, 1.0, 0.5, 0.5] and xr.shape == (5, 8)
+    assert LogisticRegression().fit(xr, yr, sample_weight=w).classes_.tolist() == [0, 1]
+
+
 def test_published_head_is_safetensors_and_json_and_loads_without_pickle(ladder_run, monkeypatch):
     run_dir, _, _ = ladder_run
     model_dir = paths.stage_dir(run_dir, "publish") / paths.MODEL_DIR
@@ -361,6 +387,9 @@ def test_auto_climbs_when_the_classifier_misses_and_keeps_the_better_rung(auto_c
     lora = load_file(str(paths.adapter_path(run_dir) / "adapter_model.safetensors"))
     assert any(float(t.abs().sum()) > 0 for k, t in lora.items() if "lora_B" in k)
     assert lm["val_agreement"]["n"] == clf["val_agreement"]["n"] == len(_split(run_dir, "val"))
+    # the LM rung's training was cut by the budget (train.max_steps) before train.epochs: the ladder says so
+    assert lm["training"]["stopped_by"] == "max_steps" and "training" not in clf
+    assert f"stopped early by train.max_steps={cfg.train.max_steps}" in lm["outcome"]
     # the rule: the best val agreement, or the cheaper rung whose interval overlaps it
     best, other = (clf, lm) if clf["val_agreement"]["value"] >= lm["val_agreement"]["value"] else (lm, clf)
     overlap = other["val_agreement"]["high"] >= best["val_agreement"]["low"]

@@ -7,9 +7,10 @@
 The encoder (the packaged all-MiniLM-L6-v2 unless student.source=hf) stays frozen and reads the raw input (no
 prompt): mean-pooled, unit-length embeddings, as sentence-transformers computes them (distill.data.embed). Each enum
 field gets a scikit-learn LogisticRegression (lbfgs, so multinomial over the field's values; student.head.
-class_weight), one per value of student.head.c_grid; the one whose answers agree best with the teacher's on the val
-split is kept (val is used for that choice only, so its coverage curve, which publish's routing threshold comes
-from, is marginally optimistic). A field's probabilities are softmax(W x + b); the answer's confidence is the
+class_weight; train.targets=soft: cross-entropy to the teacher's distribution, each example repeated per value with
+that probability as its weight), one per value of student.head.c_grid; the one whose answers agree best with the
+teacher's on the val split is kept (val is used for that choice only, so its coverage curve, which publish's routing
+threshold comes from, is marginally optimistic). A field's probabilities are softmax(W x + b); the answer's confidence is the
 product of its fields' top probabilities, as the LM students' chain-rule probability is.
 
 Files, never pickle (train/head/ and publish/model/head/): head.safetensors holds ``<field>.weight`` [values x dim]
@@ -174,8 +175,17 @@ def encoder_folder(scfg: StudentConfig) -> Path:
     return folder
 
 
+def _replicate(x: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Soft labels for a classifier without them: each example once per value it has probability on, weighted by
+    that probability. LogisticRegression's weighted log-loss over the copies is then the cross-entropy to the soft
+    labels, sum_v p(v) * -log q(v), exactly (same solver, C grid and files as hard labels)."""
+    rows, cols = np.nonzero(probs > 0)
+    return x[rows], cols, probs[rows, cols]
+
+
 def fit_heads(x: np.ndarray, labels: list[dict], x_val: np.ndarray, val_labels: list[dict],
-              enums: dict[str, list], hcfg: HeadConfig) -> tuple[dict[str, FieldHead], dict[str, dict]]:
+              enums: dict[str, list], hcfg: HeadConfig,
+              soft: dict[str, np.ndarray] | None = None) -> tuple[dict[str, FieldHead], dict[str, dict]]:
     """One LogisticRegression head per enum field, its C chosen on val agreement.
 
     Args:
@@ -183,6 +193,8 @@ def fit_heads(x: np.ndarray, labels: list[dict], x_val: np.ndarray, val_labels: 
         labels, val_labels: the teacher's answers, aligned with them.
         enums: field -> allowed values (OutputSchema.enums).
         hcfg: student.head.
+        soft: field -> [items x values] the teacher's distribution per train item (train.targets=soft): the head
+            is fit by cross-entropy to it (``_replicate``) instead of to the teacher's top value.
     Returns:
         (heads by field, a report per field: values seen, C tried with val agreement, C kept, converged).
     """
@@ -204,10 +216,12 @@ def fit_heads(x: np.ndarray, labels: list[dict], x_val: np.ndarray, val_labels: 
             continue
         best = None
         tried = {}
+        fit_x, fit_y, weight = (x, y, None) if soft is None or name not in soft else _replicate(x, soft[name])
         for c in hcfg.c_grid:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)  # recorded as `converged` instead
-                model = LogisticRegression(C=c, class_weight=hcfg.class_weight, max_iter=hcfg.max_iter).fit(x, y)
+                model = LogisticRegression(C=c, class_weight=hcfg.class_weight, max_iter=hcfg.max_iter).fit(
+                    fit_x, fit_y, sample_weight=weight)
             score = float((model.predict(x_val) == y_val).mean()) if len(y_val) else None
             tried[str(c)] = None if score is None else round(score, 4)
             if best is None or (score is not None and score > best[0]):  # ties keep the earlier C
@@ -267,8 +281,19 @@ def train(cfg: Config, run_dir: Path) -> dict:
     x_val = clf.embed([r["input"] for r in val_rows], hcfg.batch_size, progress="embed val")
     embed_s = time.perf_counter() - started
     started = time.perf_counter()
+    soft, sources = None, None
+    if cfg.train.targets == "soft":  # the teacher's distribution per field (distill.stages.train.soft)
+        from collections import Counter
+
+        from distill.stages.train.soft import teacher_distribution
+
+        soft, sources = {}, Counter()
+        for name, values in task.schema.enums.items():
+            dists = [teacher_distribution(r, name, values) for r in train_rows]
+            soft[name] = np.array([d for d, _ in dists])
+            sources.update(src for _, src in dists)
     clf.heads, fields = fit_heads(x, [r["teacher"] for r in train_rows], x_val, [r["teacher"] for r in val_rows],
-                                  task.schema.enums, hcfg)
+                                  task.schema.enums, hcfg, soft)
     fit_s = time.perf_counter() - started
 
     head_dir = paths.head_path(run_dir)
@@ -286,6 +311,7 @@ def train(cfg: Config, run_dir: Path) -> dict:
     return {"student_kind": "embed_classifier", "encoder": meta["encoder"], "head": meta["head"],
             "train_examples": len(train_rows), "val_examples": len(val_rows), "embedding_dim": int(x.shape[1]),
             "fields": fields, "train_agreement": train_agreement, "val_agreement": val_agreement,
+            "targets": cfg.train.targets, "soft_targets": {"fields_by_source": dict(sources)} if soft else None,
             "trainable_params": int(sum(h.weight.size + h.bias.size for h in clf.heads.values())),
             "embed_s": round(embed_s, 3), "fit_s": round(fit_s, 3), "device": "cpu",
             "threads": torch.get_num_threads(), "head_sha256": runio.sha256_tree(head_dir)}

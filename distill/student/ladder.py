@@ -179,6 +179,9 @@ def train(cfg: Config, run_dir: Path, train_lm: Callable[[Config, Path], dict]) 
         train_s = round(time.perf_counter() - started, 2)
         entry = {"rung": name, "kind": kind, "trained": True, "train_s": train_s,
                  **_measure(rcfg, task, run_dir, val_rows)}
+        if summary.get("stop_reason"):  # an LM rung: how its training ended (epochs, the budget, early stopping)
+            entry["training"] = {k: summary.get(k) for k in ("stopped_by", "stop_reason", "steps", "epochs_trained",
+                                                              "best_checkpoint", "kept_val_agreement")}
         entry["met_target"] = (entry["val_agreement"]["value"] or 0.0) >= target
         log.info("student=auto: rung %s agrees with the teacher on %s of %d val items (target %s), $%s per 1k",
                  name, entry["val_agreement"]["value"], len(val_rows), target, entry["usd_per_1k"])
@@ -202,6 +205,8 @@ def train(cfg: Config, run_dir: Path, train_lm: Callable[[Config, Path], dict]) 
         else:
             entry["outcome"] = ("missed the target: climbed to the next rung" if entry is not tried[-1]
                                 else "missed the target: the last rung")
+        if (entry.get("training") or {}).get("stopped_by") in ("max_steps", "early_stopping"):
+            entry["outcome"] += f" ({entry['training']['stop_reason']})"  # the report's ladder table shows it
     if not tried[pick]["met_target"]:
         log.warning("student=auto: %s", why)
     else:
