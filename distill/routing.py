@@ -295,9 +295,18 @@ def choose_threshold(curve: list[dict], target: float, min_items: int = 1) -> Th
 
 
 def point_at(curve: list[dict], threshold: float) -> dict | None:
-    """The point of a curve that applies a threshold: the highest listed threshold not above it."""
-    below = [p for p in curve if p["threshold"] <= threshold + 1e-12]
-    return max(below, key=lambda p: p["threshold"]) if below else None
+    """The point of a curve that applies a threshold: what a gateway keeps at confidence >= ``threshold``.
+
+    A coverage curve lists every distinct confidence (evaluate's ``coverage_curve``, to 4 decimals), so the items
+    kept at a threshold between two listed ones are those kept at the upper one: the lowest listed threshold not
+    below it (not the highest one under it, which also counts the items just below the threshold, sent to the
+    teacher). Above every listed threshold nothing is kept: coverage 0. None for an empty curve."""
+    if not curve:
+        return None
+    above = [p for p in curve if p["threshold"] >= threshold - 1e-12]
+    if not above:
+        return {"threshold": threshold, "coverage": 0.0, "agreement": None, "n": 0}
+    return min(above, key=lambda p: p["threshold"])
 
 
 def blended_cost(coverage: float | None, teacher_per_1k: float | None,

@@ -200,7 +200,8 @@ def test_route_enabled_on_a_curve_that_meets_the_target(published, tmp_path):
                                      {"threshold": 0.6, "coverage": 0.7, "agreement": 0.98, "n": 35},
                                      {"threshold": 0.9, "coverage": 0.3, "agreement": 1.0, "n": 15}]
     results["coverage_curve"] = [{"threshold": 0.0, "coverage": 1.0, "agreement": 0.88, "n": 40},
-                                 {"threshold": 0.5, "coverage": 0.75, "agreement": 0.97, "n": 30}]
+                                 {"threshold": 0.5, "coverage": 0.9, "agreement": 0.9, "n": 36},
+                                 {"threshold": 0.65, "coverage": 0.75, "agreement": 0.97, "n": 30}]
     results["cost"] = {"teacher_usd_per_1k": 0.5, "student_usd_per_1k": 0.05}
     rule = publish.build_rule(cfg, Task(cfg), results, "b" * 64, summary["artifacts"], EOT)
     assert rule.route.enabled and rule.route.confidence_threshold == 0.6 and rule.route.expected_coverage == 0.7

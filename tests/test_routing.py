@@ -69,9 +69,27 @@ def test_no_threshold_when_the_target_is_out_of_reach_or_the_evidence_thin():
 
 
 def test_point_at_applies_a_threshold_to_another_curve():
-    assert point_at(CURVE, 0.86)["threshold"] == 0.85
+    assert point_at(CURVE, 0.86)["threshold"] == 0.9  # nothing was confident between 0.85 and 0.9
     assert point_at(CURVE, 0.7)["threshold"] == 0.7
-    assert point_at(CURVE[3:], 0.1) is None
+    assert point_at(CURVE[3:], 0.1)["threshold"] == 0.8
+    assert point_at(CURVE, 0.995) == {"threshold": 0.995, "coverage": 0.0, "agreement": None, "n": 0}
+    assert point_at([], 0.5) is None
+
+
+def test_point_at_keeps_what_a_gateway_keeps_at_a_threshold_between_the_listed_ones():
+    """A val threshold applied to the test curve keeps the items at or above it, as decide() does; the item just
+    below it goes to the teacher and is not counted (it was, by the highest listed point under the threshold)."""
+    from distill.metrics.stats import coverage_curve
+
+    confidence = [0.2, 0.41, 0.62, 0.83, None]
+    agree = [False, True, True, False, False]
+    curve = coverage_curve(confidence, agree)
+    for threshold in (0.1, 0.3, 0.5, 0.62, 0.7, 0.9):
+        kept = [i for i, c in enumerate(confidence) if c is not None and c >= threshold]
+        point = point_at(curve, threshold)
+        assert point["coverage"] == pytest.approx(len(kept) / len(confidence), abs=1e-4)
+        assert point["agreement"] == (pytest.approx(sum(agree[i] for i in kept) / len(kept), abs=1e-4) if kept
+                                      else None)
 
 
 def test_blended_cost_pays_the_student_always_and_the_teacher_on_fallbacks():
