@@ -37,7 +37,8 @@ class TrafficConfig(_Strict):
 
 
 class DriftConfig(_Strict):
-    """``serve.drift``: alarms on the shadow agreement (ADWIN) and on the student's answer distribution."""
+    """``serve.drift``: alarms on the shadow agreement (ADWIN), the student's answer distribution (chi-square)
+    and the inputs' distance to the training set (Kolmogorov-Smirnov, opt-in)."""
 
     margin: float = Field(0.05, ge=0, lt=1)     # alarm when live agreement is below the rule's target by this much
     delta: float = Field(0.002, gt=0, lt=1)     # ADWIN's confidence parameter (smaller: fewer, later cuts)
@@ -46,6 +47,10 @@ class DriftConfig(_Strict):
     answer_window: int = Field(500, ge=20)      # student answers per chi-square test against the val split
     answer_p_value: float = Field(1e-4, gt=0, lt=1)  # chi-square alarm level (per field, Bonferroni-corrected)
     min_val_items: int = Field(20, ge=1)        # fewer val items: no answer-distribution test (the log says so)
+    inputs: bool = False                        # input drift: each input's MiniLM distance to the training set
+    # (loads the packaged MiniLM into the gateway; embedded in a thread, never on the request path)
+    input_window: int = Field(200, ge=10)       # inputs per Kolmogorov-Smirnov test against the val split's
+    input_p_value: float = Field(1e-4, gt=0, lt=1)  # KS alarm level (one-sided: inputs farther from training)
 
 
 class ServeConfig(_Strict):
@@ -84,6 +89,8 @@ class ServeConfig(_Strict):
     shadow_queue: int = Field(256, ge=1)       # shadow requests waiting; more are dropped (and counted)
     shadow_concurrency: int = Field(2, ge=1)   # shadow teacher calls in flight
     shadow_budget_usd_per_day: float | None = Field(1.0, ge=0)  # shadow spend per UTC day; null: no cap
+    watch_interval_s: float | None = Field(2.0, gt=0)  # poll publish/DONE.json + routing.yaml; a republish
+    # reloads the gateway (distill/serve/reload.py); null: reload only by POST /admin/reload
     on_drift: Literal["alarm", "fallback"] = "alarm"  # fallback: the task's requests go to the teacher until cleared
     drift: DriftConfig = DriftConfig()
 

@@ -229,6 +229,7 @@ def serve(cfgs: "Config | list[Config]") -> int:
     import uvicorn
 
     from distill.serve.app import create_app
+    from distill.serve.reload import with_file_watch
 
     cfgs = cfgs if isinstance(cfgs, list) else [cfgs]
     cfg = cfgs[0]
@@ -236,7 +237,8 @@ def serve(cfgs: "Config | list[Config]") -> int:
     _access_log_to_stderr()
     try:
         with prepare(cfgs) as plans:
-            server = uvicorn.Server(_uvicorn_config(create_app(plans, keys), cfg, cfg.serve.port))
+            app = with_file_watch(create_app(plans, keys), cfg)
+            server = uvicorn.Server(_uvicorn_config(app, cfg, cfg.serve.port))
             for plan in plans:
                 log.info("serve: task %s on http://%s:%d/v1 (route %s), student %s, teacher %s", plan.rule.task.id,
                          cfg.serve.host, cfg.serve.port, "enabled at confidence >= "
@@ -271,13 +273,14 @@ def background(cfgs: "Config | list[Config]", api_keys: list[str] | None = None)
     import uvicorn
 
     from distill.serve.app import create_app
+    from distill.serve.reload import with_file_watch
     from distill.teacher.server import free_port
 
     cfgs = cfgs if isinstance(cfgs, list) else [cfgs]
     cfg = cfgs[0]
     port = cfg.serve.port or free_port()
     with prepare(cfgs) as plans:
-        server = uvicorn.Server(_uvicorn_config(create_app(plans, api_keys), cfg, port))
+        server = uvicorn.Server(_uvicorn_config(with_file_watch(create_app(plans, api_keys), cfg), cfg, port))
         thread = threading.Thread(target=server.run, name="distill-serve", daemon=True)
         thread.start()
         deadline = time.monotonic() + 30

@@ -20,6 +20,9 @@ sha256, so a reload starts a new series) and to the drift detectors (``distill.s
 the value and its 95% Wilson interval per field. With ``serve.on_drift=fallback`` the task's answers go to the
 teacher while an alarm is active; the student is still asked, so each of those requests is a free comparison and
 the alarm clears on its own once agreement is back.
+
+**Input drift** (``serve.drift.inputs``): each input goes to ``distill.serve.drift.InputWatch``, which only
+appends it to a list on the request path and embeds in the background.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from distill import DistillError
 from distill.data import pii
-from distill.serve.drift import AgreementDrift, AnswerDrift, append_event, wilson
+from distill.serve.drift import AgreementDrift, AnswerDrift, InputWatch, append_event, wilson
 from distill.serve.store import Store, StoreError
 from distill.serve.traffic import TrafficLog
 
@@ -97,14 +100,17 @@ class Watch:
             log.info("serve: no answer-distribution drift test for %s: %d held-out predictions, fewer than "
                      "serve.drift.min_val_items=%d", self.name, len(reference), d.min_val_items)
         self.in_shadow = 0
-        for kind in ("agreement", "answers"):
+        self.inputs = InputWatch(Path(cfg.run_dir), serve_dir, self.name, d.input_window, d.input_p_value,
+                                 d.min_val_items, on_change=self._change) if d.inputs else None
+        for kind in ("agreement", "answers", *(("inputs",) if self.inputs else ())):
             route.metrics.drift_active.labels(self.name, kind).set(0)
 
     # -- the request path: nothing here waits --------------------------------------------------------------------
 
     def drifted(self) -> bool:
         """Whether the task's answers go to the teacher now (``serve.on_drift=fallback`` and an active alarm)."""
-        return self.fallback_on_drift and (self.agreement.active or bool(self.answers and self.answers.active))
+        return self.fallback_on_drift and (self.agreement.active or bool(self.answers and self.answers.active)
+                                           or bool(self.inputs and self.inputs.active))
 
     def observe(self, text: str, served: "Served", started: float | None = None) -> None:
         """After a reply: the traffic record, the answer-distribution test, a comparison or a shadow request."""
@@ -118,6 +124,8 @@ class Watch:
                   "cache": served.cache, "rule": self.version}
         if served.cache is None and self.answers is not None:
             self._change("answers", self.answers.update(record["student"]), self.answers.detail)
+        if self.inputs is not None:
+            self.inputs.offer(text)
         if served.route == "teacher" and served.reason == "drift" and served.student_answer is not None:
             self._compare(served.student_answer, served.answer)  # a free comparison while the alarm holds
         elif served.route == "student" and served.cache is None and self.rate and self.rng.random() < self.rate:
@@ -147,6 +155,8 @@ class Watch:
             self.queue = asyncio.Queue(self.queue_size)
             self.workers = [asyncio.create_task(self._work(), name=f"distill-shadow-{i}")
                             for i in range(self.concurrency)]
+        if self.inputs is not None:
+            self.inputs.start()
 
     async def close(self, drain_s: float = 0.0) -> None:
         """Stop the workers (after up to ``drain_s`` for queued shadow calls); unsent records are still logged."""
@@ -158,6 +168,8 @@ class Watch:
             worker.cancel()
         await asyncio.gather(*self.workers, return_exceptions=True)
         self.workers = []
+        if self.inputs is not None:
+            await self.inputs.close()
         while self.queue is not None and not self.queue.empty():
             self._record(self.queue.get_nowait()[2])
 
