@@ -388,3 +388,24 @@ def test_two_gateways_on_one_redis_share_answers_and_counters(published, teacher
     assert after - before == 2  # the second gateway asked no one for the ticket the first one answered
     counts = RedisStore(redis_url, ns).counters("cache.")
     assert counts == {f"cache.exact.miss.{TASK}": 2.0, f"cache.exact.hit.{TASK}": 1.0}
+
+
+@pytest.mark.integration
+def test_publish_with_the_semantic_cache_enabled_puts_its_calibration_in_the_report_and_card(published, tmp_path):
+    from distill import pipeline
+
+    run_dir = _copy(published, tmp_path / "run")
+    cfg = load_serve_config([f"run_dir={run_dir}", "serve.semantic_cache.enabled=true"])
+    pipeline.run_stage(cfg, "publish", force=True)
+    publish, serve_dir = paths.stage_dir(run_dir, "publish"), paths.stage_dir(run_dir, paths.SERVE_DIR)
+    out = json.loads((serve_dir / CACHE_CALIBRATION).read_text())  # publish ran calibrate-cache
+    assert out["held_out_items"] > 0 and out["threshold"] is None
+    assert (publish / calibrate.CACHE_PLOT).stat().st_size > 1000  # the plot beside the card
+    for name in (paths.REPORT, paths.MODEL_CARD):
+        text = (publish / name).read_text()
+        assert "## Semantic cache calibration" in text and f"]({calibrate.CACHE_PLOT})" in text
+        assert "| 0.800 | " in text and "the semantic cache stays off" in text
+    # without the cache the card and the report say nothing about it, calibrated or not
+    from distill.stages.publish.card import cache_lines
+
+    assert cache_lines(load_serve_config([f"run_dir={run_dir}"])) == [] and cache_lines(cfg)

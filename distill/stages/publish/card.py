@@ -132,7 +132,7 @@ def report_markdown(cfg: Config, artifacts: dict, parity: dict, threshold: list[
     if not parity:
         lines += ["Parity was not checked (publish.verify_load=false): the artifacts below were not reloaded.", "",
                   *[f"- `{rel}` ({art['type']}, {art['runtime']})" for rel, art in artifacts.items()]]
-        return "\n".join([*lines, *([""] + list(threshold) if threshold else [])]) + "\n"
+        return "\n".join([*lines, *_tail(cfg, threshold)]) + "\n"
     for rel, res in parity.items():
         runtime = {"gguf": "served by the llama.cpp server"}.get(artifacts[rel]["format"], "loaded in transformers")
         if artifacts[rel]["type"] == "embed_classifier":
@@ -142,9 +142,13 @@ def report_markdown(cfg: Config, artifacts: dict, parity: dict, threshold: list[
                      f"{res['parity'] * 100:.1f}% of {res['n']} test items; {verdict}.")
     lines += ["", *parity_lines(cfg, artifacts, parity), "", f"Figures: {paths.PARITY}; the student's own scores: "
               f"evaluate/{paths.REPORT}."]
-    if cache := cache_lines(cfg):
-        lines += ["", *cache]
-    return "\n".join([*lines, *([""] + list(threshold) if threshold else [])]) + "\n"
+    return "\n".join([*lines, *_tail(cfg, threshold)]) + "\n"
+
+
+def _tail(cfg: Config, threshold: list[str]) -> list[str]:
+    """What report.md adds after the artifacts: the semantic cache's calibration, then the threshold lines."""
+    cache = cache_lines(cfg)
+    return [*([""] + cache if cache else []), *([""] + list(threshold) if threshold else [])]
 
 
 def render_card(cfg: Config, generate: dict, train: dict, results: dict, rule: routing.RoutingRule,
