@@ -239,8 +239,11 @@ def test_gateway_benchmark_tiny():
     out = subprocess.run([sys.executable, "benchmarks/gateway.py", "--requests", "40", "--concurrency", "4",
                           "--runs", "1", "--no-record"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = {line.split("|")[1].strip(): line.split("|") for line in out.stdout.splitlines() if line.startswith("| ")}
-    assert float(rows["gateway, student kept (route=student)"][7]) > 0  # gateway CPU ms per request was measured
+    lines = [[cell.strip() for cell in line.split("|")[1:-1]] for line in out.stdout.splitlines()
+             if line.startswith("| ")]
+    header, rows = lines[0], {row[0]: row for row in lines[1:]}
+    cpu = header.index("gateway CPU ms/request")
+    assert float(rows["gateway, student kept (route=student)"][cpu]) > 0  # gateway CPU ms per request was measured
     assert "student called directly" in rows
 
 
@@ -424,6 +427,145 @@ def test_breaker_opens_after_failures_and_one_request_probes_after_the_cooldown(
     assert breaker.allow()
     breaker.success()
     assert breaker.state == "closed" and breaker.allow() and breaker.allow()
+
+
+def _task():
+    from distill.config import load_config
+    from distill.task import Task
+
+    return Task(load_config(["recipe=support_tickets"]))
+
+
+def test_score_request_is_byte_for_byte_the_json_of_the_request_it_replaced():
+    from distill.serve.student import ScoredStudent
+
+    task = _task()
+    student = ScoredStudent("http://127.0.0.1:1/v1", task, max_new_tokens=48, timeout_s=1, session=None)
+    text = 'A "quoted" ticket\nwith a newline and ünïcode'
+    body = student.body(text)
+    assert body == json.dumps({"messages": task.student_messages(text), "schema": task.schema.schema,
+                               "max_new_tokens": 48}).encode()
+    assert json.loads(body)["messages"][-1]["content"] == text
+
+
+def test_remembered_schema_check_answers_as_the_validator_and_validates_each_answer_once():
+    from distill.serve.student import ValidAnswers
+    from distill.task import OutputSchema
+
+    # an integer and a boolean field: 1 and True are equal (and hash alike) in Python, not in JSON schema
+    schema = OutputSchema({"type": "object", "properties": {"n": {"type": "integer"}, "ok": {"type": "boolean"},
+                                                            "tags": {"type": "array"}}, "required": ["n"]})
+    calls = []
+
+    class Counting:
+        def errors(self, answer):
+            calls.append(answer)
+            return schema.errors(answer)
+
+    answers = [{"n": 1}, {"n": True}, {"n": 1.5}, {"n": 1, "ok": True}, {"n": 1, "ok": 1}, {"ok": True},
+               {"n": 2, "tags": ["a"]}, {"n": 2, "tags": "a"}]
+    truth = [not schema.errors(a) for a in answers]
+    assert truth == [True, False, False, True, False, False, True, False]
+    valid = ValidAnswers(Counting())
+    for _ in range(3):
+        assert [valid(a) for a in answers] == truth
+    assert valid({"ok": True, "n": 1}) is True  # the same answer, keys in another order
+    assert calls == answers  # each distinct answer validated once
+    small = ValidAnswers(schema, size=2)
+    assert [small(a) for a in answers * 2] == truth * 2 and len(small._seen) <= 2  # bounded, still right
+
+
+def test_task_reply_body_and_headers_are_exact(monkeypatch):
+    from starlette.responses import JSONResponse
+
+    from distill.serve.app import _task_response
+    from distill.serve.gateway import Served
+
+    served = Served(200, {"category": "billing", "priority": "high"}, "student", "confident", 0.9731234567)
+    reply = _task_response(served, 'support "tickets" ü', stream=False)
+    data = json.loads(reply.body)
+    assert re.fullmatch(r"chatcmpl-distill-[0-9a-f]{24}", data["id"])
+    expected = JSONResponse({"id": data["id"], "object": "chat.completion", "created": data["created"],
+                             "model": 'support "tickets" ü',
+                             "choices": [{"index": 0, "message": {"role": "assistant",
+                                                                  "content": '{"category": "billing", "priority": '
+                                                                             '"high"}'},
+                                          "finish_reason": "stop", "logprobs": None}]})
+    assert reply.body == expected.body  # what JSONResponse rendered before, byte for byte
+    assert dict(reply.headers) == {"x-distill-route": "student", "x-distill-reason": "confident",
+                                   "x-distill-confidence": "0.973123", "content-length": str(len(reply.body)),
+                                   "content-type": "application/json"}
+    other = json.loads(_task_response(served, "m", stream=False).body)["id"]
+    assert other != data["id"]
+
+
+def test_request_metrics_count_every_request_through_the_bound_series():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from distill.serve.metrics import Metrics
+
+    metrics = Metrics()
+    for seconds in (0.001, 0.003, 0.2):
+        metrics.request_done(TASK, "student", "confident", 200, seconds)
+    metrics.request_done(TASK, "teacher", "below_threshold", 200, 0.1)
+    metrics.request_done("", "error", "invalid_json", 400, 0.0005)
+    metrics.answered(TASK, "student", None)
+    metrics.answered(TASK, "teacher", None)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(metrics.render()[0].decode()) for s in family.samples}
+
+    def value(name, **labels):
+        return samples.get((name, tuple(sorted(labels.items()))))
+
+    assert value("distill_requests_total", task=TASK, route="student", reason="confident", status="200") == 3
+    assert value("distill_requests_total", task=TASK, route="teacher", reason="below_threshold", status="200") == 1
+    assert value("distill_requests_total", task="", route="error", reason="invalid_json", status="400") == 1
+    assert value("distill_request_latency_seconds_count", route="student") == 3
+    assert value("distill_request_latency_seconds_bucket", route="student", le="0.005") == 2
+    assert value("distill_request_latency_seconds_sum", route="teacher") == pytest.approx(0.1)
+    assert value("distill_live_coverage", task=TASK) == 0.5
+
+
+class _CountingStore:
+    def __init__(self):
+        self.writes: list[tuple[str, float]] = []
+
+    def incr(self, key, usd):
+        self.writes.append((key, usd))
+        return sum(v for k, v in self.writes if k == key)
+
+
+@pytest.mark.parametrize("cap", [None, 1.0])
+def test_fallback_spend_is_counted_once_and_reserved_only_under_a_cap(cap):
+    import asyncio
+    from types import SimpleNamespace
+
+    from distill.serve.budget import DailyBudget
+    from distill.serve.gateway import TaskRoute
+    from distill.serve.metrics import Metrics
+    from distill.teacher.client import Outcome
+
+    store = _CountingStore()
+    cost = {"free": 0.0, "paid": 0.002}
+
+    async def label(messages):
+        if messages == "cancelled":
+            raise asyncio.CancelledError
+        return Outcome(CONFIDENT, None, "k", 0, 1, cost_usd=cost[messages])
+
+    route = SimpleNamespace(task=SimpleNamespace(teacher_messages=lambda text: text), name=TASK, metrics=Metrics(),
+                            budget=DailyBudget(store, cap, clock=lambda: "day"), _in_ledger=lambda m: False,
+                            _bound=lambda messages: 0.01, teacher=SimpleNamespace(label=label))
+    ask = lambda text: asyncio.run(TaskRoute._ask_teacher(route, text))  # noqa: E731
+    assert ask("free") == (CONFIDENT, None) and ask("paid") == (CONFIDENT, None)
+    with pytest.raises(asyncio.CancelledError):  # sent, maybe billed: counted at its bound
+        ask("cancelled")
+    key = "teacher.spend.day"
+    if cap is None:  # nothing to reserve against: only what each call cost, and nothing for a free call
+        assert store.writes == [(key, 0.002), (key, 0.01)]
+    else:  # reserved at the bound, then settled to the cost
+        assert store.writes == [(key, 0.01), (key, -0.01), (key, 0.01), (key, pytest.approx(-0.008)), (key, 0.01)]
+    assert sum(v for _, v in store.writes) == pytest.approx(0.012)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ import contextlib
 import hmac
 import json
 import logging
+import random
 import time
-import uuid
 
 import aiohttp
 from starlette.applications import Starlette
@@ -143,11 +143,11 @@ def create_app(plan: "ServePlan | list[ServePlan]", api_keys: list[str] | None =
             route_name, reason = "error", "internal_error"
         status = response.status_code
         took = time.perf_counter() - started
-        gateway.metrics.requests.labels(task, route_name, reason, str(status)).inc()
-        gateway.metrics.latency.labels(route_name).observe(took)
-        access_log.info(json.dumps({"ts": round(time.time(), 3), "task": task or None, "route": route_name,
-                                    "reason": reason or None, "confidence": confidence, "status": status,
-                                    "stream": stream, "latency_ms": round(took * 1000, 2)}))
+        gateway.metrics.request_done(task, route_name, reason, status, took)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(json.dumps({"ts": round(time.time(), 3), "task": task or None, "route": route_name,
+                                        "reason": reason or None, "confidence": confidence, "status": status,
+                                        "stream": stream, "latency_ms": round(took * 1000, 2)}))
         return response
 
     async def models(request: Request) -> Response:
@@ -278,6 +278,12 @@ def _task_input(body: dict) -> str:
     return text
 
 
+_ids = random.Random()  # seeded from os.urandom once, at import
+_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+_COMPLETION = ('{"id":"%s","object":"chat.completion","created":%d,"model":%s,"choices":[{"index":0,"message":'
+               '{"role":"assistant","content":%s},"finish_reason":"stop","logprobs":null}]}')
+
+
 def _task_response(served: Served, model: str, stream: bool) -> Response:
     if served.status != 200:
         headers = {"x-distill-reason": served.reason}
@@ -294,11 +300,12 @@ def _task_response(served: Served, model: str, stream: bool) -> Response:
     if served.teacher_error:
         headers["x-distill-teacher-error"] = served.teacher_error
     content = dump_answer(served.answer)
-    ident, created = f"chatcmpl-distill-{uuid.uuid4().hex[:24]}", int(time.time())
+    # an id only has to be unique, not unguessable: the PRNG, not uuid4's os.urandom call on every reply
+    ident, created = f"chatcmpl-distill-{_ids.getrandbits(96):024x}", int(time.time())
     if not stream:
-        return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": model,
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                          "finish_reason": "stop", "logprobs": None}]}, headers=headers)
+        # JSONResponse's own rendering of the same object, from a template: only the id, time, model and content vary
+        body = _COMPLETION % (ident, created, _dumps(model), _dumps(content))
+        return Response(body.encode(), headers=headers, media_type="application/json")
 
     def chunk(delta: dict, finish: str | None) -> str:
         return "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,

@@ -10,6 +10,8 @@ on one machine, Redis across machines) adds to the same total. A call is admitte
 (``TeacherClient.estimate``, ``pricing.upper_bound_usd``, times the votes and attempts it may take): the increment
 and the check are one atomic ``incr``, so concurrent calls never take the day past the cap; a refused reservation
 is taken back at once. An answer already in the ledger costs nothing and is served whatever the day's spend.
+Without a cap (``cap_usd`` None) nothing is reserved: the gateway only settles what each call cost (``settle(None,
+cost)``), so the day's total is still counted, without two store writes on every fallback.
 """
 
 from __future__ import annotations

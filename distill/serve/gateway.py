@@ -88,7 +88,12 @@ class TaskRoute:
         self.name = rule.task.id
         self.breaker = Breaker(cfg.serve.breaker_failures, cfg.serve.breaker_cooldown_s)
         self.in_flight = 0
-        self.metrics.student_up.labels(self.name).set(1)
+        self.max_in_flight = cfg.serve.max_concurrency
+        self.redact = cfg.generate.redact_pii
+        # the series every request touches, bound once (Metrics.request_done says why)
+        self._in_flight_gauge = metrics.in_flight.labels(self.name)
+        self._student_up = metrics.student_up.labels(self.name)
+        self._student_up.set(1)
         if self.teacher_price is not None:
             self.metrics.teacher_price.labels(self.name).set(self.teacher_price)
 
@@ -98,20 +103,20 @@ class TaskRoute:
 
     def try_enter(self) -> bool:
         """Admit one more request unless ``serve.max_concurrency`` are in flight (the caller answers 429)."""
-        if self.in_flight >= self.cfg.serve.max_concurrency:
+        if self.in_flight >= self.max_in_flight:
             return False
         self.in_flight += 1
-        self.metrics.in_flight.labels(self.name).set(self.in_flight)
+        self._in_flight_gauge.set(self.in_flight)
         return True
 
     def leave(self) -> None:
         self.in_flight -= 1
-        self.metrics.in_flight.labels(self.name).set(self.in_flight)
+        self._in_flight_gauge.set(self.in_flight)
 
     async def handle(self, request: dict, text: str) -> Served:
         """Answer one task request (``text`` is the user message: the task input). Never raises for a student or
         teacher failure: those are a fallback or an error status in ``Served``."""
-        if self.cfg.generate.redact_pii:
+        if self.redact:
             text = pii.redact(text)[0]
         key = None
         if self.exact is not None:
@@ -203,7 +208,7 @@ class TaskRoute:
             self.breaker.failure()
             self.metrics.student_errors.labels(self.name, exc.kind).inc()
             if self.breaker.state != "closed":
-                self.metrics.student_up.labels(self.name).set(0)
+                self._student_up.set(0)
                 log.warning("serve: student for %s failed (%s); circuit open for %.0f s, the teacher answers",
                             self.name, exc.kind, self.breaker.cooldown_s)
             return None, "student_error"
@@ -211,17 +216,19 @@ class TaskRoute:
             self.breaker.release()
             raise
         self.breaker.success()
-        self.metrics.student_up.labels(self.name).set(1)
+        self._student_up.set(1)
         return reply, "answered"
 
     async def _ask_teacher(self, text: str) -> tuple[dict | None, str | None]:
         """(answer, None) or (None, why the teacher failed), through the ledger and the day's budget."""
         messages = self.task.teacher_messages(text)
-        hold, bound = None, 0.0
-        if self.budget is not None:
-            # admitted at its upper bound: every vote, every attempt (pricing.upper_bound_usd)
-            bound = (self.teacher.estimate(self.teacher.build_request(messages, 0)) * self.teacher.votes
-                     * self.teacher.max_attempts)
+        hold, bound, refused = None, None, False
+        capped = self.budget is not None and self.budget.cap is not None
+        if capped:
+            # admitted at its upper bound: every vote, every attempt (pricing.upper_bound_usd). Without a cap there
+            # is nothing to admit against: the spend is counted when the call settles (one store write, or none
+            # for a free call, instead of a reservation and its settlement on every fallback).
+            bound = self._bound(messages)
             hold = self.budget.reserve(bound)
             if hold is None and not self._in_ledger(messages):
                 self.metrics.teacher_calls.labels(self.name, "budget").inc()
@@ -232,13 +239,19 @@ class TaskRoute:
         except DistillError as exc:
             # 401/403/404 end a generate run; a gateway keeps serving and tries again on the next request.
             self.teacher.fatal = False
-            bound = 0.0  # refused (401/403/404): not billed
+            refused = True  # refused (401/403/404): not billed
             log.error("serve: the teacher refused a fallback for %s: %s", self.name, self.teacher.scrub(str(exc)))
             self.metrics.teacher_calls.labels(self.name, "failed").inc()
             return None, "teacher_refused"
         finally:
             if self.budget is not None:  # a call that raised may have been billed: it keeps its bound
-                self.budget.settle(hold, outcome.cost_usd if outcome is not None else bound)
+                if outcome is not None:
+                    spent = outcome.cost_usd
+                elif refused:
+                    spent = 0.0
+                else:
+                    spent = bound if bound is not None else self._bound(messages)
+                self.budget.settle(hold, spent)
         if outcome.cost_usd:
             self.metrics.teacher_spend.labels(self.name).inc(outcome.cost_usd)
         if outcome.answer is None:
@@ -247,6 +260,11 @@ class TaskRoute:
         self.metrics.teacher_calls.labels(self.name, "ledger" if outcome.cache_hit and not outcome.paid_calls
                                           else "paid").inc()
         return outcome.answer, None
+
+    def _bound(self, messages: list[dict]) -> float:
+        """The most one fallback for ``messages`` can cost: every vote, every attempt at its upper-bound price."""
+        return (self.teacher.estimate(self.teacher.build_request(messages, 0)) * self.teacher.votes
+                * self.teacher.max_attempts)
 
     def _in_ledger(self, messages: list[dict]) -> bool:
         """Whether the ledger already answers this input (free, whatever the day's budget); one vote only."""

@@ -3,6 +3,8 @@
     curl -s 127.0.0.1:8088/metrics | grep distill_
 
 Each gateway holds its own registry, so several gateways in one process (tests, notebooks) never share counts.
+The per-request series are bound once per label set (``request_done``): ``labels()`` takes the metric's lock and
+builds the label tuple every time, which is a measurable share of a kept request's CPU.
 publish writes a Grafana dashboard over these metrics (``dashboard``, publish/grafana.json); its queries name only
 the series this registry exposes (a test checks them against a live ``/metrics``).
 """
@@ -63,7 +65,7 @@ class Metrics:
                                    "run's cost case priced it (results.json cost.teacher_usd_per_1k / 1000)",
                                    ["task"], registry=self.registry)
         self.budget_spent = Gauge("distill_teacher_budget_spent_usd", "Teacher spend of the gateway (every replica "
-                                  "on the store) this UTC day, reservations in flight included", [],
+                                  "on the store) this UTC day, reservations in flight included (with a cap)", [],
                                   registry=self.registry)
         self.budget_cap = Gauge("distill_teacher_budget_usd_per_day", "serve.teacher_budget_usd_per_day (-1: no "
                                 "cap)", [], registry=self.registry)
@@ -71,16 +73,31 @@ class Metrics:
                                    "result (hit, miss), every replica on the store", ["task", "cache", "result"],
                                    registry=self.registry)
         self._answered: dict[str, list[int]] = {}  # task -> [answered, by the student]
+        self._children: dict[tuple, tuple] = {}  # (task, route, reason, status) -> (requests child, latency child)
+        self._coverage: dict[str, object] = {}   # task -> its coverage child
+
+    def request_done(self, task: str, route: str, reason: str, status: int, seconds: float) -> None:
+        """One chat request answered: counted by task/route/reason/status, its latency in the route's histogram."""
+        key = (task, route, reason, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.requests.labels(task, route, reason, str(status)),
+                                              self.latency.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def answered(self, task: str, route: str, teacher_price: float | None) -> None:
         """One task request answered (HTTP 200) by ``route``: live coverage, and the money a student answer saved."""
-        counts = self._answered.setdefault(task, [0, 0])
+        counts = self._answered.get(task)
+        if counts is None:
+            counts = self._answered[task] = [0, 0]
+            self._coverage[task] = self.coverage.labels(task)
         counts[0] += 1
         if route == "student":
             counts[1] += 1
             if teacher_price:
                 self.saved.labels(task).inc(teacher_price)
-        self.coverage.labels(task).set(counts[1] / counts[0])
+        self._coverage[task].set(counts[1] / counts[0])
 
     def cache_counts(self, counters: dict[str, float]) -> None:
         """The store's ``cache.<exact|semantic>.<hit|miss>.<task>`` counters as gauges."""

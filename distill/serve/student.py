@@ -60,13 +60,16 @@ class Student(Protocol):
     async def answer(self, text: str) -> StudentReply: ...
 
 
-async def _post(session: aiohttp.ClientSession, url: str, body: dict, timeout_s: float) -> dict:
-    """POST JSON and return the JSON answer; every failure becomes StudentFailed with its kind."""
+_JSON = {"Content-Type": "application/json"}
+
+
+async def _post(session: aiohttp.ClientSession, url: str, body: bytes, timeout: aiohttp.ClientTimeout) -> dict:
+    """POST a JSON body (already encoded) and return the JSON answer; every failure becomes StudentFailed."""
     try:
-        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        async with session.post(url, data=body, headers=_JSON, timeout=timeout) as resp:
             if resp.status != 200:
                 raise StudentFailed(f"http_{resp.status}")
-            data = await resp.json(content_type=None)
+            data = json.loads(await resp.read())
     except asyncio.TimeoutError:
         raise StudentFailed("timeout") from None
     except aiohttp.ClientError:
@@ -78,6 +81,32 @@ async def _post(session: aiohttp.ClientSession, url: str, body: dict, timeout_s:
     return data
 
 
+class ValidAnswers:
+    """``schema.errors(answer) == []``, remembered: a scored student picks among a few enum values, so the same
+    answers come back all day, and jsonschema costs tens of microseconds a call (a large share of a kept request).
+
+    The memo is keyed by the answer's exact JSON value (types included: ``true`` is not ``1``), so it returns what
+    the validator would; at most ``size`` answers are kept (then it is cleared and refills)."""
+
+    def __init__(self, schema, size: int = 4096):
+        self.schema, self.size = schema, size
+        self._seen: dict = {}
+
+    def __call__(self, answer: dict) -> bool:
+        try:  # a flat answer of scalars (the usual case) keys cheaply; anything else by its canonical JSON
+            key = tuple(sorted((k, type(v), v) for k, v in answer.items()))
+            hash(key)
+        except TypeError:
+            key = json.dumps(answer, sort_keys=True)
+        valid = self._seen.get(key)
+        if valid is None:
+            valid = not self.schema.errors(answer)
+            if len(self._seen) >= self.size:
+                self._seen.clear()
+            self._seen[key] = valid
+        return valid
+
+
 class ScoredStudent:
     """A distill student runtime: evaluate's scored answer and confidence on the served artifact."""
 
@@ -85,15 +114,22 @@ class ScoredStudent:
                  session: aiohttp.ClientSession):
         self.endpoint = base_url.rstrip("/")
         self.task, self.max_new_tokens, self.timeout_s, self.session = task, max_new_tokens, timeout_s, session
+        self.url = self.endpoint + SCORE_PATH
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.valid = ValidAnswers(task.schema)
+        # the body's tail is the same on every request: the schema and the token cap, encoded once
+        self._tail = f'"schema": {json.dumps(task.schema.schema)}, "max_new_tokens": {max_new_tokens}}}'.encode()
+
+    def body(self, text: str) -> bytes:
+        """The score request for ``text``: ``{"messages": ..., "schema": ..., "max_new_tokens": ...}`` as JSON."""
+        return b'{"messages": ' + json.dumps(self.task.student_messages(text)).encode() + b", " + self._tail
 
     async def answer(self, text: str) -> StudentReply:
-        body = {"messages": self.task.student_messages(text), "schema": self.task.schema.schema,
-                "max_new_tokens": self.max_new_tokens}
-        data = await _post(self.session, self.endpoint + SCORE_PATH, body, self.timeout_s)
+        data = await _post(self.session, self.url, self.body(text), self.timeout)
         if "answer" not in data:
             raise StudentFailed("bad_response")
         answer = data.get("answer")
-        if answer is not None and (not isinstance(answer, dict) or self.task.schema.errors(answer)):
+        if answer is not None and (not isinstance(answer, dict) or not self.valid(answer)):
             answer = None  # a runtime answer the schema rejects is invalid, whatever the runtime said
         return StudentReply(answer, data.get("confidence") if answer is not None else None,
                             data.get("invalid_reason") or (None if answer is not None else "schema_violation"),
@@ -108,11 +144,13 @@ class SequenceStudent:
         self.endpoint = base_url.rstrip("/")
         self.model, self.task, self.max_new_tokens = model, task, max_new_tokens
         self.timeout_s, self.session = timeout_s, session
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
 
     async def answer(self, text: str) -> StudentReply:
         body = {"model": self.model, "messages": self.task.student_messages(text), "temperature": 0.0,
                 "max_tokens": self.max_new_tokens, "logprobs": True}
-        data = await _post(self.session, self.endpoint + "/chat/completions", body, self.timeout_s)
+        data = await _post(self.session, self.endpoint + "/chat/completions", json.dumps(body).encode(),
+                           self.timeout)
         try:
             choice = data["choices"][0]
             raw = choice["message"].get("content") or ""
