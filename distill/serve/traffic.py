@@ -17,6 +17,8 @@ redaction) before they are stored. Retention: ``serve.traffic.max_rows`` (the ol
 
 The log is a stream (``traffic``) of a store (``distill.serve.store``): its own SQLite file by default, so it can be
 copied or pointed at on its own (``generate.traffic=PATH``); the shared Redis when replicas share one.
+Re-distillation reads it through the same interface (``read_source``: the SQLite file, or with ``serve.store=redis``
+the Redis stream), and generate's fingerprint holds ``source_digest``, a sha256 over its records.
 """
 
 from __future__ import annotations
