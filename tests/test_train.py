@@ -243,7 +243,8 @@ def test_kill_9_then_rerun_resumes_and_matches_an_uninterrupted_run(labelled_run
     # 10 train examples at batch 4: 3 steps per epoch, so the resume from checkpoint 4 starts mid-way through the
     # second epoch (data order, RNG and dropout must all be restored, not only the weights).
     steps, kill_after = 8, 4
-    extra = (f"train.max_steps={steps}", "train.save_steps=2", "train.eval_steps=4", "train.lora_dropout=0.1")
+    extra = (f"train.max_steps={steps}", "train.save_steps=2", "train.eval_steps=4", "train.lora_dropout=0.1",
+             "train.early_stopping_patience=null")  # the full 8 steps, whatever the val agreement does
     whole = _copy(labelled_run, tmp_path / "whole")
     subprocess.run(_cli(_train_args(whole, *extra)), env=_env(), check=True, capture_output=True, timeout=600)
 

@@ -219,7 +219,8 @@ class TrainConfig(_Strict):
                                  "or train.epochs (validation once per epoch)")
             if self.eval_steps is not None and self.save_steps % self.eval_steps:
                 raise ValueError(f"train.early_stopping_patience needs train.save_steps ({self.save_steps}) to be a "
-                                 f"multiple of train.eval_steps ({self.eval_steps}): the best checkpoint is kept")
+                                 f"multiple of train.eval_steps ({self.eval_steps}): the best checkpoint is kept; "
+                                 f"change one of them, or set train.early_stopping_patience=null")
         return self
 
 
