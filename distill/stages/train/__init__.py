@@ -272,9 +272,9 @@ def run(cfg: Config, run_dir: Path) -> dict:
     early_stopping = bool(tcfg.early_stopping_patience) and val_ds is not None
     # with early stopping and no train.eval_steps: a validation once per epoch
     eval_every = tcfg.eval_steps or (plan["steps_per_epoch"] if early_stopping else None)
-    if early_stopping and eval_every > plan["planned_steps"]:
-        # a budget shorter than one validation period (profile=smoke): nothing to stop on, and the checkpoints
-        # stay every train.save_steps
+    if early_stopping and eval_every >= plan["planned_steps"]:
+        # a budget no longer than one validation period (profile=smoke, demo): nothing to stop on (the ladder and
+        # evaluate measure the end), and the checkpoints stay every train.save_steps
         early_stopping, eval_every = False, tcfg.eval_steps
     evaluating = bool(eval_every) and val_ds is not None
     # the best checkpoint must exist when a validation finds it: with early stopping, a save at every validation
