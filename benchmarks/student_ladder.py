@@ -129,11 +129,11 @@ def lm_rung(root: Path, intents: list[str], train: list, val: list, test: list, 
     acc = rate([a is not None and a["intent"] == i for a, (_, i) in zip(preds.answers, test)], resamples=1000,
                level=0.95, seed=seed)
     usd_per_1k = hourly / 3600 * score_s / len(test) * 1000
-    row = [f"{cfg.student.name} LoRA ({targets})", len(train), f"{100 * acc['value']:.1f}% [{100 * acc['low']:.1f}, "
-           f"{100 * acc['high']:.1f}]", f"{summary['steps']} steps, {summary['epochs_trained']:g} epochs",
+    row = [len(train), f"{100 * acc['value']:.1f}% [{100 * acc['low']:.1f}, {100 * acc['high']:.1f}]",
+           f"{cfg.student.name} LoRA ({targets})", f"{summary['steps']} steps, {summary['epochs_trained']:g} epochs",
            f"{train_s:.0f}", f"{score_s:.0f}", f"{train_s + score_s:.0f}", f"{wall_s:.0f}", f"{usd_per_1k:.6f}"]
     curve = ", ".join(f"{c['step']}: {c['eval_agreement']:.3f}" for c in summary["val_agreements"])
-    note = (f"{row[0]}: {summary['stop_reason']}; val agreement by step {{{curve}}}, kept "
+    note = (f"{row[2]}: {summary['stop_reason']}; val agreement by step {{{curve}}}, kept "
             f"{summary['best_checkpoint'] or 'the last step'}; lr {cfg.train.lr}, lora_r {cfg.train.lora_r}, batch "
             f"{cfg.train.batch_size}, balance {summary['balance']['why']}; {summary['tokens_per_s']} tokens/s; "
             f"invalid {sum(a is None for a in preds.answers)}/{len(test)}")
@@ -200,13 +200,12 @@ def main() -> None:
         wall_s = time.perf_counter() - started
         acc = rate([a["intent"] == i for a, (_, i) in zip(answers, test)], resamples=1000, level=0.95, seed=args.seed)
         usd_per_1k = hourly / 3600 * score_s / len(test) * 1000
-        rows.append([n, "embed_classifier", len(train),
-                     f"{100 * acc['value']:.1f}% [{100 * acc['low']:.1f}, {100 * acc['high']:.1f}]",
-                     f"C={report['intent']['C']}", f"{train_s:.1f}", f"{score_s:.1f}", f"{train_s + score_s:.1f}",
+        rows.append([n, len(train), f"{100 * acc['value']:.1f}% [{100 * acc['low']:.1f}, {100 * acc['high']:.1f}]",
+                     "embed_classifier", f"C={report['intent']['C']}", f"{train_s:.1f}", f"{score_s:.1f}", f"{train_s + score_s:.1f}",
                      f"{wall_s:.1f}", f"{usd_per_1k:.6f}"])
         notes.append(f"n={n}: val accuracy by C {report['intent']['tried']}, converged {report['intent']['converged']}")
 
-    headers = ["examples per intent", "rung", "train examples", "accuracy vs gold [95% CI]", "chosen on val", "train s",
+    headers = ["examples per intent", "train examples", "accuracy vs gold [95% CI]", "rung", "chosen on val", "train s",
                "score s", "train+score s", "wall s", "$ per 1k requests"]
     lm_text = (f" LM rung: student=smollm2_135m, LoRA with distill/conf/train/lora.yaml's defaults (train.epochs "
                f"{cfg.train.epochs:g}, early stopping on val agreement, patience {cfg.train.early_stopping_patience}) "
