@@ -201,7 +201,8 @@ def main() -> None:
         acc = rate([a["intent"] == i for a, (_, i) in zip(answers, test)], resamples=1000, level=0.95, seed=args.seed)
         usd_per_1k = hourly / 3600 * score_s / len(test) * 1000
         rows.append([n, len(train), f"{100 * acc['value']:.1f}% [{100 * acc['low']:.1f}, {100 * acc['high']:.1f}]",
-                     "embed_classifier", f"C={report['intent']['C']}", f"{train_s:.1f}", f"{score_s:.1f}", f"{train_s + score_s:.1f}",
+                     "embed_classifier", f"C={report['intent']['C']}", f"{train_s:.1f}", f"{score_s:.1f}",
+                     f"{train_s + score_s:.1f}",
                      f"{wall_s:.1f}", f"{usd_per_1k:.6f}"])
         notes.append(f"n={n}: val accuracy by C {report['intent']['tried']}, converged {report['intent']['converged']}")
 
@@ -217,7 +218,8 @@ def main() -> None:
         f"as a perfect teacher; test {len(test)} messages ({args.test_per_intent} per intent), val {len(val)} "
         f"({args.val_per_intent} per intent), seed {args.seed}, torch threads {torch.get_num_threads()}. train s = "
         f"embed train + val and fit; score s = embed + heads on the test set; wall s adds loading the encoder; $ per "
-        f"1k at ${hourly}/h over the measured scoring rate. Chance: {100 / len(intents):.1f}%.{lm_text}", width=116), "",
+        f"1k at ${hourly}/h over the measured scoring rate. Chance: {100 / len(intents):.1f}%.{lm_text}",
+        width=116), "",
         table(headers, rows), "", *[f"- {note}" for note in notes]])
     print(text)
     section = ("Student ladder: the embedding classifier on Bitext intents" if args.rungs == ["embed"]

@@ -10,8 +10,8 @@ field gets a scikit-learn LogisticRegression (lbfgs, so multinomial over the fie
 class_weight; train.targets=soft: cross-entropy to the teacher's distribution, each example repeated per value with
 that probability as its weight), one per value of student.head.c_grid; the one whose answers agree best with the
 teacher's on the val split is kept (val is used for that choice only, so its coverage curve, which publish's routing
-threshold comes from, is marginally optimistic). A field's probabilities are softmax(W x + b); the answer's confidence is the
-product of its fields' top probabilities, as the LM students' chain-rule probability is.
+threshold comes from, is marginally optimistic). A field's probabilities are softmax(W x + b); the answer's
+confidence is the product of its fields' top probabilities, as the LM students' chain-rule probability is.
 
 Files, never pickle (train/head/ and publish/model/head/): head.safetensors holds ``<field>.weight`` [values x dim]
 and ``<field>.bias`` [values] (float32); head.json holds each field's values in row order, the encoder's name, the
