@@ -20,7 +20,11 @@ Token ids come from the artifact's own Hugging Face tokenizer (``publish/model/h
 (no special tokens added); the log-probs come from ``model`` (the published GGUF in llama.cpp in the student
 runtime). On the tiny test model's f32 GGUF the numbers match evaluate's within 1e-5 (float32, and evaluate's
 6-decimal rounding of each field); a quantized GGUF gives its own, slightly different, probabilities (q8_0: within
-4e-4 there): that is the served artifact's confidence, which routing.yaml's threshold was not chosen on.
+4e-4 there): that is the served artifact's confidence, and publish chooses routing.yaml's threshold on it (it
+scores the val split with this code through the runtime's ``Scorer``: distill.stages.publish.parity).
+
+``value_written`` and ``read_value`` (where a free field's generation stops, and its value and confidence) are
+evaluate's too: ``distill.student.scored`` calls them.
 """
 
 from __future__ import annotations
@@ -129,21 +133,35 @@ def _generate_value(model: TokenModel, tokenizer, prompt_ids: list[int], head: s
                     prefix: str) -> tuple:
     """A greedy JSON value after ``head``: (value, mean token probability, invalid reason, text), as evaluate's
     ``_generate_values``. ``prefix`` is what the head already opened (``"`` for a string)."""
-    decoder = json.JSONDecoder()
-
-    def written(row: list[int]) -> bool:  # a whole JSON value followed by something (`"x",`, `12}`)
-        text = (prefix + tokenizer.decode(row, skip_special_tokens=True)).lstrip()
-        try:
-            return decoder.raw_decode(text)[1] < len(text)
-        except json.JSONDecodeError:
-            return False
-
     stop_id = tokenizer.convert_tokens_to_ids(eot)
-    row, logps = model.greedy(prompt_ids + _ids(tokenizer, head), max_new_tokens, stop_id, written)
+    row, logps = model.greedy(prompt_ids + _ids(tokenizer, head), max_new_tokens, stop_id,
+                              lambda new: value_written(tokenizer, new, prefix))
+    return read_value(tokenizer, row, logps, prefix)
+
+
+_DECODER = json.JSONDecoder()
+
+
+def value_written(tokenizer, row: list[int], prefix: str = "") -> bool:
+    """Whether generated tokens ``row`` (after ``prefix``, what the head opened) hold a whole JSON value followed
+    by something (`"x",`, `12}`): where a free field's greedy generation stops, in evaluate and in the runtime."""
+    text = (prefix + tokenizer.decode(row, skip_special_tokens=True)).lstrip()
+    try:
+        return _DECODER.raw_decode(text)[1] < len(text)
+    except json.JSONDecodeError:
+        return False
+
+
+def read_value(tokenizer, row: list[int], logps, prefix: str = "") -> tuple:
+    """A free field's value from its generated tokens: (value, confidence, invalid reason, text written).
+
+    Shared by evaluate (``distill.student.scored``) and the runtime. The value is the JSON value the text after
+    ``prefix`` opens with; its confidence is exp of the mean log-prob (``logps``, one per token of ``row``) of the
+    tokens up to the value's end, rounded to 6 decimals; text that opens with no JSON value is ``invalid_json``."""
     text = tokenizer.decode(row, skip_special_tokens=True)
     stripped = (prefix + text).lstrip()
     try:
-        value, end = decoder.raw_decode(stripped)
+        value, end = _DECODER.raw_decode(stripped)
     except json.JSONDecodeError:
         return None, None, "invalid_json", text
     end += len(prefix + text) - len(stripped) - len(prefix)

@@ -5,8 +5,9 @@
 
 The prompts' KV cache is computed once; each enum field's allowed values are scored after the answer so far as one
 token trie per item in a single forward pass (tree attention), so the cost grows little with the number of values
-(benchmarks/scored_decoding.py). A free-text field is generated greedily after the answer so far. The served student
-(distill.serve.scored) ranks values by the same rule, one item at a time.
+(benchmarks/scored_decoding.py). A free-text field is generated greedily after the answer so far; where it stops and
+how its value and confidence are read are the served student's own functions (distill.serve.scored.value_written,
+read_value), which ranks values by the same rule, one item at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 import numpy as np
 import torch
 
+from distill.serve.scored import read_value, value_written
 from distill.task import OutputSchema, answer_head, common_prefix, dump_answer, literal_options
 
 
@@ -270,23 +272,16 @@ def _continuation_logprob(model, tokenizer, cache, prompt_mask, last_logp, seqs,
 def _generate_values(model, tokenizer, prompt_ids, heads, eot, max_new_tokens, prefix: str = ""):
     """Greedy JSON value after each answer head; yields (value, mean token probability, invalid reason, text).
 
-    ``prefix`` is what the head already opened (``"`` for a string): it is part of the value parsed."""
+    ``prefix`` is what the head already opened (``"`` for a string): it is part of the value parsed. Where the
+    generation stops and how its value is read are the runtime's own functions (distill.serve.scored)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
-
-    decoder = json.JSONDecoder()
 
     class ValueWritten(StoppingCriteria):
         """Stop a row once its text holds a whole JSON value followed by something (`"x",`, `12}`)."""
 
         def __call__(self, input_ids, scores, **kwargs):
-            done = []
-            for row in input_ids[:, width:]:
-                text = (prefix + tokenizer.decode(row, skip_special_tokens=True)).lstrip()
-                try:
-                    done.append(decoder.raw_decode(text)[1] < len(text))
-                except json.JSONDecodeError:
-                    done.append(False)
-            return torch.tensor(done, device=input_ids.device)
+            return torch.tensor([value_written(tokenizer, row, prefix) for row in input_ids[:, width:]],
+                                device=input_ids.device)
 
     stop_id = tokenizer.convert_tokens_to_ids(eot)
     ids, mask = encode_left(tokenizer, [p + token_ids(tokenizer, h) for p, h in zip(prompt_ids, heads)])
@@ -297,14 +292,4 @@ def _generate_values(model, tokenizer, prompt_ids, heads, eot, max_new_tokens, p
                          return_dict_in_generate=True, stopping_criteria=StoppingCriteriaList([ValueWritten()]))
     steps = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True).float().cpu()
     for row, scores in zip(out.sequences[:, ids.shape[1]:].cpu().tolist(), steps):
-        text = tokenizer.decode(row, skip_special_tokens=True)
-        stripped = (prefix + text).lstrip()
-        try:
-            value, end = decoder.raw_decode(stripped)
-        except json.JSONDecodeError:
-            yield None, None, "invalid_json", text
-            continue
-        end += len(prefix + text) - len(stripped) - len(prefix)
-        used = next((i for i in range(1, len(row) + 1)
-                     if len(tokenizer.decode(row[:i], skip_special_tokens=True)) >= end), len(row))
-        yield value, round(float(math.exp(scores[:used].mean())), 6), None, text
+        yield read_value(tokenizer, row, scores.numpy(), prefix)
