@@ -14,6 +14,8 @@ import logging
 import shutil
 from pathlib import Path
 
+from tqdm import tqdm
+
 from distill import DistillError, paths, runio
 from distill.config import Config
 from distill.stages.publish.gguf import model_name
@@ -180,8 +182,9 @@ def served_confidence(cfg: Config, run_dir: Path, staging: Path, rel: str, task:
     scorer = Scorer(staging / rel, staging / paths.MODEL_DIR / paths.HF_DIR, n_ctx=cfg.serve.student_n_ctx,
                     n_threads=cfg.serve.student_threads)
     try:
-        val = [_served_answer(scorer, cfg, task, r["input"]) for r in val_rows]
-        test = [_served_answer(scorer, cfg, task, r["input"]) for r in test_rows]
+        answers = [_served_answer(scorer, cfg, task, r["input"])
+                   for r in tqdm(val_rows + test_rows, desc="served GGUF (scored)", unit="item", leave=False)]
+        val, test = answers[:len(val_rows)], answers[len(val_rows):]
     finally:
         scorer.model.llm.close()
 
@@ -190,7 +193,7 @@ def served_confidence(cfg: Config, run_dir: Path, staging: Path, rel: str, task:
 
     diffs = [abs(c - e["confidence"]) for (_, c), e in zip(test, test_rows)
              if c is not None and e.get("confidence") is not None]
-    return {"artifact": rel, "scorer": "distill.serve.runtime.Scorer (the student runtime's scored decode)",
+    return {"artifact": rel, "scorer": "distill.serve.runtime.Scorer, the student runtime's scored decode",
             "n_val": len(val_rows), "n_test": len(test_rows),
             "val_coverage_curve": coverage_curve([c for _, c in val], agrees(val, val_rows)),
             "coverage_curve": coverage_curve([c for _, c in test], agrees(test, test_rows)),
