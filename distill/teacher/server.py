@@ -72,6 +72,8 @@ class LoopbackServer:
 
     what = "server"
     model_name = "its model"
+    # environment defaults for the child (a variable already set in distill's environment wins)
+    env_defaults: dict[str, str] = {}
 
     def __init__(self, *, log_path: Path | None = None, startup_timeout_s: float = 120):
         self.log_path = log_path
@@ -94,7 +96,8 @@ class LoopbackServer:
             self._log_fh = open(self.log_path, "ab")
         log.info("starting %s on %s with %s", self.what, self.base_url, self.model_name)
         self.proc = subprocess.Popen(cmd, stdout=self._log_fh or subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True,
+                                     env={**self.env_defaults, **os.environ})
         atexit.register(self.stop)
         self._wait_ready()
         return self
@@ -187,8 +190,17 @@ def resolve_runtime(runtime: str) -> str:
     return "llama_cpp_python"
 
 
+# ggml's CPU threads meet at an OpenMP barrier after every graph node; spinning there (libgomp's default) lets one
+# thread burn its time slice waiting for a descheduled partner: on a loaded 2-core machine a scoring call took
+# 5.5-6.6 s on llama-server and 4-20 s on llama-cpp-python's server, against 0.8 and 2.2 s with waiting threads
+# asleep (BENCHMARKS.md, "Embedded teacher runtime"). An OMP_WAIT_POLICY set in distill's environment wins.
+LLAMA_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 class LlamaCppServer(LoopbackServer):
     """A `python -m llama_cpp.server` child process bound to 127.0.0.1."""
+
+    env_defaults = LLAMA_ENV
 
     def __init__(self, model_path: Path, *, alias: str = "model", n_ctx: int = 4096, n_threads: int | None = None,
                  log_path: Path | None = None, startup_timeout_s: float = 120, logits_all: bool = False):
@@ -219,6 +231,8 @@ class LlamaServer(LoopbackServer):
     with the previous one evaluates only the new tokens. Top log-probs (``logprobs`` + ``top_logprobs``) need no
     option here. No web UI, no downloads: the binary only serves the given file.
     """
+
+    env_defaults = LLAMA_ENV
 
     def __init__(self, model_path: Path, *, alias: str = "model", n_ctx: int = 4096, n_threads: int | None = None,
                  slots: int = 1, binary: Path | None = None, log_path: Path | None = None,
