@@ -134,7 +134,7 @@ def tokens_per_ticket(task, rows, base_url: str, cfg) -> float:
 
     fmt = task.schema.response_format("llama_cpp")
     total = 0
-    with StudentEndpoint(base_url, "student", api_key=None, timeout_s=120, max_retries=1) as client:
+    with StudentEndpoint(base_url, "student", api_key="not-needed", timeout_s=120, max_retries=1) as client:
         for row in rows:
             reply = client.ask(task.student_messages(row["input"]), max_tokens=cfg.eval.max_new_tokens,
                                response_format=fmt)
