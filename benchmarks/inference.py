@@ -5,7 +5,7 @@
 
 Needs a finished run directory (generate, train, evaluate, publish). On the test split, median of ``--runs``:
   - the in-process student in transformers, free generation and scored decoding (eval.decode), batch 8;
-  - every published GGUF served by llama-cpp-python's server, one request at a time (as a gateway sends them);
+  - every published GGUF served by llama-cpp-python's server ("llama.cpp server"), one request at a time;
   - every published GGUF served by llama.cpp's C++ llama-server (when built: scripts/build_llama_server.py) with
     one slot at concurrency 1, and with ``--slots`` slots (continuous batching) at concurrency 1, 4 and 8, each run
     on a fresh server (no ticket's prompt is cached from an earlier run); answers compared to the one-slot run;
@@ -118,7 +118,7 @@ def in_process_and_python_server(cfg, task, rows, run_dir, args, results, load_s
                 predict_endpoint(c, task, rows, srv.base_url, "student")
                 walls.append(time.perf_counter() - started)
         med, lo, hi = summary(walls)
-        results.append([f"student, llama-cpp-python server, {rel.name.rsplit('-', 1)[-1][:-5]} (1 at a time)",
+        results.append([f"student, llama.cpp server, {rel.name.rsplit('-', 1)[-1][:-5]} (1 at a time)",
                         med / len(rows), lo, hi])
 
 
