@@ -8,7 +8,7 @@ with logits_all, as generate starts it) and ``label`` (the JSON answer under the
 runtime answers the same sequence, one request at a time, runtimes alternating per run (median of ``--runs``).
 
 Reported per runtime and method: seconds per call, the new tokens each call evaluates (llama-server's
-``timings.prompt_n``: the prompt after the slot's cached prefix), the runtime's prompt-eval rate (a ~1000-token
+``timings.prompt_n``: the prompt after the slot's cached prefix), the runtime's prompt-eval rate (a ~550-token
 prompt sharing no prefix, tokens/s) and the issue's limit, new tokens / prompt-eval rate. Agreement: the same top
 token and the same best allowed value per score request, the largest log-prob difference over the tokens both
 top-20 lists hold, the same answer text per label request.
@@ -59,7 +59,7 @@ def build_requests(items: int) -> tuple[dict[str, list[dict]], list, object]:
 
 
 def long_prompt(model: str, nonce: int) -> dict:
-    words = " ".join(f"w{(nonce * 7919 + i) % 1000}" for i in range(450))  # ~1000 tokens, no shared prefix
+    words = " ".join(f"w{(nonce * 7919 + i) % 1000}" for i in range(150))  # ~550 tokens, no shared prefix
     return {"model": model, "max_tokens": 1, "temperature": 0.0,
             "messages": [{"role": "user", "content": f"{nonce} {words}"}]}
 
