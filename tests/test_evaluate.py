@@ -69,11 +69,13 @@ def test_class_report_counts_invalid_answers_as_wrong():
 
 
 def test_coverage_curve_on_a_known_confidence_list():
+    # the item without a confidence (an invalid answer) is never covered, not even at threshold 0: the gateway's
+    # decide sends it to the teacher, so counting it as kept would overstate coverage at a threshold of 0
     curve = stats.coverage_curve([0.9, 0.5, None, 0.7, 0.9], [True, False, False, True, False])
     assert [p["threshold"] for p in curve] == [0.0, 0.5, 0.7, 0.9]
-    assert [p["n"] for p in curve] == [5, 4, 3, 2]
-    assert [p["coverage"] for p in curve] == [1.0, 0.8, 0.6, 0.4]
-    assert [p["agreement"] for p in curve] == [0.4, 0.5, 0.6667, 0.5]
+    assert [p["n"] for p in curve] == [4, 4, 3, 2]
+    assert [p["coverage"] for p in curve] == [0.8, 0.8, 0.6, 0.4]
+    assert [p["agreement"] for p in curve] == [0.5, 0.5, 0.6667, 0.5]
 
 
 def test_calibration_table_and_ece_by_hand():

@@ -114,15 +114,16 @@ def confusion(reference: Sequence, predicted: Sequence, labels: list) -> dict:
 def coverage_curve(confidence: Sequence[float | None], agree: Sequence[bool], max_points: int = 200) -> list[dict]:
     """Share of items the student would take at each confidence threshold, and its agreement on them.
 
-    An item is covered at threshold t when its confidence >= t (no confidence counts as 0). Thresholds are 0 and
-    every distinct confidence (thinned to ``max_points`` quantiles), ascending. Returns
+    An item is covered at threshold t when it has a confidence and that confidence >= t; an item without one (an
+    invalid answer) is never covered, at any threshold, because ``routing.decide`` sends it to the teacher. Thresholds
+    are 0 and every distinct confidence (thinned to ``max_points`` quantiles), ascending. Returns
     ``[{"threshold", "coverage", "agreement", "n"}]``; agreement is None where nothing is covered.
     """
-    conf = np.array([0.0 if c is None else float(c) for c in confidence])
+    conf = np.array([-np.inf if c is None else float(c) for c in confidence])
     ok = np.asarray([bool(a) for a in agree])
     if len(conf) == 0:
         return []
-    thresholds = np.unique(np.concatenate([[0.0], np.round(conf, 4)]))
+    thresholds = np.unique(np.concatenate([[0.0], np.round(conf[np.isfinite(conf)], 4)]))
     if len(thresholds) > max_points:
         thresholds = np.unique(np.round(np.quantile(thresholds, np.linspace(0, 1, max_points)), 4))
     curve = []
