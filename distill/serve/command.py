@@ -200,6 +200,11 @@ def open_plan(cfg: Config, stack: contextlib.ExitStack, teacher_url: str | None 
             raise DistillError("serve.confidence=sequence needs serve.student_endpoint (a server of your own); the "
                                "runtime distill starts answers with the scored confidence")
         artifact = pick_artifact(cfg, rule, publish_dir)
+        calibrated_on = rule.evidence.artifact if rule.evidence is not None else None
+        if calibrated_on and artifact.relative_to(publish_dir).as_posix() != calibrated_on:
+            log.warning("serve: serving %s, but routing.yaml's threshold was chosen on %s's confidence (evidence."
+                        "artifact); the threshold is not calibrated for this artifact: drop serve.artifact or "
+                        "republish with it", artifact.relative_to(publish_dir).as_posix(), calibrated_on)
         artifact_sha = runio.sha256_file(artifact)  # part of every exact-cache key
         runtime = StudentRuntime(artifact, publish_dir / paths.MODEL_DIR /
                                  paths.HF_DIR, alias=rule.student.model, n_ctx=cfg.serve.student_n_ctx,

@@ -7,7 +7,8 @@ Two protocols (``serve.confidence``):
 
 - ``scored``: ``POST {base}/distill/score`` on a distill student runtime (``distill.serve.runtime``, started by the
   gateway on the published GGUF). The confidence is evaluate's ``eval.decode=scored`` confidence computed on the
-  served artifact (``distill.serve.scored``): the one routing.yaml's threshold was chosen on, on another artifact.
+  served artifact (``distill.serve.scored``): the one publish chose routing.yaml's threshold on (it scores the val
+  split with this same code on this same GGUF, ``evidence.artifact``).
 - ``sequence``: ``POST {base}/chat/completions`` with ``logprobs`` on any OpenAI-compatible server (vLLM,
   llama.cpp), the request and confidence of ``evaluate.predict_endpoint``: the probability of the token sequence
   the server wrote. A different number from the scored one: the threshold was not chosen on it.

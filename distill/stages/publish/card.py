@@ -209,9 +209,14 @@ def render_card(cfg: Config, generate: dict, train: dict, results: dict, rule: r
                 if classifier else
                 ["- Trained on one system prompt and one user turn; other conversation shapes are untested.",
                  "- Quantized artifacts can answer differently from the student: see parity above."]),
-              *([f"- The threshold was chosen on the in-process student's confidence (eval.decode="
-                 f"{cfg.eval.decode}); `python -m distill serve run_dir=..` computes that confidence on the served "
-                 f"GGUF (SERVING.md). A server of your own gives another number (token log-probs): measure its curve "
+              *([(f"- The threshold was chosen on the served GGUF's own confidence (`{rule.evidence.artifact}`, "
+                  f"scored on the val split by the gateway's code, eval.decode={cfg.eval.decode}); "
+                  f"`python -m distill serve run_dir=..` computes that same confidence (SERVING.md)."
+                  if rule.evidence is not None and rule.evidence.artifact else
+                  f"- The threshold was chosen on the in-process student's confidence (eval.decode="
+                  f"{cfg.eval.decode}); `python -m distill serve run_dir=..` computes that confidence on the served "
+                  f"GGUF (SERVING.md).")
+                 + f" A server of your own gives another number (token log-probs): measure its curve "
                  f"with `python -m distill evaluate run_dir=.. eval.endpoint.base_url={cfg.publish.endpoint} "
                  f"eval.endpoint.model={model_name(cfg)}` before relying on the threshold there."]
                 if (results.get("predictor") or {}).get("kind", "in_process") == "in_process" and not classifier
