@@ -27,7 +27,6 @@ from distill.serve.traffic import read_traffic
 from distill.stages.generate import traffic
 from distill.task import Example
 from distill.testing.fake_student import FakeStudent
-from distill.testing.fake_teacher import FakeTeacher
 
 BITEXT = (REPO.parent / "shared" / "data" / "bitext_customer_support"
           / "Bitext_Sample_Customer_Support_Training_Dataset.csv")
@@ -55,12 +54,6 @@ def new_tickets(n: int) -> list[str]:
 def _ledger_rows(path: Path) -> int:
     with sqlite3.connect(path) as db:
         return db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
-
-
-@pytest.fixture(scope="module")
-def teacher(fake_answer):
-    with FakeTeacher(fake_answer) as fake:
-        yield fake
 
 
 @pytest.fixture(scope="module")

@@ -18,16 +18,9 @@ from distill import DistillError, paths, pipeline, runio
 from distill.config import check_startup, load_config
 from distill.serve.traffic import open_traffic_log, read_source, source_digest
 from distill.stages.generate.traffic import PREFIX
-from distill.testing.fake_teacher import FakeTeacher
 
 NEW_TICKETS = [f"Customer {i}: the parcel for order {4000 + 13 * i} never arrived and nobody answers, day {i}"
                for i in range(6)]
-
-
-@pytest.fixture(scope="module")
-def teacher(fake_answer):
-    with FakeTeacher(fake_answer) as fake:
-        yield fake
 
 
 @pytest.fixture(scope="module")
