@@ -390,6 +390,76 @@ def test_two_gateways_on_one_redis_share_answers_and_counters(published, teacher
     assert counts == {f"cache.exact.miss.{TASK}": 2.0, f"cache.exact.hit.{TASK}": 1.0}
 
 
+def _serve_process(run_dir: Path, *overrides: str) -> tuple[subprocess.Popen, str]:
+    """``python -m distill serve`` in its own process on a free loopback port, once /healthz answers 200."""
+    import sys
+
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "distill", "serve", f"run_dir={run_dir}", f"serve.port={port}",
+                             *overrides], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"the gateway exited: {proc.communicate()[1][-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return proc, f"http://127.0.0.1:{port}/v1"
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the gateway did not become healthy"
+        time.sleep(0.2)
+
+
+@pytest.mark.integration
+def test_two_gateway_processes_on_one_redis_share_answers_and_shadow_counts(published, teacher, redis_url,
+                                                                             tmp_path):
+    run_dir = _copy(published, tmp_path)
+    ns = f"processes{time.monotonic_ns()}"
+    unsure = "My refund for order 7731 has not arrived after three weeks; who can help?"
+    kept = {"one": "The invoice shows my old address, please update it for the next one.",
+            "two": "I was billed for a seat I removed last month, please credit it."}
+    with FakeStudent(lambda text: (CONFIDENT, 0.4 if text == unsure else 0.97)) as student:
+        over = [f"serve.student_endpoint={student.base_url}", "serve.exact_cache.enabled=true", "serve.store=redis",
+                f"serve.redis_url={redis_url}", f"serve.store_namespace={ns}", "serve.shadow_rate=1.0"]
+        procs = []
+        try:
+            one_proc, one = _serve_process(run_dir, *over)
+            procs.append(one_proc)
+            two_proc, two = _serve_process(run_dir, *over)
+            procs.append(two_proc)
+            before_teacher = len(teacher.calls)
+            first, answer = _ask(one, unsure)
+            after_first = len(teacher.calls)
+            second, shared = _ask(two, unsure)
+            kept_one, _ = _ask(one, kept["one"])
+            kept_two, _ = _ask(two, kept["two"])
+            shadow = {}
+            deadline = time.monotonic() + 60  # the shadow calls run in the background of each process
+            while time.monotonic() < deadline:
+                shadow = {k: v for k, v in RedisStore(redis_url, ns).counters("shadow.").items() if k.endswith(".n")}
+                if sum(shadow.values()) >= 2:
+                    break
+                time.sleep(0.2)
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(timeout=60)
+    assert first["x-distill-route"] == second["x-distill-route"] == "teacher"
+    assert "x-distill-cache" not in first and second["x-distill-cache"] == "exact" and shared == answer
+    assert after_first - before_teacher == 1  # the fallback was paid once, by the first process
+    assert kept_one["x-distill-route"] == kept_two["x-distill-route"] == "student"
+    # each process shadowed its own kept answer; the counters of the one rule version add up across both
+    assert len(shadow) == 1 and list(shadow.values()) == [2.0]
+    assert len(teacher.calls) - before_teacher == 3  # one fallback + two shadow calls, nothing else
+    counts = RedisStore(redis_url, ns).counters("cache.")
+    assert counts[f"cache.exact.hit.{TASK}"] == 1.0
+    assert all(proc.returncode == 0 for proc in procs)
+
+
 @pytest.mark.integration
 def test_publish_with_the_semantic_cache_enabled_puts_its_calibration_in_the_report_and_card(published, tmp_path):
     from distill import pipeline
