@@ -78,6 +78,20 @@ def test_coverage_curve_on_a_known_confidence_list():
     assert [p["agreement"] for p in curve] == [0.5, 0.5, 0.6667, 0.5]
 
 
+def test_a_threshold_between_listed_points_keeps_what_the_upper_point_keeps():
+    # 0.52286 would round UP to a listed threshold of 0.5229, which does not keep the item itself: a threshold between
+    # 0 and that point then kept the item while the curve's upper point (what routing.point_at reads) did not
+    from distill.routing import point_at
+
+    conf = [0.52286, 0.9, 0.61, None, 0.70004]
+    curve = stats.coverage_curve(conf, [True, True, False, False, True])
+    for c in (c for c in conf if c is not None):  # every item is kept at the threshold listed for it
+        listed = max(p["threshold"] for p in curve if p["threshold"] <= c)
+        assert point_at(curve, listed)["n"] == sum(x is not None and x >= listed for x in conf)
+    for t in (0.3, 0.55, 0.65, 0.8, 0.95):
+        assert point_at(curve, t)["n"] == sum(x is not None and x >= t for x in conf), t
+
+
 def test_calibration_table_and_ece_by_hand():
     conf = [0.95, 0.95, 0.55, 0.55, None]
     ok = [True, False, True, True, False]

@@ -123,7 +123,12 @@ def coverage_curve(confidence: Sequence[float | None], agree: Sequence[bool], ma
     ok = np.asarray([bool(a) for a in agree])
     if len(conf) == 0:
         return []
-    thresholds = np.unique(np.concatenate([[0.0], np.round(conf[np.isfinite(conf)], 4)]))
+    finite = conf[np.isfinite(conf)]
+    # each confidence rounded DOWN to 4 decimals (never above itself), so every item is kept at its own listed
+    # threshold and a threshold between two listed ones keeps exactly what the upper one keeps (routing.point_at)
+    floors = np.floor(finite * 1e4) / 1e4
+    floors = np.where(floors > finite, floors - 1e-4, floors)
+    thresholds = np.unique(np.concatenate([[0.0], np.round(floors, 4)]))
     if len(thresholds) > max_points:
         thresholds = np.unique(np.round(np.quantile(thresholds, np.linspace(0, 1, max_points)), 4))
     curve = []
