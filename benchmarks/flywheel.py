@@ -1,6 +1,6 @@
 """The flywheel on the embedded models: serve the smoke run, send new tickets, re-distil from the traffic log, reload.
 
-    python benchmarks/flywheel.py [--tickets 60] [--workdir DIR] [--no-record]
+    python benchmarks/flywheel.py [--tickets 60] [--student-timeout-s 60] [--threshold T] [--workdir DIR] [--no-record]
 
 Real models all the way (profile=smoke: the SmolLM2 llama.cpp teacher and the SmolLM2-135M student): the smoke run
 is built, its gateway serves it (its student runtime, the teacher through the run's ledger; the rule's route is
@@ -61,10 +61,24 @@ def post(url: str, text: str) -> httpx.Response:
                       json={"model": "support_tickets", "messages": [{"role": "user", "content": text}]})
 
 
+def half_coverage_threshold(run_dir: Path) -> float:
+    """The threshold of the served GGUF's test curve (publish/parity.json) nearest half coverage, else evaluate's."""
+    parity = runio.read_json(paths.stage_dir(run_dir, "publish") / paths.PARITY)
+    curves = [v["served_confidence"]["coverage_curve"] for v in parity.values() if v.get("served_confidence")]
+    curve = curves[0] if curves else runio.read_json(run_dir / "evaluate" / paths.RESULTS)["coverage_curve"]
+    return min((p for p in curve if p["threshold"] > 0), key=lambda p: abs(p["coverage"] - 0.5))["threshold"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tickets", type=int, default=60)
     ap.add_argument("--workdir", type=Path, default=None, help="kept afterwards when given (default: a temp dir)")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="the confidence the route is forced on at (default: the served GGUF's test-curve point "
+                         "nearest half coverage, so some tickets are kept and some fall back)")
+    ap.add_argument("--student-timeout-s", type=float, default=60.0,
+                    help="serve.student_timeout_s: a loaded 2-core machine can pass the 10 s default, and a timed-out "
+                         "student sends every ticket to the teacher (nothing kept, nothing shadowed)")
     ap.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = ap.parse_args()
     from test_flywheel import new_tickets  # the same Bitext tickets as the suite's test
@@ -75,12 +89,14 @@ def main() -> None:
     rule_path = paths.stage_dir(served, "publish") / paths.ROUTING
     rule = load_rule(rule_path)
     published_route = rule.route.enabled
-    rule.route = RouteSpec(enabled=True, confidence_threshold=0.9, target_agreement=0.98, expected_coverage=0.5,
-                           expected_agreement=0.98, reason="turned on at 0.9 by benchmarks/flywheel.py")
+    threshold = args.threshold if args.threshold is not None else half_coverage_threshold(served)
+    rule.route = RouteSpec(enabled=True, confidence_threshold=threshold, target_agreement=0.98, expected_coverage=0.5,
+                           expected_agreement=0.98, reason=f"turned on at {threshold} by benchmarks/flywheel.py")
     rule_path.write_text(yaml.safe_dump(rule.model_dump(mode="json"), sort_keys=False))
 
     tickets = new_tickets(args.tickets)
-    cfg = load_serve_config([f"run_dir={served}", "serve.port=0", "serve.shadow_rate=0.3"])
+    cfg = load_serve_config([f"run_dir={served}", "serve.port=0", "serve.shadow_rate=0.3",
+                             f"serve.student_timeout_s={args.student_timeout_s}"])
     ledger = paths.ledger_path(served)
     with background(cfg) as url:
         started = time.perf_counter()
@@ -117,7 +133,7 @@ def main() -> None:
     baseline = gate["baseline"] or {}
     rows = [
         ["tickets sent / answered 200", f"{len(tickets)} / {sum(r.status_code == 200 for r in replies)}"],
-        ["published route (before forcing it on at 0.9)", "enabled" if published_route else "disabled"],
+        [f"published route (before forcing it on at {threshold})", "enabled" if published_route else "disabled"],
         ["answered by the teacher at serve time (fallback / shadow)",
          f"{len(sent)} ({t['teacher_source'].get('fallback', 0)} / {t['teacher_source'].get('shadow', 0)})"],
         ["logged inputs kept in train/val (sent / never sent)",
