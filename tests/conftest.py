@@ -59,6 +59,24 @@ def publish_tiny(run_dir: Path, base_url: str, *extra: str) -> Path:
     return run_dir
 
 
+def wait_healthy(proc, base: str, timeout_s: float = 300) -> None:
+    """Wait until the ``python -m distill serve`` subprocess ``proc`` answers 200 on ``{base}/healthz``."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, f"the gateway exited: {proc.communicate()[1][-3000:]}"
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the gateway did not become healthy"
+        time.sleep(0.2)
+
+
 def set_route(run_dir: Path, threshold: float) -> None:
     """Enable a published run's route at ``threshold``, whatever publish decided."""
     import yaml

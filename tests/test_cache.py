@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import numpy as np
 import openai
 import pytest
-from conftest import set_route
+from conftest import set_route, wait_healthy
 
 from distill import DistillError, paths, runio
 from distill.serve import calibrate
@@ -394,23 +394,12 @@ def _serve_process(run_dir: Path, *overrides: str) -> tuple[subprocess.Popen, st
     """``python -m distill serve`` in its own process on a free loopback port, once /healthz answers 200."""
     import sys
 
-    import httpx
-
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "distill", "serve", f"run_dir={run_dir}", f"serve.port={port}",
                              *overrides], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"the gateway exited: {proc.communicate()[1][-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return proc, f"http://127.0.0.1:{port}/v1"
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the gateway did not become healthy"
-        time.sleep(0.2)
+    wait_healthy(proc, f"http://127.0.0.1:{port}", timeout_s=180)
+    return proc, f"http://127.0.0.1:{port}/v1"
 
 
 @pytest.mark.integration

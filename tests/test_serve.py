@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 import yaml
-from conftest import REPO, copy_with_route
+from conftest import REPO, copy_with_route, wait_healthy
 
 from distill import DistillError, paths, runio
 from distill.routing import RouteSpec, load_rule
@@ -658,16 +658,8 @@ def test_sigterm_lets_20_requests_in_flight_finish_then_stops_the_runtime(publis
                                  f"teacher.base_url={slow.base_url}", "teacher.concurrency=32"],
                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
+            wait_healthy(proc, base, timeout_s=120)
             deadline = time.monotonic() + 120
-            while True:
-                assert proc.poll() is None, proc.communicate()[1][-2000:]
-                try:
-                    if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert time.monotonic() < deadline, "the gateway did not start"
-                time.sleep(0.2)
             children = psutil.Process(proc.pid).children(recursive=True)
             assert children, "the student runtime should run as a child process"
             with ThreadPoolExecutor(20) as pool:

@@ -23,10 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
-from conftest import REPO, copy_with_route
+from conftest import REPO, copy_with_route, wait_healthy
 
 from distill import paths, runio
 from distill.routing import load_rule, point_at
@@ -51,19 +50,6 @@ def _forced_threshold(curve: list[dict]) -> tuple[float, dict]:
     width, low, high = max(gaps, key=lambda g: g[0])
     assert width >= 1e-3, f"no gap wide enough to force a threshold into: {curve}"
     return round((low["threshold"] + high["threshold"]) / 2, 6), high
-
-
-def _wait_healthy(proc: subprocess.Popen, base: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        try:
-            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the gateway did not become healthy"
-        time.sleep(0.5)
 
 
 @pytest.mark.timeout(5400)  # the smoke run alone is ~3 min on 2 idle cores; shared cores take far longer
@@ -108,7 +94,7 @@ def test_smoke_run_served_live_coverage_and_agreement_match_the_served_curve(tmp
                              "serve.student_timeout_s=300"],
                             cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_healthy(proc, base)
+        wait_healthy(proc, base)
         children = psutil.Process(proc.pid).children(recursive=True)
         assert children, "the student runtime and the embedded teacher run as child processes"
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
