@@ -27,6 +27,8 @@ class Outcome:
     cache_hit: bool = False
     cost_usd: float = 0.0
     confidence: dict | None = None  # per-field probability of the chosen value (score) or vote share (votes)
+    # teacher.method=score: per field {value text: calibrated probability} (distill.teacher.scoring.value_distribution)
+    distribution: dict | None = None
 
 
 @dataclass

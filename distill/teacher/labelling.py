@@ -26,8 +26,8 @@ from distill.teacher.answers import BUDGET, Outcome
 from distill.teacher.batch import label_batch
 from distill.teacher.budget import Budget
 from distill.teacher.client import TeacherClient, probe
-from distill.teacher.scoring import calibrate as calibrate_scores
-from distill.teacher.scoring import few_shot_log_prior, field_messages, value_scores
+from distill.teacher.scoring import (calibrated_probs, few_shot_log_prior, field_messages, value_distribution,
+                                     value_scores)
 
 log = logging.getLogger("distill")
 
@@ -131,7 +131,7 @@ async def score_all(client: TeacherClient, task: Task, examples: list[Example], 
     finally:
         bar.close()
 
-    labels, confidence = {}, {}
+    labels, confidence, distribution = {}, {}, {}
     for field in fields:
         values = task.schema.enums[field]
         ok = [i for i, o in enumerate(per_field[field]) if o is not None and o.answer is not None]
@@ -139,10 +139,12 @@ async def score_all(client: TeacherClient, task: Task, examples: list[Example], 
             continue
         matrix = np.array([value_scores(per_field[field][i].answer["top"], values) for i in ok])
         prior = few_shot_log_prior([str(label[field]) for _, label in task.few_shot], values)
-        idx, conf = calibrate_scores(matrix, calibrate, prior)
+        probs = calibrated_probs(matrix, calibrate, prior)
+        idx, conf = probs.argmax(axis=1), probs.max(axis=1)
         for row, i in enumerate(ok):
             labels.setdefault(i, {})[field] = values[idx[row]]
             confidence.setdefault(i, {})[field] = round(float(conf[row]), 4)
+            distribution.setdefault(i, {})[field] = value_distribution(probs[row], values)
 
     results = []
     for i in range(len(examples)):
@@ -158,5 +160,5 @@ async def score_all(client: TeacherClient, task: Task, examples: list[Example], 
             results.append(Outcome(None, failed, keys, 0, paid, cost_usd=cost))
             continue
         results.append(Outcome(labels[i], None, keys, 0, paid, cache_hit=all(o.cache_hit for o in outs),
-                               cost_usd=cost, confidence=confidence[i]))
+                               cost_usd=cost, confidence=confidence[i], distribution=distribution[i]))
     return results

@@ -70,13 +70,14 @@ def few_shot_log_prior(labels: list, values: list) -> np.ndarray:
     return np.log(counts / counts.sum())
 
 
-def calibrate(scores: np.ndarray, enabled: bool = True,
-              log_prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-input label index and confidence from an (inputs x values) matrix of log-prob scores.
+def calibrated_probs(scores: np.ndarray, enabled: bool = True,
+                     log_prior: np.ndarray | None = None) -> np.ndarray:
+    """The (inputs x values) matrix of calibrated probabilities from an (inputs x values) matrix of log-prob scores.
 
     Scores are renormalised over the allowed values; with calibration each value's mean log-prob over the inputs
-    (the model's own bias) is subtracted and the expected log-prior added back before the argmax (a uniform prior
-    when none is given). Confidence is the softmax probability of the chosen value.
+    (the model's own bias) is subtracted and the expected log-prior added back (a uniform prior when none is given),
+    then each row is a softmax. A value the server's top_logprobs did not return scores the floor of
+    ``value_scores`` (just below the lowest log-prob it returned), so it keeps a small probability, not zero.
     """
     logp = scores - np.logaddexp.reduce(scores, axis=1, keepdims=True)
     if enabled and len(scores) > 1:
@@ -84,5 +85,19 @@ def calibrate(scores: np.ndarray, enabled: bool = True,
         if log_prior is not None:
             logp = logp + log_prior
     probs = np.exp(logp - logp.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def calibrate(scores: np.ndarray, enabled: bool = True,
+              log_prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-input label index and confidence (the calibrated probability of the chosen value) from an
+    (inputs x values) matrix of log-prob scores (``calibrated_probs``)."""
+    probs = calibrated_probs(scores, enabled, log_prior)
     return probs.argmax(axis=1), probs.max(axis=1)
+
+
+def value_distribution(probs: np.ndarray, values: list, digits: int = 4) -> dict[str, float]:
+    """One input's calibrated distribution as {value text: probability}, most probable first, rounded to ``digits``;
+    values that round to 0 are left out (a reader takes a missing value as 0) to keep data files compact."""
+    pairs = sorted(((value_text(v), round(float(p), digits)) for v, p in zip(values, probs)), key=lambda kv: -kv[1])
+    return {text: p for text, p in pairs if p > 0}

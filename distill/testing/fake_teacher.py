@@ -11,6 +11,8 @@
 
 ``answer_fn(messages) -> str`` decides the assistant's text. Requests go over real HTTP (the standard library's
 threading server), so the code under test goes through the real ``openai`` client and its connection pool.
+``top_logprobs_fn(messages) -> [(token, logprob), ...]`` (optional) gives the first answer token's top log-probs
+when a request asks for them (teacher.method=score); without it the answer's text is the one, near-certain token.
 
 Faults, each drawn per request at its rate from a seeded generator:
   transport: ``429`` (with Retry-After), ``500``, ``hang`` (no answer until past the client's timeout, then the
@@ -62,8 +64,10 @@ class FakeTeacher:
                  latency_s: float = 0.0, seed: int = 0, batch_error_rate: float = 0.0,
                  batch_hold: bool = False, batch_hold_create: bool = False, batch_expire_first: bool = False,
                  batch_end: dict[str, str] | None = None,
-                 check_key_on_models: bool = True, content_parts: bool = False, tokens_per_char: bool = False):
+                 check_key_on_models: bool = True, content_parts: bool = False, tokens_per_char: bool = False,
+                 top_logprobs_fn: Callable[[list[dict]], list[tuple[str, float]]] | None = None):
         self.answer_fn = answer_fn
+        self.top_logprobs_fn = top_logprobs_fn  # messages -> [(token, logprob)]: the first token's top list
         self.content_parts = content_parts      # answer content as a list of text parts, as some servers do
         self.tokens_per_char = tokens_per_char  # bill one token per character (CJK text runs at about that)
         self.api_key = api_key
@@ -151,9 +155,10 @@ class FakeTeacher:
             self.billed_tokens[1] += completion_tokens
         content = [{"type": "text", "text": text}] if self.content_parts and text is not None else text
         logprobs = None
-        if body.get("logprobs"):  # one answer token, certain of itself
-            logprobs = {"content": [{"token": text, "logprob": -0.01, "bytes": None,
-                                     "top_logprobs": [{"token": text, "logprob": -0.01, "bytes": None}]}]}
+        if body.get("logprobs"):  # one answer token, certain of itself, unless top_logprobs_fn says otherwise
+            top = self.top_logprobs_fn(body["messages"]) if self.top_logprobs_fn else [(text, -0.01)]
+            logprobs = {"content": [{"token": top[0][0], "logprob": top[0][1], "bytes": None,
+                                     "top_logprobs": [{"token": t, "logprob": lp, "bytes": None} for t, lp in top]}]}
         return {"id": f"chatcmpl-{len(self.calls)}", "object": "chat.completion", "created": 0,
                 "model": body.get("model", "fake"),
                 "choices": [{"index": 0, "finish_reason": finish, "logprobs": logprobs,

@@ -168,7 +168,9 @@ def run(cfg: Config, run_dir: Path) -> dict | pricing.DryRun:
                             "provenance": {"request_key": outcome.key, "teacher_model": cfg.teacher.model,
                                            "method": outcome.key if ex.trusted is not None else method,
                                            "attempt": outcome.attempt, "cache_hit": outcome.cache_hit,
-                                           "confidence": outcome.confidence}})
+                                           "confidence": outcome.confidence,
+                                           **({"distribution": outcome.distribution} if outcome.distribution
+                                              else {})}})
     if plan is not None:  # the served run's test split, as it was: the comparison with it is paired
         rows["test"] = plan.fixed_test
     for split, split_rows in rows.items():

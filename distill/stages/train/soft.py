@@ -10,9 +10,10 @@ teacher it is the hard loss exactly (the test checks this). The value's later to
 loss's normalisation (labelled tokens of the batch) is unchanged.
 
 The teacher's distribution of a training row, field by field, in this order:
-- ``provenance.distribution[field]``: {value as text: probability}, renormalised over the allowed values;
-- ``provenance.confidence[field]`` (what teacher.method=score stores today: the calibrated probability of its
-  value): that probability on the teacher's value, the rest spread evenly over the other values;
+- ``provenance.distribution[field]``: {value as text: probability}, renormalised over the allowed values (what
+  teacher.method=score writes: the calibrated distribution, a value left out read as 0);
+- ``provenance.confidence[field]`` alone (data labelled before the score method wrote its distribution): that
+  probability on the teacher's value, the rest spread evenly over the other values;
 - otherwise (trusted labels, teacher.method=generate) one-hot: the same loss as hard targets.
 """
 
