@@ -95,9 +95,32 @@ class Calibration(_Open):
     fields: dict[str, Reliability] = Field(default_factory=dict)
 
 
+class Throughput(_Open):
+    """The throughput a cost case priced the student at, and what was timed: which artifact, in which runtime, at
+    what concurrency, measured by which stage on which machine."""
+
+    items_per_s: float | None
+    measured_by: str
+    artifact: str
+    runtime: str
+    concurrency: int | None = None
+    where: str | None = None
+
+
+class CostStudent(_Open):
+    """The student's side of the cost case (every key optional: files written before a key was recorded lack it)."""
+
+    name: str | None = None
+    usd_per_hour: float | None = None
+    items_per_s: float | None = None
+    latency_p50_s: float | None = None
+    latency_p95_s: float | None = None
+    throughput: Throughput | None = None
+
+
 class Cost(_Open):
     teacher: dict[str, Any]
-    student: dict[str, Any]
+    student: CostStudent
     teacher_usd_per_1k: float | None
     teacher_cached_usd_per_1k: float | None = None
     teacher_batch_usd_per_1k: float | None = None

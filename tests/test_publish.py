@@ -344,6 +344,29 @@ def test_card_records_force_parity_and_lineage(published):
     assert "| parity |" in card and "[" in card.split("## Evaluation")[1].split("##")[0]  # intervals shown
 
 
+def test_the_student_is_priced_from_the_served_ggufs_timed_pass(published):
+    """routing.yaml's and the card's student cost come from publish's served-confidence pass (the q8_0 GGUF in the
+    student runtime), not from evaluate's in-process throughput, and both say so; results.json keeps evaluate's."""
+    run_dir, cfg, summary = published
+    pub = run_dir / "publish"
+    rel = _gguf(run_dir, "q8_0").relative_to(pub).as_posix()
+    served = runio.read_json(pub / paths.PARITY)[rel]["served_confidence"]
+    t = served["throughput"]
+    assert t["measured_by"] == "publish" and t["artifact"] == rel and t["concurrency"] == 1
+    assert t["items"] == served["n_val"] + served["n_test"] and t["items_per_s"] == round(t["items"] / t["wall_s"], 4)
+    evaluated = runio.read_json(run_dir / "evaluate" / paths.RESULTS)["cost"]
+    assert evaluated["student"]["throughput"]["measured_by"] == "evaluate"
+    assert evaluated["student"]["items_per_s"] != t["items_per_s"]
+    expected = round(1000 * cfg.eval.cost.student_usd_per_hour / 3600 / t["items_per_s"], 6)
+    rule = load_rule(pub / paths.ROUTING)
+    assert rule.cost.student_usd_per_1k == summary["cost_case"]["student_usd_per_1k"] == expected
+    assert rule.cost.student_usd_per_1k != evaluated["student_usd_per_1k"]
+    assert summary["cost_case"]["student"]["throughput"] == t
+    line = f"- student priced at {t['items_per_s']:.4g} items/s and ${cfg.eval.cost.student_usd_per_hour}/h: {rel} in "
+    assert line in (pub / paths.MODEL_CARD).read_text() and line in (pub / paths.REPORT).read_text()
+    assert "measured by publish" in (pub / paths.MODEL_CARD).read_text()
+
+
 def test_failed_gate_publishes_nothing(base_run, tmp_path):
     run_dir = _copy(base_run, tmp_path)
     _fail_gate(run_dir)

@@ -151,9 +151,22 @@ def _tail(cfg: Config, threshold: list[str]) -> list[str]:
     return [*([""] + cache if cache else []), *([""] + list(threshold) if threshold else [])]
 
 
+def priced_line(cost: dict) -> str:
+    """One Markdown line naming the throughput a cost case priced the student at (cost.student.throughput)."""
+    student = cost.get("student") or {}
+    t = student.get("throughput")
+    if not t:
+        return f"- student priced at {_fmt(student.get('items_per_s'))} items/s (source not recorded)"
+    return (f"- student priced at {_fmt(t['items_per_s'])} items/s and ${student.get('usd_per_hour')}/h: "
+            f"{t['artifact']} in {t['runtime']}, concurrency {t.get('concurrency')}, measured by {t['measured_by']} "
+            f"on {t.get('where') or 'the machine at hand'}")
+
+
 def render_card(cfg: Config, generate: dict, train: dict, results: dict, rule: routing.RoutingRule,
-                artifacts: dict, parity: dict, files: dict, forced_past: list[str] | None) -> str:
-    """MODEL_CARD.md; ``forced_past`` holds the failed gate's reasons when publish.force overrode it."""
+                artifacts: dict, parity: dict, files: dict, forced_past: list[str] | None,
+                priced: dict | None = None) -> str:
+    """MODEL_CARD.md; ``forced_past`` holds the failed gate's reasons when publish.force overrode it; ``priced``:
+    the cost case the rule's costs come from (publish's re-priced one; default results.json's)."""
     m = results["metrics"]
     ledger = generate.get("ledger", {})
     inputs = cfg.recipe_file("inputs")
@@ -199,7 +212,8 @@ def render_card(cfg: Config, generate: dict, train: dict, results: dict, rule: r
               f"{_fmt(rule.evidence.test_coverage)}, agreement {_fmt(rule.evidence.test_agreement)}",
               f"- cost per 1,000 requests: teacher {_fmt(rule.cost.teacher_usd_per_1k)}, student "
               f"{_fmt(rule.cost.student_usd_per_1k)}, blended {_fmt(rule.cost.blended_usd_per_1k)} USD "
-              f"(saving {_fmt(rule.cost.saving_vs_teacher)})", "",
+              f"(saving {_fmt(rule.cost.saving_vs_teacher)})",
+              priced_line(priced or results.get("cost") or {}), "",
               "## Limitations",
               "- The student copies the teacher, including its mistakes: compare the teacher's accuracy vs gold.",
               "- Scores hold for inputs like the held-out split; route other traffic to the teacher.",

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from distill import DistillError, paths, runio
@@ -170,8 +172,9 @@ def served_confidence(cfg: Config, run_dir: Path, staging: Path, rel: str, task:
 
     Returns:
         ``{"artifact", "scorer", "n_val", "n_test", "val_coverage_curve", "coverage_curve", "val_agreement",
-        "agreement", "invalid_rate", "max_confidence_diff"}``; the last is the largest difference from evaluate's
-        confidence on the same test items (None where evaluate did not score them with a confidence).
+        "agreement", "invalid_rate", "max_confidence_diff", "throughput"}``; ``max_confidence_diff`` is the largest
+        difference from evaluate's confidence on the same test items (None where evaluate did not score them with a
+        confidence); ``throughput`` times the pass (``served_throughput``): what publish prices the student at.
     """
     ev = cfg.eval
     val_rows = load_split(run_dir, "val")[: ev.limit] if ev.val_curve and ev.split != "val" else []
@@ -181,12 +184,18 @@ def served_confidence(cfg: Config, run_dir: Path, staging: Path, rel: str, task:
              len(test_rows))
     scorer = Scorer(staging / rel, staging / paths.MODEL_DIR / paths.HF_DIR, n_ctx=cfg.serve.student_n_ctx,
                     n_threads=cfg.serve.student_threads)
+    answers, seconds = [], []
     try:
-        answers = [_served_answer(scorer, cfg, task, r["input"])
-                   for r in tqdm(val_rows + test_rows, desc="served GGUF (scored)", unit="item", leave=False)]
-        val, test = answers[:len(val_rows)], answers[len(val_rows):]
+        started = time.perf_counter()
+        for r in tqdm(val_rows + test_rows, desc="served GGUF (scored)", unit="item", leave=False):
+            t0 = time.perf_counter()
+            answers.append(_served_answer(scorer, cfg, task, r["input"]))
+            seconds.append(time.perf_counter() - t0)
+        wall = time.perf_counter() - started
+        threads = scorer.model.llm.n_threads
     finally:
         scorer.model.llm.close()
+    val, test = answers[:len(val_rows)], answers[len(val_rows):]
 
     def agrees(answers, rows):
         return [a is not None and a == r["teacher"] for (a, _), r in zip(answers, rows)]
@@ -202,7 +211,22 @@ def served_confidence(cfg: Config, run_dir: Path, staging: Path, rel: str, task:
             "agreement": round(agreement([a for a, _ in test], [r["teacher"] for r in test_rows]), 4)
             if test_rows else None,
             "invalid_rate": round(sum(a is None for a, _ in test) / len(test), 4) if test else None,
-            "max_confidence_diff": round(max(diffs), 6) if diffs else None}
+            "max_confidence_diff": round(max(diffs), 6) if diffs else None,
+            "throughput": served_throughput(rel, seconds, wall, threads)}
+
+
+def served_throughput(rel: str, seconds: list[float], wall_s: float, threads: int) -> dict | None:
+    """The served pass, timed: items/s of the shipped GGUF through the gateway's scorer, one request at a time
+    (as the runtime serves them), and each item's latency. None when no item was scored."""
+    if not seconds or wall_s <= 0:
+        return None
+    return {"items_per_s": round(len(seconds) / wall_s, 4), "items": len(seconds), "wall_s": round(wall_s, 3),
+            "latency_p50_s": round(float(np.percentile(seconds, 50)), 4),
+            "latency_p95_s": round(float(np.percentile(seconds, 95)), 4),
+            "measured_by": "publish", "artifact": rel,
+            "runtime": f"distill's student runtime (distill.serve.runtime.Scorer: llama.cpp, scored decode, the "
+                       f"shared prompt prefix's KV cache kept, {threads} threads)",
+            "concurrency": 1, "where": "the machine that ran publish (publish's served-confidence pass)"}
 
 
 def _served_answer(scorer: Scorer, cfg: Config, task: Task, text: str) -> tuple[dict | None, float | None]:

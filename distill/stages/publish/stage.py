@@ -9,7 +9,9 @@
    student's answers; an artifact below publish.min_parity is dropped.
 3. The threshold's evidence (parity.served_confidence): the GGUF the gateway will serve answers the val and test
    items evaluate scored, through the gateway's own scorer (distill.serve.runtime.Scorer); routing.yaml's threshold
-   is chosen on that curve (parity.json keeps it under the artifact's served_confidence).
+   is chosen on that curve (parity.json keeps it under the artifact's served_confidence). That pass is timed, and
+   the cost case routing.yaml, the card and DONE.json (``cost_case``) show prices the student at its items/s
+   (metrics.cost.reprice_student), naming the artifact and runtime; results.json keeps evaluate's own case.
 4. Serving files (serving.py): routing.yaml (distill.routing schema), litellm.yaml, Modelfile, SERVING.md; then
    MODEL_CARD.md and report.md (card.py).
 
@@ -36,8 +38,9 @@ from transformers import AutoTokenizer
 
 from distill import DistillError, contracts, paths, runio
 from distill.config import Config
+from distill.metrics.cost import reprice_student
 from distill.metrics.gate import failure_reasons
-from distill.stages.publish.card import calibrate_cache, render_card, report_markdown
+from distill.stages.publish.card import calibrate_cache, priced_line, render_card, report_markdown
 from distill.stages.publish.gguf import build_artifacts, merge_adapter
 from distill.stages.publish.parity import check_parity, classifier_parity, served_confidence
 from distill.stages.publish.serving import build_rule, served_gguf, threshold_lines, write_serving
@@ -123,19 +126,22 @@ def run(cfg: Config, run_dir: Path) -> dict:
         # from the gateway's own scorer (the classifier runs in process with evaluate's code: its curve stands).
         served_rel = served_gguf(cfg, rule) if cfg.publish.verify_load else None
         served = served_confidence(cfg, run_dir, staging, served_rel, task) if served_rel else None
+        priced = results["cost"]  # the cost case routing.yaml and the card show: evaluate's, or the served GGUF's
         if served:
             parity[served_rel]["served_confidence"] = served
-            rule = build_rule(cfg, task, results, results_sha, published, eot, served)
+            if served.get("throughput"):  # price the student as it ships: the GGUF, timed in the gateway's runtime
+                priced = reprice_student(results["cost"], served["throughput"])
+            rule = build_rule(cfg, task, {**results, "cost": priced}, results_sha, published, eot, served)
         contracts.write_parity(staging / paths.PARITY, parity)
         contracts.write_schemas(staging)
         write_serving(cfg, task, staging, rule, published, tokenizer, eot)
         files = {p.relative_to(staging).as_posix(): runio.sha256_file(p)
                  for p in sorted((staging / paths.MODEL_DIR).rglob("*")) if p.is_file()}
         calibrate_cache(cfg, staging)  # serve.semantic_cache.enabled: its table and plot in the card and report
-        card = render_card(cfg, generate, train, results, rule, artifacts, parity, files, forced_past)
+        card = render_card(cfg, generate, train, results, rule, artifacts, parity, files, forced_past, priced)
         runio.atomic_write_text(staging / paths.MODEL_CARD, card)
-        runio.atomic_write_text(staging / paths.REPORT, report_markdown(cfg, artifacts, parity,
-                                                                        threshold_lines(rule, results, served)))
+        tail = [*threshold_lines(rule, results, served), "", "## The cost case", "", priced_line(priced)]
+        runio.atomic_write_text(staging / paths.REPORT, report_markdown(cfg, artifacts, parity, tail))
         # Swap the finished staging folder into place: publish/ is either the old complete one (with its DONE.json)
         # or the new one (no DONE.json until the pipeline writes it), never old files half deleted; the old folder
         # is deleted only after the swap, and one left by a kill is removed by the next publish.
@@ -151,5 +157,6 @@ def run(cfg: Config, run_dir: Path) -> dict:
               if "stop_check" in res}  # each served GGUF: one ticket, and where its answer ended
     return {"artifacts": published, "parity": parity, "checks": checks,
             "dropped": {rel: res["dropped_because"] for rel, res in parity.items() if not res["published"]},
-            "routing": rule.route.model_dump(), "cost": rule.cost.model_dump(), "files_sha256": files,
+            "routing": rule.route.model_dump(), "cost": rule.cost.model_dump(), "cost_case": priced,
+            "files_sha256": files,
             "forced": forced_past is not None}
