@@ -363,7 +363,7 @@ def _is_probability(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool) and 0 <= value <= 1
 
 
-def decide(rule: RoutingRule, request: Any, answer: Any, confidence: Any) -> Decision:
+def decide(rule: RoutingRule, request: Any, answer: Any, confidence: Any, *, checked: bool = False) -> Decision:
     """Keep the student's answer or fall back to the teacher. Fails safe: never raises on a bad request, answer
     or confidence; whatever it cannot trust falls back, with the reason.
 
@@ -376,6 +376,8 @@ def decide(rule: RoutingRule, request: Any, answer: Any, confidence: Any) -> Dec
         confidence: the student's confidence in its whole answer, a finite real number in [0, 1] (numpy floats
             included); None when unknown. Anything else (NaN, inf, out of range, bool, str, ...) is
             ``bad_confidence``.
+        checked: the caller already validated ``answer`` against this rule's schema (the gateway's student client
+            does, and hands over None for an answer it rejects): a dict is then not validated a second time.
     Returns:
         Decision(use_student, reason), checked in this order: ``not_this_task``, ``route_disabled``,
         ``invalid_answer``, ``no_confidence``, ``bad_confidence``, ``below_threshold``, else ``confident``. Only a
@@ -386,7 +388,7 @@ def decide(rule: RoutingRule, request: Any, answer: Any, confidence: Any) -> Dec
         return Decision(False, "not_this_task")
     if not rule.route.enabled:
         return Decision(False, "route_disabled")
-    if rule.parse_answer(answer) is None:
+    if not (checked and isinstance(answer, dict)) and rule.parse_answer(answer) is None:
         return Decision(False, "invalid_answer")
     if confidence is None:
         return Decision(False, "no_confidence")

@@ -124,6 +124,21 @@ def test_streams_append_read_after_and_trim(two_stores):
     assert [r["i"] for _, r in a.read("log")] == [4, 5]
 
 
+def test_append_many_keeps_order_and_sequence_between_single_appends(two_stores):
+    a, b = two_stores
+    first = a.append("log", {"i": 0})
+    assert b.append_many("log", [{"i": i} for i in range(1, 5)]) == 4
+    last = a.append("log", {"i": 5})
+    assert b.append_many("log", []) == 0
+    got = a.read("log")
+    assert [r["i"] for _, r in got] == list(range(6))
+    assert [seq for seq, _ in got] == sorted(seq for seq, _ in got) and got[0][0] == first and got[-1][0] == last
+    assert [r["i"] for _, r in b.read("log", after=got[2][0])] == [3, 4, 5]
+    with pytest.raises(TypeError):  # a record JSON cannot hold stores nothing of its group
+        a.append_many("log", [{"i": 6}, {"i": object()}])
+    assert a.length("log") == 6
+
+
 def test_namespaces_keep_runs_apart(tmp_path):
     one, two = SqliteStore(tmp_path / "s.sqlite", "one"), SqliteStore(tmp_path / "s.sqlite", "two")
     one.put("k", "1")

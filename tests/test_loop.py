@@ -21,7 +21,7 @@ from conftest import REPO, copy_with_route
 
 from distill.serve.command import background, load_serve_config
 from distill.serve.drift import AgreementDrift, AnswerDrift, read_events
-from distill.serve.store import SqliteStore
+from distill.serve.store import SqliteStore, StoreError
 from distill.serve.traffic import STREAM, TrafficLog, read_traffic
 from distill.testing.fake_student import FakeStudent
 from distill.testing.fake_teacher import FakeTeacher
@@ -59,6 +59,68 @@ def test_traffic_retention_by_age_drops_only_the_old_rows(tmp_path):
     log.close()
     rows = [rec["input"] for _, rec in SqliteStore(tmp_path / "t.sqlite").read(STREAM)]
     assert rows == ["1 days old", "0 days old"]
+
+
+class _CallCountingStore(SqliteStore):
+    """A SqliteStore that counts its append_many calls and fails the ones holding a poisoned record."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: list[int] = []
+
+    def append_many(self, stream, records):
+        self.calls.append(len(records))
+        if any(r.get("input") == "poison" for r in records):
+            raise StoreError("refused")
+        return super().append_many(stream, records)
+
+
+def test_traffic_log_writes_in_batches_only_when_the_writer_runs(tmp_path, monkeypatch):
+    import distill.serve.traffic as traffic
+
+    monkeypatch.setattr(traffic, "FLUSH_EVERY_S", 3600.0)  # the writer's period never comes during this test
+    store = _CallCountingStore(tmp_path / "t.sqlite")
+    log = TrafficLog(store, max_rows=10_000, max_days=None, redact=False)
+    for i in range(traffic.BATCH_MAX + 20):
+        log.record({"input": f"ticket {i}"})
+    time.sleep(0.2)
+    assert store.length(STREAM) == 0 and store.calls == []  # queued only: record woke nothing
+    log.flush()
+    assert store.calls == [traffic.BATCH_MAX, 20] and log.written == traffic.BATCH_MAX + 20
+    log.record({"input": "after the flush"})
+    log.close()  # close writes what is still queued
+    rows = [rec["input"] for _, rec in SqliteStore(tmp_path / "t.sqlite").read(STREAM)]
+    assert rows == [f"ticket {i}" for i in range(traffic.BATCH_MAX + 20)] + ["after the flush"]
+
+
+def test_traffic_log_one_refused_record_loses_only_itself_and_a_full_queue_counts_drops(tmp_path, monkeypatch):
+    import distill.serve.traffic as traffic
+
+    monkeypatch.setattr(traffic, "FLUSH_EVERY_S", 3600.0)
+    monkeypatch.setattr(traffic, "QUEUE_MAX", 5)
+    store = _CallCountingStore(tmp_path / "t.sqlite")
+    log = TrafficLog(store, max_rows=100, max_days=None, redact=False)
+    for text in ("a", "poison", "b", "c", "d", "e", "f"):
+        log.record({"input": text})
+    log.close()
+    rows = [rec["input"] for _, rec in SqliteStore(tmp_path / "t.sqlite").read(STREAM)]
+    assert rows == ["a", "b", "c", "d"] and log.written == 4 and log.failed == 1 and log.dropped == 2  # e, f
+    assert store.calls == [5, 1, 1, 1, 1, 1]  # the group was refused, then written one record at a time
+
+
+def test_traffic_log_period_writes_without_a_flush(tmp_path, monkeypatch):
+    import distill.serve.traffic as traffic
+
+    monkeypatch.setattr(traffic, "FLUSH_EVERY_S", 0.05)
+    store = _CallCountingStore(tmp_path / "t.sqlite")
+    log = TrafficLog(store, max_rows=100, max_days=None, redact=False)
+    for i in range(30):
+        log.record({"input": f"ticket {i}"})
+    deadline = time.monotonic() + 5
+    while store.length(STREAM) < 30 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert store.length(STREAM) == 30 and len(store.calls) < 30  # grouped, not one call per record
+    log.close()
 
 
 def _stream(rng: random.Random, p: float, n: int) -> list[bool]:

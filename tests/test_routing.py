@@ -157,6 +157,19 @@ def test_decide_never_raises_on_a_request_or_metadata_that_is_not_a_dict(request
     assert (decision.use_student, decision.reason) == (reason == "confident", reason)
 
 
+def test_decide_checked_skips_only_the_second_schema_check(monkeypatch):
+    rule = validate_rule(rule_dict())
+    calls = []
+    real = type(rule.task.answer_schema).errors
+    monkeypatch.setattr(type(rule.task.answer_schema), "errors", lambda self, a: calls.append(a) or real(self, a))
+    assert decide(rule, TICKET, {"category": "billing"}, 0.9).reason == "confident" and len(calls) == 1
+    assert decide(rule, TICKET, {"category": "billing"}, 0.9, checked=True).reason == "confident" and len(calls) == 1
+    # what the caller could not check still falls back: no answer, text, a confidence under the threshold
+    assert decide(rule, TICKET, None, 0.99, checked=True).reason == "invalid_answer"
+    assert decide(rule, TICKET, '{"category": "weather"}', 0.99, checked=True).reason == "invalid_answer"
+    assert decide(rule, TICKET, {"category": "billing"}, 0.5, checked=True).reason == "below_threshold"
+
+
 @pytest.mark.parametrize("text", [
     'Sure, here it is: {"category": "billing"} Hope that helps.',
     '```json\n{"category": "refund"}\n```',

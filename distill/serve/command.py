@@ -225,7 +225,9 @@ def _uvicorn_config(app, cfg: Config, port: int):
     import uvicorn
 
     # The gateway writes its own JSON access log; uvicorn's logs go through distill's handlers (keys scrubbed).
+    # uvloop and httptools (dependencies of distill) named, not "auto": a missing one is an error, not a slower loop.
     return uvicorn.Config(app, host=cfg.serve.host, port=port, log_config=None, access_log=False,
+                          loop="asyncio" if sys.platform == "win32" else "uvloop", http="httptools",
                           timeout_graceful_shutdown=cfg.serve.shutdown_timeout_s, lifespan="on")
 
 
@@ -242,7 +244,7 @@ def serve(cfgs: "Config | list[Config]") -> int:
     _access_log_to_stderr()
     try:
         with prepare(cfgs) as plans:
-            app = with_file_watch(create_app(plans, keys), cfg)
+            app = with_file_watch(create_app(plans, keys, own_process=True), cfg)
             server = uvicorn.Server(_uvicorn_config(app, cfg, cfg.serve.port))
             for plan in plans:
                 log.info("serve: task %s on http://%s:%d/v1 (route %s), student %s, teacher %s", plan.rule.task.id,

@@ -163,7 +163,9 @@ class TaskRoute:
         else:
             reply, reason = await self._ask_student(text)
             if reply is not None:
-                decision = decide(self.rule, request, reply.answer, reply.confidence)
+                # the student client validated the answer against the same schema (None when it failed; open_plan
+                # refuses a recipe whose schema differs from the rule's): decide does not validate it again
+                decision = decide(self.rule, request, reply.answer, reply.confidence, checked=True)
                 if decision.use_student and not (self.watch and self.watch.drifted()):
                     return Served(200, reply.answer, "student", decision.reason, reply.confidence)
                 # serve.on_drift=fallback while a drift alarm holds: the teacher answers what the student would keep

@@ -7,6 +7,7 @@ and append-only streams (the traffic log, the semantic cache's entries, shadow r
     store.incr("shadow.agree.support_tickets", 1)
     store.counters("shadow.")                   # {"shadow.agree.support_tickets": 1.0, ...} summed over replicas
     seq = store.append("traffic", {"input": ..., "route": "student"})
+    store.append_many("traffic", [record, ...])  # several at once: one transaction (the traffic log's writer)
     store.read("traffic", after=0, limit=100)   # [(seq, record), ...] oldest first, seq > after
     store.trim("traffic", keep=100_000)         # retention: drop the oldest records beyond ``keep``
     store.close()
@@ -59,6 +60,7 @@ class Store(Protocol):
     def incr(self, name: str, n: float = 1) -> float: ...
     def counters(self, prefix: str = "") -> dict[str, float]: ...
     def append(self, stream: str, record: dict) -> int: ...
+    def append_many(self, stream: str, records: list[dict]) -> int: ...
     def read(self, stream: str, after: int = 0, limit: int | None = None) -> list[tuple[int, dict]]: ...
     def trim(self, stream: str, keep: int) -> int: ...
     def length(self, stream: str) -> int: ...
@@ -127,6 +129,18 @@ class SqliteStore:
         rows = self._run("INSERT INTO streams (stream, record) VALUES (?, ?) RETURNING seq",
                          (self._k(stream), json.dumps(record, ensure_ascii=False)))
         return int(rows[0][0])
+
+    def append_many(self, stream: str, records: list[dict]) -> int:
+        """Append ``records`` in order in one transaction (all or none); returns how many."""
+        name = self._k(stream)
+        rows = [(name, json.dumps(record, ensure_ascii=False)) for record in records]  # before the lock: may raise
+        with self._lock:
+            try:
+                with self._db:  # BEGIN ... COMMIT, or ROLLBACK on an error
+                    self._db.executemany("INSERT INTO streams (stream, record) VALUES (?, ?)", rows)
+            except sqlite3.Error as exc:
+                raise StoreError(f"the gateway store {self.path} refused an operation: {exc}") from None
+        return len(rows)
 
     def read(self, stream: str, after: int = 0, limit: int | None = None) -> list[tuple[int, dict]]:
         rows = self._run("SELECT seq, record FROM streams WHERE stream = ? AND seq > ? ORDER BY seq LIMIT ?",
@@ -210,6 +224,17 @@ class RedisStore:
         member = f"{seq}:{json.dumps(record, ensure_ascii=False)}"
         self._call(self._r.zadd, self._k(f"s:{stream}"), {member: seq})
         return seq
+
+    def append_many(self, stream: str, records: list[dict]) -> int:
+        """Append ``records`` in order: one INCRBY reserves their sequence numbers, one ZADD stores them."""
+        if not records:
+            return 0
+        texts = [json.dumps(record, ensure_ascii=False) for record in records]  # before any call: may raise
+        last = int(self._call(self._r.incrby, self._k(f"seq:{stream}"), len(texts)))
+        first = last - len(texts) + 1
+        self._call(self._r.zadd, self._k(f"s:{stream}"),
+                   {f"{first + i}:{text}": first + i for i, text in enumerate(texts)})
+        return len(texts)
 
     def read(self, stream: str, after: int = 0, limit: int | None = None) -> list[tuple[int, dict]]:
         kwargs = {"start": 0, "num": limit} if limit is not None else {}

@@ -1,7 +1,7 @@
-"""The gateway's traffic log: one record per task request, written off the request path.
+"""The gateway's traffic log: one record per task request, written off the request path in batches.
 
     log = open_traffic_log(cfg, run_dir)          # serve/traffic.sqlite (WAL), or the shared store with serve.store=redis
-    log.record({"task": ..., "input": ..., "route": "student", ...})   # returns at once; a thread writes it
+    log.record({"task": ..., "input": ..., "route": "student", ...})   # returns at once: appended to a list
     log.flush(); log.close()
     rows = read_traffic(cfg, run_dir)              # [record, ...] oldest first (status, re-distill from traffic)
 
@@ -10,6 +10,15 @@ input as the gateway handled it), ``route`` (student | teacher | none), ``reason
 ``student`` (the student's parsed answer, kept or not; null without one), ``teacher`` (the teacher's answer where
 one was obtained), ``teacher_source`` (fallback | shadow | null), ``rule`` (the routing rule's results sha256: which
 published run answered). A request sent to shadow is recorded once its shadow call ends, with the teacher's answer.
+
+How it is written: ``record`` appends to an in-memory list and returns (no lock, no thread wake-up per request);
+one writer thread wakes every ``FLUSH_EVERY_S`` seconds (or at once for ``flush``/``close``), takes what is queued
+and stores it with one ``Store.append_many`` per group of at most ``BATCH_MAX`` records (one SQLite transaction,
+or one Redis pipeline). What a crash can lose: the records not yet written, that is those of about the last
+``FLUSH_EVERY_S`` seconds (at most ``QUEUE_MAX``) and the group being written when the process dies. A graceful stop
+(SIGTERM, Ctrl-C: the gateway's shutdown calls ``close``) writes everything queued first. Records beyond
+``QUEUE_MAX`` waiting are dropped and counted (``dropped``); a group the store refuses is counted in ``failed`` and
+logged, and never fails a request.
 
 With ``generate.redact_pii`` on, the input and every string in the answers go through ``pii.redact`` (generate's
 redaction) before they are stored. Retention: ``serve.traffic.max_rows`` (the oldest beyond it are dropped) and
@@ -23,11 +32,11 @@ the Redis stream), and generate's fingerprint holds ``source_digest``, a sha256 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
 import logging
-import queue
 import threading
 import time
 from pathlib import Path
@@ -44,11 +53,21 @@ TRAFFIC_SQLITE = "traffic.sqlite"
 STREAM = "traffic"
 RETAIN_EVERY = 200        # records between retention passes
 QUEUE_MAX = 10_000        # records waiting for the writer; more are dropped (counted in ``dropped``)
-_STOP = object()
+FLUSH_EVERY_S = 0.25      # the writer's period: at most this much of the log is only in memory
+BATCH_MAX = 500           # records per store call (one transaction)
+
+
+class _Flush:
+    """A marker in the queue: set once every record queued before it is written."""
+
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
 
 
 class TrafficLog:
-    """A queue and one writer thread in front of a store stream (module docstring)."""
+    """An in-memory queue and one writer thread that stores it in batches (module docstring)."""
 
     def __init__(self, store: Store, *, max_rows: int, max_days: float | None, redact: bool,
                  stream: str = STREAM, own_store: bool = True):
@@ -58,50 +77,87 @@ class TrafficLog:
         self.written = 0
         self.dropped = 0
         self.failed = 0
-        self._queue: queue.Queue = queue.Queue(QUEUE_MAX)
+        self.batches = 0          # store calls made (each one transaction)
+        # deque.append and popleft are atomic: the request path and the writer share it without a lock
+        self._pending: collections.deque = collections.deque()
+        self._wake = threading.Event()
+        self._closing = False
+        self._since = 0           # records written since the last retention pass
         self._thread = threading.Thread(target=self._write_loop, name="distill-traffic", daemon=True)
         self._thread.start()
 
     def record(self, row: dict) -> None:
-        """Queue one record; never blocks (a full queue drops it and counts it)."""
-        try:
-            self._queue.put_nowait(row)
-        except queue.Full:
+        """Queue one record; never blocks and wakes nothing (a full queue drops it and counts it)."""
+        if len(self._pending) >= QUEUE_MAX:
             self.dropped += 1
+            return
+        self._pending.append(row)
 
     def flush(self, timeout_s: float = 10.0) -> None:
         """Wait until every record queued so far is written (tests, shutdown)."""
-        done = threading.Event()
-        self.record({"_flush": done})
-        done.wait(timeout_s)
+        marker = _Flush()
+        self._pending.append(marker)
+        self._wake.set()
+        marker.done.wait(timeout_s)
 
     def close(self) -> None:
         """Write what is queued, apply retention, stop the writer, close the store (when this log opened it)."""
-        self._queue.put(_STOP)
+        self._closing = True
+        self._wake.set()
         self._thread.join(timeout=30)
         if self.own_store:
             self.store.close()
 
     def _write_loop(self) -> None:
-        since = 0
         while True:
-            item = self._queue.get()
-            if item is _STOP:
+            self._wake.wait(FLUSH_EVERY_S)
+            self._wake.clear()
+            closing = self._closing  # read before draining: everything queued before close() is written
+            self._drain()
+            if closing:
                 self._retain()
                 return
-            if "_flush" in item:
-                item["_flush"].set()
-                continue
+
+    def _drain(self) -> None:
+        """Write everything queued now, in groups of at most BATCH_MAX, in order; release flush markers."""
+        batch: list[dict] = []
+        while True:
             try:
-                self.store.append(self.stream, self._clean(item))
-                self.written += 1
-                since += 1
-                if since >= RETAIN_EVERY:
-                    since = 0
-                    self._retain()
-            except StoreError as exc:  # the log must never take the gateway down; say it once per failure
-                self.failed += 1
-                log.warning("serve: a traffic record was not written: %s", exc)
+                item = self._pending.popleft()
+            except IndexError:
+                break
+            if isinstance(item, _Flush):
+                self._write(batch)
+                batch = []
+                item.done.set()
+                continue
+            batch.append(item)
+            if len(batch) >= BATCH_MAX:
+                self._write(batch)
+                batch = []
+        self._write(batch)
+
+    def _write(self, batch: list[dict]) -> None:
+        if not batch:
+            return
+        try:
+            rows = [self._clean(row) for row in batch]
+            self.store.append_many(self.stream, rows)
+            self.batches += 1
+        except (StoreError, TypeError, ValueError) as exc:
+            # the log must never take the gateway down: one record at a time, so one bad record loses only itself
+            if len(batch) > 1:
+                for row in batch:
+                    self._write([row])
+                return
+            self.failed += 1
+            log.warning("serve: a traffic record was not written: %s", exc)
+            return
+        self.written += len(rows)
+        self._since += len(rows)
+        if self._since >= RETAIN_EVERY:
+            self._since = 0
+            self._retain()
 
     def _clean(self, row: dict) -> dict:
         if not self.redact:
