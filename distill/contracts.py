@@ -239,6 +239,7 @@ class Results(_Open):
     generate: dict[str, Any] | None = None
     ladder: Ladder | None = None
     embedding_baseline: EmbeddingBaseline | None = None
+    training: dict[str, Any] | None = None  # how the LM student's training ended (train's stopped_by, ...)
 
 
 class ParityEntry(_Open):

@@ -46,6 +46,11 @@ def test_whole_pipeline_then_rerun_is_free(tmp_path, fake_answer):
         assert results["metrics"]["n"] == 4
         assert results["metrics"]["teacher_vs_gold"]["exact"] == 1.0
         assert (run_dir / "evaluate" / paths.REPORT).read_text().startswith("# Evaluation")
+        # train.max_steps=2 (the smoke budget here) cuts train.epochs short: results, report and card say so
+        assert results["training"]["stopped_by"] == "max_steps" and results["training"]["stopped_early"]
+        why = "stopped early by train.max_steps=2 (the time budget) after 2 steps"
+        assert why in results["training"]["stop_reason"] and why in summaries["train"]["stop_reason"]
+        assert f"- training (stopped early): {why}" in (run_dir / "evaluate" / paths.REPORT).read_text()
 
         routing = (run_dir / "publish" / paths.ROUTING).read_text()
         assert "schema_version: 2" in routing and "support_tickets" in routing
@@ -54,6 +59,7 @@ def test_whole_pipeline_then_rerun_is_free(tmp_path, fake_answer):
         assert summaries["publish"]["checks"][ggufs[0].name]["loads"] is True
         card = (run_dir / "publish" / paths.MODEL_CARD).read_text()
         assert summaries["train"]["adapter_sha256"][:16] in card
+        assert f"- training ended: {summaries['train']['stop_reason']}" in card
 
         # `python -m distill ledger` prints the ledger's figures: the calls and tokens the server billed.
         printed = subprocess.run([sys.executable, "-m", "distill", "ledger", f"run_dir={run_dir}"],

@@ -162,6 +162,26 @@ def ladder_lines(ladder: dict | None) -> list[str]:
     return lines
 
 
+TRAINING_KEYS = ("stopped_by", "stop_reason", "stopped_early", "steps", "epochs_trained", "best_checkpoint")
+
+
+def training_end(train_summary: dict) -> dict | None:
+    """How the student's training ended (results.json ``training``): the train summary's stopped_by, stop_reason,
+    stopped_early, steps, epochs_trained and best_checkpoint; None for a student trained without steps (the
+    embedding classifier)."""
+    if not train_summary.get("stop_reason"):
+        return None
+    return {k: train_summary.get(k) for k in TRAINING_KEYS}
+
+
+def training_line(training: dict | None) -> list[str]:
+    """The report's line on how training ended, the time budget named when it stopped training early."""
+    if not training:
+        return []
+    early = " (stopped early)" if training.get("stopped_early") else ""
+    return [f"- training{early}: {training['stop_reason']}"]
+
+
 def baseline_line(results: dict) -> str:
     """The report's line on the embedding baseline beside the student (results.json ``embedding_baseline``)."""
     b = results.get("embedding_baseline") or {}
@@ -208,7 +228,7 @@ def render(results: dict, predictions: list[dict], worst: int = 10, level: float
              f"- left out as duplicates of training items: {d['n_excluded']} of {d['n_checked']} "
              f"({d['exact']} exact, {d['near']} near); agreement on all items "
              f"{format_interval(d['agreement_all_items'])}",
-             baseline_line(results), ""]
+             baseline_line(results), *training_line(results.get("training")), ""]
     if results.get("ladder"):
         lines += ["## Student ladder (student=auto)", "", *ladder_lines(results["ladder"]), ""]
     if p["kind"] == "endpoint" and m.get("failures"):

@@ -221,6 +221,7 @@ def run(cfg: Config, run_dir: Path) -> dict:
         "calibration": calib, "cost": cost, "speed": speed, "decontamination": decontamination, "gate": gate,
         "per_item": per_item, "generate": generate.get("teacher_vs_gold"),
         "ladder": (train_done.get("summary") or {}).get("ladder"),
+        "training": report.training_end(train_done.get("summary") or {}),
         "embedding_baseline": embedding_baseline(cfg, task, train_rows,
                                                  load_split(run_dir, "val") if ev.split != "val" else [], c_rows,
                                                  c_agree, boot, endpoint=bool(endpoint)),

@@ -181,6 +181,7 @@ def render_card(cfg: Config, generate: dict, train: dict, results: dict, rule: r
             f"{cfg.train.batch_size} x accumulation {cfg.train.grad_accum}, lr {cfg.train.lr}, seed {cfg.seed}",
             f"- loss {_fmt(train.get('first_loss'))} -> {_fmt(train.get('final_loss'))}; val loss "
             f"{_fmt(train.get('val_loss'))}",
+            *([f"- training ended: {train['stop_reason']}"] if train.get("stop_reason") else []),
             f"- chat template: the base's own; end-of-turn token `{rule.student.stop[0]}` trained and set as the stop "
             "token in every artifact"]
     lines = [
