@@ -163,6 +163,31 @@ def test_soft_targets_move_the_heads_distribution_to_the_teachers():
     assert LogisticRegression().fit(xr, yr, sample_weight=w).classes_.tolist() == [0, 1]
 
 
+def test_soft_targets_are_balanced_by_probability_mass():
+    """class_weight=balanced with soft targets weighs each class by its share of the teacher's probability mass (as
+    hard labels weigh by count), not by the copies _replicate makes (one per value per example: all equal)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from distill.student.embed_classifier import soft_class_weight
+
+    y = np.array([0, 0, 0, 1, 2, 2])
+    one_hot = np.eye(3)[y]
+    sklearn_balanced = compute_class_weight("balanced", classes=np.arange(3), y=y)
+    assert list(soft_class_weight(one_hot).values()) == pytest.approx(sklearn_balanced)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 4)).astype(np.float32)
+    skew = np.tile([0.9, 0.1], (300, 1))  # a teacher that gives "b" a tenth of its mass everywhere
+    skew[:30] = [0.4, 0.6]
+    labels = [{"f": "a" if p[0] > 0.5 else "b"} for p in skew]
+    share = {}
+    for cw in (None, "balanced"):
+        heads, _ = fit_heads(x, labels, x, labels, {"f": ["a", "b"]}, HeadConfig(c_grid=[1.0], class_weight=cw),
+                             soft={"f": skew})
+        share[cw] = float(heads["f"].probs(x)[:, 1].mean())
+    assert share[None] == pytest.approx(0.15, abs=0.03)  # the teacher's mean mass on "b": 0.9 x 0.1 + 0.1 x 0.6
+    assert share["balanced"] == pytest.approx(0.5, abs=0.05)  # balanced: both classes weigh the same in the loss
+
+
 def test_published_head_is_safetensors_and_json_and_loads_without_pickle(ladder_run, monkeypatch):
     run_dir, _, _ = ladder_run
     model_dir = paths.stage_dir(run_dir, "publish") / paths.MODEL_DIR

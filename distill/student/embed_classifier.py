@@ -183,6 +183,14 @@ def _replicate(x: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return x[rows], cols, probs[rows, cols]
 
 
+def soft_class_weight(probs: np.ndarray) -> dict[int, float]:
+    """``class_weight="balanced"`` for soft labels: n / (classes x each class's probability mass), sklearn's own for
+    one-hot labels; counted over ``_replicate``'s copies instead, every class would look equally common."""
+    mass = probs.sum(axis=0)
+    present = np.nonzero(mass > 0)[0]
+    return {int(k): float(len(probs) / (len(present) * mass[k])) for k in present}
+
+
 def fit_heads(x: np.ndarray, labels: list[dict], x_val: np.ndarray, val_labels: list[dict],
               enums: dict[str, list], hcfg: HeadConfig,
               soft: dict[str, np.ndarray] | None = None) -> tuple[dict[str, FieldHead], dict[str, dict]]:
@@ -217,10 +225,13 @@ def fit_heads(x: np.ndarray, labels: list[dict], x_val: np.ndarray, val_labels: 
         best = None
         tried = {}
         fit_x, fit_y, weight = (x, y, None) if soft is None or name not in soft else _replicate(x, soft[name])
+        class_weight = hcfg.class_weight
+        if weight is not None and class_weight == "balanced":  # balanced by probability mass, not copies
+            class_weight = soft_class_weight(soft[name])
         for c in hcfg.c_grid:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)  # recorded as `converged` instead
-                model = LogisticRegression(C=c, class_weight=hcfg.class_weight, max_iter=hcfg.max_iter).fit(
+                model = LogisticRegression(C=c, class_weight=class_weight, max_iter=hcfg.max_iter).fit(
                     fit_x, fit_y, sample_weight=weight)
             score = float((model.predict(x_val) == y_val).mean()) if len(y_val) else None
             tried[str(c)] = None if score is None else round(score, 4)
