@@ -1,7 +1,7 @@
 """What the gateway adds: latency, throughput and CPU of ``distill serve`` over calling the student directly.
 
     python benchmarks/gateway.py [--requests 2000] [--concurrency 32] [--student-ms 20] [--teacher-ms 100] [--runs 3]
-        [--sweep 1,8] [--student-jitter-ms 0]
+        [--sweep 1,8] [--student-jitter-ms 0] [--code DIR]
     python benchmarks/gateway.py --real-run-dir DIR [--real-requests 160] [--real-concurrency 4] [--runs 3]
 
 A fake student (20 ms, distill's scored protocol, an aiohttp server) and a fake teacher (100 ms, distill's
@@ -25,6 +25,8 @@ student) is served by ``python -m distill serve`` with ``serve.student_endpoint`
 teacher answers the rare invalid answer. The run's inputs (every split, cycled to ``--real-requests``) are sent at
 ``--real-concurrency`` to the runtime directly (the gateway's own score request) and through the gateway, the two
 alternating, ``--runs`` times each: tickets/s and the ratio (target >= 0.9x).
+``--code DIR`` runs the gateway from another distill source tree (e.g. ``git archive`` of an older commit), so old
+and new gateway code are measured by the same script against the same fakes.
 Prints the table last and appends it to BENCHMARKS.md (``--no-record`` to skip).
 """
 
@@ -90,13 +92,17 @@ def start_server(kind: str, latency_s: float, jitter_s: float = 0.0) -> tuple[su
     return proc, proc.stdout.readline().strip()
 
 
-def start_gateway(overrides: list[str], port: int) -> subprocess.Popen:
-    """``python -m distill serve`` with ``overrides``; returns once /healthz answers."""
+def start_gateway(overrides: list[str], port: int, code: str | None = None) -> subprocess.Popen:
+    """``python -m distill serve`` with ``overrides`` (from the source tree ``code``, default this checkout's);
+    returns once /healthz answers."""
     import httpx
 
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if code:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(code).resolve()), *filter(None, [env.get("PYTHONPATH")])])
     gateway = subprocess.Popen([sys.executable, "-m", "distill", "serve", *overrides, f"serve.port={port}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                               cwd=Path(code).resolve() if code else None)
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -212,7 +218,8 @@ def fake_student(args) -> str:
             port = free_port()
             base = f"http://127.0.0.1:{port}"
             gateway = start_gateway([f"run_dir={run_dir}", f"serve.student_endpoint={student_url}",
-                                     f"serve.max_concurrency={4 * max([args.concurrency, *sweep])}"], port)
+                                     f"serve.max_concurrency={4 * max([args.concurrency, *sweep])}"], port,
+                                    args.code)
             texts = [f"Ticket {i}: invoice {i} shows a wrong amount, please check" for i in range(args.requests)]
 
             def direct(ts):
@@ -326,7 +333,7 @@ def real_student(args) -> str:
                 port = free_port()
                 url = f"http://127.0.0.1:{port}/v1/chat/completions"
                 gateway = start_gateway([f"run_dir={run_dir}", f"serve.student_endpoint={student_url}",
-                                         "serve.student_timeout_s=120", *teacher_over], port)
+                                         "serve.student_timeout_s=120", *teacher_over], port, args.code)
                 warm = max(1, min(len(texts), 2 * args.real_concurrency))
                 measure("warm-up", student_url + SCORE_PATH, direct[:warm], args.real_concurrency, None)
                 measure("warm-up", url, chat[:warm], args.real_concurrency, None)
@@ -402,6 +409,7 @@ def main() -> None:
                     help="a published run: its real student, directly vs through the gateway (instead of the fakes)")
     ap.add_argument("--real-requests", type=int, default=160)
     ap.add_argument("--real-concurrency", type=int, default=4)
+    ap.add_argument("--code", default=None, help="the distill source tree the gateway runs from (default: this one)")
     ap.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = ap.parse_args()
     text = real_student(args) if args.real_run_dir else fake_student(args)
