@@ -1,9 +1,11 @@
 """Teacher throughput and re-run cost: distill's client against the ideal and against the obvious alternative.
 
     python benchmarks/teacher_throughput.py [--requests 5000] [--concurrency 64] [--latency 0.1] [--runs 3]
+                                           [--server fast|threaded]
 
-A loopback OpenAI-compatible server (distill's fake teacher, in its own process) answers every request after a fixed
-latency. Measured in this process, side by side, median of ``--runs``:
+A loopback OpenAI-compatible server in its own process answers every request after a fixed latency: by default
+``distill.testing.fast_teacher`` (one asyncio loop, a timer per answer), or with ``--server threaded`` the tests'
+``FakeTeacher`` (a thread per connection, about as much CPU per request as the client it measures). Measured in this process, side by side, median of ``--runs``:
   - distill: ``distill.teacher.labelling.label_all``, generate's labelling loop (ledger look-up, retry layer, schema
     validation, ledger write);
   - baseline: ``asyncio.gather`` over the ``openai`` async client behind a semaphore (no ledger, no validation);
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import append, load_average, summary, table  # noqa: E402
 
-SERVER = """
+SERVER = """  # --server threaded
 import json, sys, time
 from distill.testing.fake_teacher import FakeTeacher
 answer = lambda m: json.dumps({"category": "billing", "priority": "low"})
@@ -40,6 +42,10 @@ with FakeTeacher(answer, latency_s=float(sys.argv[1])) as t:
     sys.stdin.read()
     print(json.dumps({"calls": len(t.calls)}), flush=True)
 """
+
+
+SERVERS = {"fast": "distill.testing.fast_teacher (one asyncio loop)",
+           "threaded": "FakeTeacher (a thread per connection)"}
 
 
 def process_cpu_s(pid: int) -> float:
@@ -106,11 +112,14 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--latency", type=float, default=0.1)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--server", choices=("fast", "threaded"), default="fast",
+                    help="the fake server: distill.testing.fast_teacher (default) or the tests' FakeTeacher")
     ap.add_argument("--no-record", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = ap.parse_args()
 
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(args.latency)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    how = ["-m", "distill.testing.fast_teacher"] if args.server == "fast" else ["-c", SERVER]
+    server = subprocess.Popen([sys.executable, *how, str(args.latency)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
     base_url = server.stdout.readline().strip()
     messages = [[{"role": "system", "content": "Classify the support ticket."},
                  {"role": "user", "content": f"Ticket {i}: my invoice {i} shows a wrong amount"}]
@@ -148,7 +157,7 @@ def main() -> None:
     transport = results["distill"][0]["transport"]
     text = (f"{args.requests} requests, {args.latency * 1000:.0f} ms server latency, concurrency "
             f"{args.concurrency}: ideal {ideal:.2f} s; median of {args.runs} runs. distill's transport: {transport} "
-            f"(baseline: the SDK's default httpx pool). Load average {load_before} before, {load_average()} "
+            f"(baseline: the SDK's default httpx pool); server: {SERVERS[args.server]}. Load average {load_before} before, {load_average()} "
             f"after.\n\n"
             + table(["client", "wall s (median)", "min-max", "vs ideal", "client CPU ms/request",
                      "server CPU ms/request", "paid calls"], rows))

@@ -154,3 +154,90 @@ def test_one_ctrl_c_stops_labelling_even_when_the_cancellation_is_swallowed(monk
     with pytest.raises(KeyboardInterrupt):
         asyncio.run(labelling.teach(client, cfg, None, "generate", [], requests, None, None, None))
     assert sent == [0, 1] and client.fatal is True
+
+
+def test_answers_of_one_loop_turn_share_a_commit_and_none_is_handed_on_before_its_row_is_in_the_file(tmp_path):
+    """Group commit: 48 calls in flight at once are claimed and recorded in far fewer transactions than writes, and
+    every answer ``label`` returns is already readable by another connection (another process) at that moment."""
+    import sqlite3
+
+    from distill.ledger import grouped
+    from distill.ledger.store import request_key as key_of
+
+    messages = [[{"role": "user", "content": f"ticket {i}: my invoice is wrong"}] for i in range(48)]
+    with FakeTeacher(answer, latency_s=0.05) as teacher:
+        cfg = load_config(tiny_overrides(tmp_path / "run", teacher.base_url, "teacher.concurrency=48"))
+        ledger = Ledger(tmp_path / "ledger.sqlite")
+        seen_in_file: list[bool] = []
+
+        async def go():
+            client = TeacherClient(cfg.teacher, teacher.base_url, Task(cfg).schema, ledger)
+
+            async def one(m):
+                outcome = await client.label(m)
+                with sqlite3.connect(tmp_path / "ledger.sqlite") as other:  # what a kill -9 right now would leave
+                    seen_in_file.append(other.execute("SELECT COUNT(*) FROM calls WHERE key = ?",
+                                                      (outcome.key,)).fetchone()[0] == 1)
+                return outcome
+
+            try:
+                return await asyncio.gather(*(one(m) for m in messages)), grouped(ledger)
+            finally:
+                await client.close()
+
+        outcomes, group = asyncio.run(go())
+    assert [o.answer for o in outcomes] == [json.loads(answer(m)) for m in messages]
+    assert seen_in_file == [True] * 48
+    assert outcomes[0].key == key_of(client_request(cfg, messages[0]))
+    assert group.writes == 96  # a claim and a record per call
+    assert group.commits <= 49, (group.commits, group.writes)  # the 48 claims of the first turn: one transaction
+    assert ledger.count() == 48 and sum(teacher.paid.values()) == 48
+    with sqlite3.connect(tmp_path / "ledger.sqlite") as db:  # the row keeps the canonical request it was keyed by
+        stored = db.execute("SELECT request FROM calls WHERE key = ?", (outcomes[0].key,)).fetchone()[0]
+    assert json.loads(stored) == client_request(cfg, messages[0])
+
+
+def client_request(cfg, messages):
+    from distill.teacher.request import build_chat_request
+
+    return build_chat_request(cfg.teacher, Task(cfg).schema, messages, 0, None)
+
+
+def test_the_fast_benchmark_server_answers_the_client_as_a_chat_completion(tmp_path):
+    from distill.testing.fast_teacher import FastTeacher
+
+    messages = [[{"role": "user", "content": f"ticket {i}"}] for i in range(20)]
+    with FastTeacher(answer, latency_s=0.01) as teacher:
+        cfg = load_config(tiny_overrides(tmp_path / "run", teacher.base_url, "teacher.concurrency=8"))
+
+        async def go():
+            client = TeacherClient(cfg.teacher, teacher.base_url, Task(cfg).schema, Ledger(tmp_path / "l.sqlite"))
+            try:
+                return await asyncio.gather(*(client.label(m) for m in messages))
+            finally:
+                await client.close()
+
+        outcomes = asyncio.run(go())
+        calls = teacher.calls
+    assert [o.answer for o in outcomes] == [json.loads(answer(m)) for m in messages]
+    assert calls == 20 and all(o.paid_calls == 1 for o in outcomes)
+
+
+def test_writes_queued_in_one_turn_are_one_transaction_and_a_failed_one_fails_them_all(tmp_path):
+    from distill import LedgerWriteError
+    from distill.ledger import grouped
+
+    ledger = Ledger(tmp_path / "l.sqlite")
+
+    async def go(n: int):
+        group = grouped(ledger)
+        await asyncio.gather(*(group.add(("success", (f"k{i}", "m", {"i": i}, "{}"), {"cost_usd": 0.5}))
+                               for i in range(n)))
+        return group.commits, group.writes
+
+    assert asyncio.run(go(10)) == (1, 10)
+    assert ledger.count() == 10 and ledger.spent() == 5.0
+    ledger.db.execute("CREATE TRIGGER no_more BEFORE INSERT ON calls BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+    with pytest.raises(LedgerWriteError, match="disk full"):
+        asyncio.run(go(3))
+    assert ledger.count() == 10  # none of the failed group's rows is in the file

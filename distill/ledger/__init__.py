@@ -18,17 +18,24 @@ was paid for is never lost. It rests on four rules, each kept inside one SQLite 
    truncated may be billed: it is recorded as a failure with ``billed = 1`` at its estimate, counts against the cap,
    and a key gets at most ``teacher.max_billed_attempts`` of them across runs.
 
-What a ``kill -9`` can lose: the answers of the calls in flight at that moment (paid, never received or never
-written), at most ``teacher.concurrency`` of them; their claims expire after the lease and the keys are retried.
+Writes from the event loop are group-committed (``group``): every claim and record queued in one turn of the loop
+goes into one transaction, and each caller goes on only once its write is committed, so a call is sent only after
+its claim is in the file and an answer is handed on (to the dataset, to a gateway's caller) only after its row is.
+
+What a ``kill -9`` can lose: the answers of the calls in flight at that moment (paid, and never received, or
+received and not yet committed; none of them was handed on), at most ``teacher.concurrency`` of them; their claims
+expire after the lease and the keys are paid for again by the next run.
 
     python -m distill ledger run_dir=DIR      # calls, tokens, dollars, cache hits, failures by reason
 
 Where each part lives: ``db`` (the tables, their migration, the write-error rule), ``store`` (``Ledger``: look-ups,
-claims, records, reporting), ``batches`` (the Batch API's submissions), ``heartbeat`` (lease renewal).
+claims, records, reporting), ``group`` (group commit), ``batches`` (the Batch API's submissions), ``heartbeat``
+(lease renewal).
 """
 
 from distill import LedgerWriteError
+from distill.ledger.group import GroupCommit, grouped
 from distill.ledger.heartbeat import Heartbeat
 from distill.ledger.store import Claim, Ledger, new_owner, request_key
 
-__all__ = ["Claim", "Heartbeat", "Ledger", "LedgerWriteError", "new_owner", "request_key"]
+__all__ = ["Claim", "GroupCommit", "Heartbeat", "Ledger", "LedgerWriteError", "grouped", "new_owner", "request_key"]

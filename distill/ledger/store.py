@@ -28,6 +28,11 @@ def request_key(request: dict[str, Any]) -> str:
     return runio.sha256_obj(request)
 
 
+def _canonical(request: dict | str) -> str:
+    """A request's canonical JSON for its ledger row; a str is one already (the client hashed it for the key)."""
+    return request if isinstance(request, str) else runio.canonical_json(request)
+
+
 def new_owner() -> str:
     """A name for this process's claims: host, pid and a random part (a pid can be reused)."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -40,6 +45,7 @@ class Claim:
     status: str
     row: dict | None = None       # the answer (hit) or the raw response (raw)
     billed_failures: int = 0
+    last_failure: str | None = None  # claimed: the reason of the key's latest failed attempt, if any
 
 
 class Ledger(BatchRecords):
@@ -174,7 +180,7 @@ class Ledger(BatchRecords):
             finally:
                 self.db.execute("COMMIT")
 
-    def _claim(self, key, owner, estimate, cap, lease_s, max_billed) -> Claim:
+    def _claim(self, key, owner, estimate, cap=None, lease_s=30.0, max_billed=None) -> Claim:
         if (row := self.get(key)) is not None:
             return Claim("hit", row)
         if (raw := self.raw(key)) is not None:
@@ -183,7 +189,8 @@ class Ledger(BatchRecords):
         held = self.db.execute("SELECT owner, expires_at FROM claims WHERE key = ?", (key,)).fetchone()
         if held is not None and held[0] != owner and held[1] > now:
             return Claim("busy")
-        billed = self.billed_failures(key)
+        failures = self.db.execute("SELECT billed, reason FROM failures WHERE key = ? ORDER BY id", (key,)).fetchall()
+        billed = sum(f[0] for f in failures)
         if max_billed is not None and billed >= max_billed:
             return Claim("exhausted", billed_failures=billed)
         if cap is not None:
@@ -193,7 +200,7 @@ class Ledger(BatchRecords):
         self.db.execute("INSERT INTO claims VALUES (?,?,?,?) ON CONFLICT(key) DO UPDATE SET owner = excluded.owner, "
                         "estimate_usd = excluded.estimate_usd, expires_at = excluded.expires_at",
                         (key, owner, estimate, now + lease_s))
-        return Claim("claimed", billed_failures=billed)
+        return Claim("claimed", billed_failures=billed, last_failure=failures[-1][1] if failures else None)
 
     @writes
     def readmit(self, key: str, owner: str, estimate: float, *, cap: float | None, lease_s: float,
@@ -224,43 +231,57 @@ class Ledger(BatchRecords):
         with self._lock:
             self.db.execute("DELETE FROM claims WHERE owner = ?", (owner,))
 
+    def record_success(self, key: str, model: str, request: dict, response: str, **kw) -> None:
+        """The validated answer; also releases ``owner``'s claim and drops a raw response it was read from.
+        Keywords: prompt_tokens, cached_tokens, completion_tokens, cost_usd, latency_s, owner."""
+        self.together([("success", (key, model, request, response), kw)])
+
+    def record_failure(self, key: str, reason: str, detail: str = "", **kw) -> None:
+        """A failed attempt (``billed``: it may have been billed, charged at ``cost_usd``); releases the claim unless
+        ``release=False``. Keywords: prompt_tokens, completion_tokens, cost_usd, billed, owner, release."""
+        self.together([("failure", (key, reason, detail), kw)])
+
+    def record_raw(self, key: str, model: str, request: dict, body: dict, **kw) -> None:
+        """A paid response the client could not interpret: kept as received, so a rerun reads it instead of paying.
+        Keywords: tokens (prompt, cached, completion), cost_usd, latency_s, owner."""
+        self.together([("raw", (key, model, request, body), kw)])
+
     @writes
-    def record_success(self, key: str, model: str, request: dict, response: str, *, prompt_tokens: int = 0,
-                       cached_tokens: int = 0, completion_tokens: int = 0, cost_usd: float = 0.0,
-                       latency_s: float = 0.0, owner: str | None = None) -> None:
-        """The validated answer; also releases ``owner``'s claim and drops a raw response it was read from."""
+    def together(self, writes: list[tuple[str, tuple, dict]]) -> list:
+        """Several writes in one transaction (``distill.ledger.group``), in order; their results. Each is
+        ``(kind, args, kwargs)``: ``claim`` with the arguments of ``claim``, or ``success`` / ``failure`` /
+        ``raw`` with those of ``record_<kind>``. All of them are in the file once this returns, or none is."""
         with self._lock, self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("INSERT OR IGNORE INTO calls VALUES (?,?,?,?,?,?,?,?,?,?)",
-                            (key, model, runio.canonical_json(request), response, prompt_tokens, cached_tokens,
-                             completion_tokens, cost_usd, latency_s, time.time()))
+            return [self._WRITES[kind](self, *args, **kwargs) for kind, args, kwargs in writes]
+
+    def _success(self, key: str, model: str, request: dict | str, response: str, *, prompt_tokens: int = 0,
+                 cached_tokens: int = 0, completion_tokens: int = 0, cost_usd: float = 0.0, latency_s: float = 0.0,
+                 owner: str | None = None) -> None:
+        self.db.execute("INSERT OR IGNORE INTO calls VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (key, model, _canonical(request), response, prompt_tokens, cached_tokens,
+                         completion_tokens, cost_usd, latency_s, time.time()))
+        self._settled(key, owner)
+
+    def _failure(self, key: str, reason: str, detail: str = "", *, prompt_tokens: int = 0,
+                 completion_tokens: int = 0, cost_usd: float = 0.0, billed: bool = False, owner: str | None = None,
+                 release: bool = True) -> None:
+        self.db.execute(
+            "INSERT INTO failures (key, reason, detail, prompt_tokens, completion_tokens, cost_usd, created_at, "
+            "billed) VALUES (?,?,?,?,?,?,?,?)", (key, reason, detail[:500], prompt_tokens, completion_tokens,
+                                                 cost_usd, time.time(), int(billed)))
+        if release:
             self._settled(key, owner)
 
-    @writes
-    def record_failure(self, key: str, reason: str, detail: str = "", *, prompt_tokens: int = 0,
-                       completion_tokens: int = 0, cost_usd: float = 0.0, billed: bool = False,
-                       owner: str | None = None, release: bool = True) -> None:
-        """A failed attempt (``billed``: it may have been billed, charged at ``cost_usd``); releases the claim."""
-        with self._lock, self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute(
-                "INSERT INTO failures (key, reason, detail, prompt_tokens, completion_tokens, cost_usd, created_at, "
-                "billed) VALUES (?,?,?,?,?,?,?,?)", (key, reason, detail[:500], prompt_tokens, completion_tokens,
-                                                     cost_usd, time.time(), int(billed)))
-            if release:
-                self._settled(key, owner)
+    def _raw(self, key: str, model: str, request: dict | str, body: dict, *, tokens: tuple[int, int, int],
+             cost_usd: float, latency_s: float, owner: str | None = None) -> None:
+        self.db.execute("INSERT OR IGNORE INTO responses VALUES (?,?,?,?,?,?,?,?,?,?)",
+                        (key, model, _canonical(request), json.dumps(body, ensure_ascii=False),
+                         *tokens, cost_usd, latency_s, time.time()))
+        if owner is not None:
+            self.db.execute("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
 
-    @writes
-    def record_raw(self, key: str, model: str, request: dict, body: dict, *, tokens: tuple[int, int, int],
-                   cost_usd: float, latency_s: float, owner: str | None = None) -> None:
-        """A paid response the client could not interpret: kept as received, so a rerun reads it instead of paying."""
-        with self._lock, self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("INSERT OR IGNORE INTO responses VALUES (?,?,?,?,?,?,?,?,?,?)",
-                            (key, model, runio.canonical_json(request), json.dumps(body, ensure_ascii=False),
-                             *tokens, cost_usd, latency_s, time.time()))
-            if owner is not None:
-                self.db.execute("DELETE FROM claims WHERE key = ? AND owner = ?", (key, owner))
+    _WRITES = {"claim": _claim, "success": _success, "failure": _failure, "raw": _raw}
 
     def _settled(self, key: str, owner: str | None) -> None:
         self.db.execute("DELETE FROM responses WHERE key = ?", (key,))  # its cost moved to the row just written

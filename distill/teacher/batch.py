@@ -262,7 +262,7 @@ def _state(client: TeacherClient, messages: list[dict], max_attempts: int) -> tu
             return Outcome(answer, None, key, attempt, 0), request
         raw = client.ledger.raw(key)
         if raw is not None:  # kept unread by an earlier join: read it now, at no cost
-            got = client._read_raw(key, request, raw, reader)
+            got = client.read_raw_now(key, request, raw, reader)
             if got.answer is not None:
                 return Outcome(got.answer, None, key, attempt, 0), request
             if got.reason not in ANSWER_REASONS:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from distill.ledger import Claim, Heartbeat, Ledger, LedgerWriteError, new_owner
+from distill.ledger import Claim, Heartbeat, Ledger, LedgerWriteError, grouped, new_owner
 
 LEASE_S = 30.0  # how long a claim outlives a silent owner; the heartbeat renews it every LEASE_S / 4
 
@@ -58,8 +58,9 @@ class Budget:
         while True:
             if self.stopped:
                 return self._lookup(key)
-            claim = self.ledger.claim(key, self.owner, estimate, cap=self.cap, lease_s=self.lease_s,
-                                      max_billed=self.max_billed)
+            # committed with every other ledger write of this turn of the loop (distill.ledger.group)
+            claim = await grouped(self.ledger).add(("claim", (key, self.owner, estimate), {
+                "cap": self.cap, "lease_s": self.lease_s, "max_billed": self.max_billed}))
             if claim.status == "over_cap":
                 self.stopped = True
             if claim.status == "claimed" and self._heartbeat is None:

@@ -4,8 +4,10 @@ Every request is keyed by the sha256 of its canonical form (``teacher.request``)
 it is sent, so a call that was paid for once is never paid again. Answers are validated against the task schema; a
 bad answer is retried with a fresh sample (a new key) up to ``generate.max_attempts``, then rejected with its reason.
 
-Transport: exactly one retry layer, this one (the SDK's own ``max_retries`` is 0), under the rules of
-``teacher.transport``; a wait longer than ``teacher.max_wait_s`` fails the request explicitly. 400 ends that one
+Transport: chat requests are posted straight through aiohttp (``teacher.transport.DirectPost``: the SDK's
+headers, errors and timeouts, without its per-call request assembly), or through the SDK's ``post`` without
+aiohttp; the SDK also makes the Batch API's and the probe's calls. Exactly one retry layer, this one (the SDK's own
+``max_retries`` is 0), under the rules of ``teacher.transport``; a wait longer than ``teacher.max_wait_s`` fails the request explicitly. 400 ends that one
 request; 401, 403 and 404 end the run (every later call would fail the same way). Requests and tokens per minute
 are limited client-side with ``aiolimiter``; ``teacher.concurrency`` bounds the requests in flight.
 """
@@ -23,20 +25,19 @@ from collections import Counter
 import httpx
 import openai
 from aiolimiter import AsyncLimiter
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
-from distill import DistillError
+from distill import DistillError, runio
 from distill.config import TeacherConfig, clean_secret
-from distill.ledger import Ledger, LedgerWriteError, request_key
+from distill.ledger import Ledger, LedgerWriteError, grouped, request_key
 from distill.task import OutputSchema
 from distill.teacher import pricing
 from distill.teacher.answers import (ANSWER_REASONS, BUDGET, Asked, ChatReader, Outcome, ScoreReader, content_text,
                                      parse_text, usage_tokens)
 from distill.teacher.budget import Budget
 from distill.teacher.request import build_chat_request, build_score_request, wire_body
-from distill.teacher.transport import (FATAL_STATUS, Backoff, BudgetStop, MalformedResponse, RequestFailed,
-                                       failure_reason, http_client, is_retryable, per_second, possibly_billed,
-                                       retry_after_s)
+from distill.teacher.transport import (FATAL_STATUS, Backoff, BudgetStop, DirectPost, MalformedResponse,
+                                       RequestFailed, RetryLayer, failure_reason, http_client, per_second,
+                                       possibly_billed)
 
 log = logging.getLogger("distill")
 
@@ -69,7 +70,7 @@ def _log_transport(transport: str) -> None:
     (log.warning if transport.startswith("httpx (fallback") else log.info)("teacher client: transport %s", transport)
 
 
-class TeacherClient:
+class TeacherClient(RetryLayer):
     """Labels inputs through the ledger: ``label`` (chat answers, optionally voted), ``top_logprobs`` (scoring),
     ``write`` (free text for synthesis); one instance per event loop."""
 
@@ -87,6 +88,8 @@ class TeacherClient:
         _log_transport(self.transport)
         self.client = openai.AsyncOpenAI(base_url=base_url, api_key=self._key, timeout=tcfg.timeout_s,
                                          max_retries=0, http_client=http)
+        self._direct = DirectPost(self.client, tcfg.timeout_s) if http is not None else None
+        self._backoff = Backoff(tcfg.backoff_initial_s, tcfg.backoff_max_s)
         self.semaphore = asyncio.Semaphore(tcfg.concurrency)
         # Requests: a per-second bucket (rpm/60), steady spacing rather than a minute's worth at once. Tokens: a
         # one-minute bucket (a request may need more than a second's share), charged an estimate before sending.
@@ -153,8 +156,9 @@ class TeacherClient:
         reason, paid, spent, key = "no_attempt", 0, 0.0, None
         for attempt in range(self.max_attempts):
             request = self.build_request(messages, attempt, sample, structured=structured)
-            key = request_key(request)
-            got = await self._ask(key, request, reader)
+            canonical = runio.canonical_json(request)  # hashed for the key and stored in the ledger row: made once
+            key = runio.sha256_text(canonical)          # = request_key(request)
+            got = await self._ask(key, request, reader, canonical)
             paid, spent, reason = paid + got.paid, spent + got.cost, got.reason
             if got.answer is not None or not got.final:
                 return Outcome(got.answer, reason, key, attempt, paid, cache_hit=got.cache_hit, cost_usd=spent)
@@ -170,7 +174,7 @@ class TeacherClient:
         got = await self._ask(key, request, ScoreReader())
         return Outcome(got.answer, got.reason, key, 0, got.paid, cache_hit=got.cache_hit, cost_usd=got.cost)
 
-    async def _ask(self, key: str, request: dict, reader) -> Asked:
+    async def _ask(self, key: str, request: dict, reader, canonical: str | None = None) -> Asked:
         """The answer for one request key: from the ledger, or paid for once across every process sharing it.
 
         The key is claimed in the ledger first (which also reserves its price under the cap); whatever comes back
@@ -185,14 +189,14 @@ class TeacherClient:
                 answer, reason = reader.text(claim.row["response"])
                 return Asked(answer, reason, cache_hit=True, final=True)
             if claim.status == "raw":
-                return self._read_raw(key, request, claim.row, reader)
+                return await self._read_raw(key, request, claim.row, reader)
             if claim.status == "over_cap":
                 return Asked(None, BUDGET)
             if claim.status == "exhausted":
                 return Asked(None, "max_billed_attempts")
-            if (previous := self.ledger.last_failure(key)) in reader.final:
+            if claim.last_failure in reader.final:
                 self.ledger.release(key, owner)
-                return Asked(None, previous, final=True)
+                return Asked(None, claim.last_failure, final=True)
             try:
                 body, latency = await self._call(request, key, estimate)
             except BudgetStop:
@@ -211,34 +215,51 @@ class TeacherClient:
             tokens, cost = self._price(body, request, estimate)
             self.budget.charged(cost)
             try:
-                return self._record(key, request, body, tokens, cost, latency, reader, owner, paid=1)
+                return await self._record(key, canonical or request, body, tokens, cost, latency, reader, owner,
+                                          paid=1)
             except LedgerWriteError:
                 self.fatal = True  # nothing more is sent while answers cannot be recorded
                 raise
 
-    def _record(self, key: str, request: dict, body: dict, tokens: tuple, cost: float, latency: float, reader,
-                owner: str | None, paid: int) -> Asked:
+    async def _record(self, key: str, request: dict | str, body: dict, tokens: tuple, cost: float, latency: float, reader,
+                      owner: str | None, paid: int) -> Asked:
+        """Write what came back; returns once it is committed (with the rest of this turn's records), so no answer
+        is handed on before it is in the ledger."""
+        got, record = self._reading(key, request, body, tokens, cost, latency, reader, owner, paid)
+        await grouped(self.ledger).add(record)  # with every other write of this turn of the loop
+        return got
+
+    def _reading(self, key: str, request: dict | str, body: dict, tokens: tuple, cost: float, latency: float, reader,
+                 owner: str | None, paid: int) -> tuple[Asked, tuple]:
+        """What a response means, and the ledger record that keeps it (``GroupCommit.add``'s argument)."""
+        model = self.tcfg.model or ""
         try:
             text, answer, reason = reader.body(body)
         except Exception as exc:  # an answer of a shape we cannot read: keep it, never pay for it again
             log.warning("teacher answer for %s kept unread (%s: %s); a rerun reads it again without paying",
                         key[:12], type(exc).__name__, self.scrub(str(exc))[:120])
-            self.ledger.record_raw(key, self.tcfg.model or "", request, body, tokens=tokens, cost_usd=cost,
-                                   latency_s=latency, owner=owner)
-            return Asked(None, "unreadable_response", paid, cost)
+            return Asked(None, "unreadable_response", paid, cost), ("raw", (
+                key, model, request, body), {"tokens": tokens, "cost_usd": cost, "latency_s": latency, "owner": owner})
         if answer is not None:
-            self.ledger.record_success(key, self.tcfg.model or "", request, text, prompt_tokens=tokens[0],
-                                       cached_tokens=tokens[1], completion_tokens=tokens[2], cost_usd=cost,
-                                       latency_s=latency, owner=owner)
+            record = ("success", (key, model, request, text), {
+                "prompt_tokens": tokens[0], "cached_tokens": tokens[1], "completion_tokens": tokens[2],
+                "cost_usd": cost, "latency_s": latency, "owner": owner})
         else:
-            self.ledger.record_failure(key, reason, text[:200], prompt_tokens=tokens[0], completion_tokens=tokens[2],
-                                       cost_usd=cost, owner=owner)
-        return Asked(answer, reason, paid, cost, final=answer is None)
+            record = ("failure", (key, reason, text[:200]), {
+                "prompt_tokens": tokens[0], "completion_tokens": tokens[2], "cost_usd": cost, "owner": owner})
+        return Asked(answer, reason, paid, cost, final=answer is None), record
 
-    def _read_raw(self, key: str, request: dict, raw: dict, reader) -> Asked:
+    async def _read_raw(self, key: str, request: dict, raw: dict, reader) -> Asked:
         """A response paid for earlier and kept unread: read it now (after a fix) at no cost."""
-        got = self._record(key, request, raw["body"], raw["tokens"], raw["cost_usd"], raw["latency_s"], reader,
-                           None, paid=0)
+        got = await self._record(key, request, raw["body"], raw["tokens"], raw["cost_usd"], raw["latency_s"], reader,
+                                 None, paid=0)
+        return Asked(got.answer, got.reason, cache_hit=True, final=got.final)
+
+    def read_raw_now(self, key: str, request: dict, raw: dict, reader) -> Asked:
+        """``_read_raw`` outside the event loop (the Batch API's look-up of where an input stands)."""
+        got, record = self._reading(key, request, raw["body"], raw["tokens"], raw["cost_usd"], raw["latency_s"],
+                                    reader, None, paid=0)
+        self.ledger.together([record])
         return Asked(got.answer, got.reason, cache_hit=True, final=got.final)
 
     @contextlib.asynccontextmanager
@@ -268,17 +289,6 @@ class TeacherClient:
 
     # -- transport ------------------------------------------------------------------------------------------------
 
-    def _retry_allowed(self, exc: BaseException) -> bool:
-        if not is_retryable(exc):
-            return False
-        asked = retry_after_s(exc)
-        return asked is None or asked <= self.tcfg.max_wait_s
-
-    def _count(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        if exc is not None:
-            self.transport_errors[failure_reason(exc)] += 1
-
     async def _call(self, request: dict, key: str, estimate: float) -> tuple[dict, float]:
         """Send one claimed request with retries; returns (response body, latency in s).
 
@@ -288,6 +298,7 @@ class TeacherClient:
         a retry, DistillError when no request can succeed.
         """
         body = wire_body(request)
+        data = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode() if self._direct else None
         attempts, billed_usd, last_billed = 0, 0.0, False
 
         async def attempt():
@@ -304,7 +315,7 @@ class TeacherClient:
             if self.fatal:
                 raise DistillError("the run is stopping (see the first error); nothing more is sent")
             try:
-                return await self._send(body)
+                return await self._send(body, data)
             except Exception as exc:
                 if possibly_billed(exc):
                     self.ledger.record_failure(key, failure_reason(exc), "sent; the answer may have been billed",
@@ -321,30 +332,7 @@ class TeacherClient:
             exc.billed_usd = billed_usd
             raise
 
-    async def retrying(self, fn, *args, **kwargs):
-        """``await fn(*args, **kwargs)`` under the one retry layer (also used for the Batch API's calls)."""
-        retrying = AsyncRetrying(stop=stop_after_attempt(self.tcfg.max_retries + 1),
-                                 wait=Backoff(self.tcfg.backoff_initial_s, self.tcfg.backoff_max_s),
-                                 retry=retry_if_exception(self._retry_allowed), after=self._count, reraise=True)
-        try:
-            return await retrying(fn, *args, **kwargs)
-        except openai.APIStatusError as exc:
-            if exc.status_code in FATAL_STATUS:
-                self.fatal = True
-                what = FATAL_STATUS[exc.status_code]
-                hint = {401: f" from ${self.tcfg.api_key_env}", 404: f" {self.tcfg.model!r}; set teacher.model"}
-                raise DistillError(f"the teacher at {self.base_url} {what}{hint.get(exc.status_code, '')} "
-                                   f"(HTTP {exc.status_code})") from None
-            asked = retry_after_s(exc)
-            if asked is not None and asked > self.tcfg.max_wait_s:
-                raise RequestFailed("retry_after_too_long",
-                                    f"HTTP {exc.status_code} asked to wait {asked:.0f} s, over teacher.max_wait_s="
-                                    f"{self.tcfg.max_wait_s:.0f}") from None
-            raise RequestFailed(failure_reason(exc), self.scrub(str(exc.message))) from None
-        except (openai.APIConnectionError, MalformedResponse) as exc:
-            raise RequestFailed(failure_reason(exc), f"{type(exc).__name__} from {self.base_url}") from None
-
-    async def _send(self, body: dict) -> tuple[dict, float]:
+    async def _send(self, body: dict, data: bytes | None = None) -> tuple[dict, float]:
         if self.rpm:
             await self.rpm.acquire()
         if self.tpm:
@@ -353,11 +341,15 @@ class TeacherClient:
         async with self.semaphore:
             started = time.perf_counter()
             try:
-                # The SDK's low-level post: same transport, auth, timeouts and errors as chat.completions.create,
-                # without re-validating our already-canonical request body or building pydantic models for the
-                # answer (together ~3 ms of client CPU per call, more than everything else distill does).
-                raw = await self.client.post("/chat/completions", body=body, cast_to=httpx.Response)
-                resp = json.loads(raw.content)
+                # Not chat.completions.create: it re-validates our already-canonical body and builds pydantic
+                # models for the answer (~3 ms of client CPU per call); the SDK's post still assembles an httpx
+                # request per call (~1 ms), which DirectPost does once.
+                if self._direct is not None:
+                    resp = await self._direct(data if data is not None else
+                                              json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode())
+                else:
+                    raw = await self.client.post("/chat/completions", body=body, cast_to=httpx.Response)
+                    resp = json.loads(raw.content)
             except (json.JSONDecodeError, UnicodeDecodeError, openai.APIResponseValidationError) as exc:
                 raise MalformedResponse(str(exc)[:100]) from None
             latency = time.perf_counter() - started
@@ -368,6 +360,9 @@ class TeacherClient:
         return resp, latency
 
     async def close(self) -> None:
+        grouped(self.ledger).flush()  # only cancelled calls can leave writes queued: they are made now
+        if self._direct is not None:
+            await self._direct.close()
         await self.client.close()
         if self._own_budget:
             self.budget.close()

@@ -1,19 +1,35 @@
 """The transport rules of teacher calls: which failures are retried, how long to wait, which may be billed.
 
-Only 408, 409, 429, 5xx, timeouts, connection errors and a garbled 200 are retried, with exponential backoff and
-jitter (tenacity), never sooner than the server's ``Retry-After`` / ``retry-after-ms``. 401, 403 and 404 end the run
-(``FATAL_STATUS``). ``possibly_billed`` decides which failed attempts count against the budget.
+Only 408, 409, 429, 5xx, timeouts, connection errors and a garbled 200 are retried (``RetryLayer``, the client's
+one retry loop), with exponential backoff and jitter (tenacity's ``wait_exponential_jitter``), never sooner than
+the server's ``Retry-After`` / ``retry-after-ms``. 401, 403 and 404 end the run (``FATAL_STATUS``).
+``possibly_billed`` decides which failed attempts count against the budget.
+
+Chat requests go through ``DirectPost`` where aiohttp is installed: the request body, encoded once, is posted
+straight through one aiohttp session with the SDK's own headers (computed once), and the answer is read with
+``json``; its failures are raised as the SDK's exceptions, so the rules above do not depend on the transport.
+Without aiohttp they go through the SDK's low-level ``post`` on its httpx pool.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import json
 import time
+from collections import namedtuple
 
 import httpx
 import openai
 from aiolimiter import AsyncLimiter
 from tenacity import RetryCallState, wait_exponential_jitter
+
+try:
+    import aiohttp
+except ImportError:  # pragma: no cover - the httpx fallback
+    aiohttp = None
+
+from distill import DistillError
 
 try:  # openai >= 3 runs on httpx2 (its default pool and the aiohttp transport raise httpx2's errors)
     import httpx2
@@ -103,6 +119,9 @@ def failure_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+_Attempt = namedtuple("_Attempt", "attempt_number")  # what tenacity's wait functions read of a retry state
+
+
 class Backoff:
     """Exponential backoff with full jitter, but never shorter than the server's Retry-After."""
 
@@ -110,8 +129,12 @@ class Backoff:
         self.backoff = wait_exponential_jitter(multiplier=initial, max=cap, jitter=initial)
 
     def __call__(self, state: RetryCallState) -> float:
-        backoff = self.backoff(state)
-        asked = retry_after_s(state.outcome.exception()) if state.outcome else None
+        return self.seconds(state.attempt_number, state.outcome.exception() if state.outcome else None)
+
+    def seconds(self, attempt: int, exc: BaseException | None) -> float:
+        """The wait after failed attempt number ``attempt`` (1 = the first) that raised ``exc``."""
+        backoff = self.backoff(_Attempt(attempt))
+        asked = retry_after_s(exc) if exc is not None else None
         if asked is None:
             return backoff
         return asked + min(backoff, 1.0) * 0.1 + 0.01  # a little after the server's time, never before
@@ -131,7 +154,8 @@ def possibly_billed(exc: BaseException) -> bool:
     while cause is not None:
         if isinstance(cause, _NOT_CONNECTED):
             return False
-        if type(cause).__name__ in ("ClientConnectorError", "ClientConnectorDNSError", "ClientProxyConnectionError"):
+        if type(cause).__name__ in ("ClientConnectorError", "ClientConnectorDNSError", "ClientProxyConnectionError",
+                                    "ConnectionTimeoutError"):
             return False  # aiohttp: the connection was never made
         cause = cause.__cause__ or cause.__context__
     return True
@@ -163,3 +187,101 @@ def http_client(timeout_s: float):
     except RuntimeError as exc:  # the SDK's own check: its aiohttp extra is incomplete (httpx_aiohttp for openai 1.x)
         return None, f"httpx (fallback: {exc})"
     return client, f"aiohttp {aiohttp.__version__} (openai {openai.__version__})"
+
+
+class DirectPost:
+    """``POST {base_url}/chat/completions`` of an already encoded JSON body through one aiohttp session.
+
+    The headers are the SDK client's own (``default_headers`` and ``auth_headers``, so the same key, organisation and
+    project), taken once; an answer is ``json.loads`` of its bytes. An HTTP error status is raised as the SDK
+    raises it (``APIStatusError`` and its subclasses, with the response's headers, so Retry-After is read the same
+    way), a timeout as ``APITimeoutError``, any other failure to get an answer as ``APIConnectionError`` (the
+    aiohttp error is its cause: ``possibly_billed`` tells a connection never made from one dropped mid-call).
+    """
+
+    def __init__(self, sdk: openai.AsyncOpenAI, timeout_s: float):
+        self.sdk = sdk
+        self.url = str(sdk.base_url).rstrip("/") + "/chat/completions"
+        headers = {**sdk.default_headers, **sdk.auth_headers, "X-Stainless-Async": "async:asyncio"}
+        self.headers = {k: v for k, v in headers.items() if isinstance(v, str)}  # the SDK's Omit() means none
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.session: aiohttp.ClientSession | None = None  # opened in the event loop of the first call
+
+    async def __call__(self, data: bytes):
+        if self.session is None:  # no connection limit here: the client's semaphore bounds the calls in flight
+            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=self.timeout)
+        try:
+            async with self.session.post(self.url, data=data, headers=self.headers) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise self._status_error(resp.status, resp.headers, raw)
+        except asyncio.TimeoutError as exc:  # aiohttp's ServerTimeoutError is one too
+            raise openai.APITimeoutError(request=self._request()) from exc
+        except aiohttp.ClientError as exc:
+            raise openai.APIConnectionError(request=self._request()) from exc
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MalformedResponse(str(exc)[:100]) from None
+
+    def _request(self):
+        return httpx2.Request("POST", self.url)
+
+    def _status_error(self, status: int, headers, raw: bytes) -> openai.APIStatusError:
+        response = httpx2.Response(status, headers=list(headers.items()), content=raw, request=self._request())
+        make = getattr(self.sdk, "_make_status_error_from_response", None)  # the SDK's message and error class
+        if make is not None:
+            return make(response)
+        return openai.APIStatusError(f"Error code: {status}", response=response, body=None)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+
+class RetryLayer:
+    """The one retry layer of teacher calls (a base of ``TeacherClient``: uses its ``tcfg``, ``base_url``,
+    ``scrub``, ``transport_errors``, ``fatal`` and ``_backoff``)."""
+
+    def _retry_allowed(self, exc: BaseException) -> bool:
+        if not is_retryable(exc):
+            return False
+        asked = retry_after_s(exc)
+        return asked is None or asked <= self.tcfg.max_wait_s
+
+    async def retrying(self, fn, *args, **kwargs):
+        """``await fn(*args, **kwargs)`` under the one retry layer (also used for the Batch API's calls)."""
+        attempt = 0
+        while True:  # a call that succeeds at once costs one await: no retry machinery is built for it
+            attempt += 1
+            try:
+                return await fn(*args, **kwargs)
+            except Exception as exc:
+                if not self._retry_allowed(exc):
+                    self._give_up(exc)
+                self.transport_errors[failure_reason(exc)] += 1  # every retryable failure, the last one too
+                if attempt > self.tcfg.max_retries:
+                    self._give_up(exc)
+                wait = self._backoff.seconds(attempt, exc)
+            await asyncio.sleep(wait)
+
+    def _give_up(self, exc: Exception):
+        """Raise what a failed call means: DistillError (no call can succeed), RequestFailed (this one cannot), or
+        ``exc`` itself when it is neither an HTTP nor a transport failure."""
+        if isinstance(exc, openai.APIStatusError):
+            if exc.status_code in FATAL_STATUS:
+                self.fatal = True
+                what = FATAL_STATUS[exc.status_code]
+                hint = {401: f" from ${self.tcfg.api_key_env}", 404: f" {self.tcfg.model!r}; set teacher.model"}
+                raise DistillError(f"the teacher at {self.base_url} {what}{hint.get(exc.status_code, '')} "
+                                   f"(HTTP {exc.status_code})") from None
+            asked = retry_after_s(exc)
+            if asked is not None and asked > self.tcfg.max_wait_s:
+                raise RequestFailed("retry_after_too_long",
+                                    f"HTTP {exc.status_code} asked to wait {asked:.0f} s, over teacher.max_wait_s="
+                                    f"{self.tcfg.max_wait_s:.0f}") from None
+            raise RequestFailed(failure_reason(exc), self.scrub(str(exc.message))) from None
+        if isinstance(exc, (openai.APIConnectionError, MalformedResponse)):
+            raise RequestFailed(failure_reason(exc), f"{type(exc).__name__} from {self.base_url}") from None
+        raise exc
