@@ -241,3 +241,31 @@ def test_writes_queued_in_one_turn_are_one_transaction_and_a_failed_one_fails_th
     with pytest.raises(LedgerWriteError, match="disk full"):
         asyncio.run(go(3))
     assert ledger.count() == 10  # none of the failed group's rows is in the file
+
+
+def test_the_direct_transport_raises_what_the_sdk_raises_so_the_retry_rules_read_it_the_same(tmp_path):
+    """A 429 comes back as the SDK's RateLimitError with the server's Retry-After; a refused connection is a
+    connection error that was never billed; a truncated 200 is a malformed response (resent, possibly billed)."""
+    from distill.teacher.transport import DirectPost, failure_reason, possibly_billed, retry_after_s
+    from distill.teacher.server import free_port
+
+    async def post(base_url: str):
+        direct = DirectPost(openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=0), 5)
+        try:
+            return await direct(b'{"model": "fake-teacher", "messages": [{"role": "user", "content": "x"}]}')
+        except Exception as exc:
+            return exc
+        finally:
+            await direct.close()
+
+    with FakeTeacher(answer, faults={"429": 1.0}, retry_after_s=7) as teacher:
+        limited = asyncio.run(post(teacher.base_url))
+    with FakeTeacher(answer, faults={"malformed_body": 1.0}) as teacher:
+        cut = asyncio.run(post(teacher.base_url))
+    refused = asyncio.run(post(f"http://127.0.0.1:{free_port()}/v1"))
+    assert isinstance(limited, openai.RateLimitError) and limited.status_code == 429
+    assert retry_after_s(limited) == 7 and failure_reason(limited) == "http_429" and not possibly_billed(limited)
+    assert "Rate limit reached" in limited.message
+    assert isinstance(refused, openai.APIConnectionError) and failure_reason(refused) == "connection_error"
+    assert not possibly_billed(refused)
+    assert failure_reason(cut) == "malformed_response" and possibly_billed(cut)

@@ -28,18 +28,23 @@ from distill.ledger.store import Ledger
 def grouped(ledger: Ledger) -> "GroupCommit":
     """``ledger``'s ``GroupCommit`` for the running event loop (one per ledger and loop)."""
     loop = asyncio.get_running_loop()
+    last = ledger.__dict__.get("_group")
+    if last is not None and last.loop is loop:  # the common case: one loop uses the ledger
+        return last
     groups = ledger.__dict__.setdefault("_groups", weakref.WeakKeyDictionary())
     group = groups.get(loop)
     if group is None:
-        group = groups[loop] = GroupCommit(ledger)
+        group = groups[loop] = GroupCommit(ledger, loop)
+    ledger.__dict__["_group"] = group
     return group
 
 
 class GroupCommit:
     """Writes of one event loop, committed together (see the module docstring). One instance per loop."""
 
-    def __init__(self, ledger: Ledger):
+    def __init__(self, ledger: Ledger, loop: asyncio.AbstractEventLoop | None = None):
         self.ledger = ledger
+        self.loop = loop
         self._queue: list[tuple] = []
         self._futures: list[asyncio.Future] = []
         self._scheduled = False

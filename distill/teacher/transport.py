@@ -26,8 +26,9 @@ from tenacity import RetryCallState, wait_exponential_jitter
 
 try:
     import aiohttp
+    import yarl
 except ImportError:  # pragma: no cover - the httpx fallback
-    aiohttp = None
+    aiohttp = yarl = None
 
 from distill import DistillError
 
@@ -202,6 +203,7 @@ class DirectPost:
     def __init__(self, sdk: openai.AsyncOpenAI, timeout_s: float):
         self.sdk = sdk
         self.url = str(sdk.base_url).rstrip("/") + "/chat/completions"
+        self._url = yarl.URL(self.url)  # parsed once, not on every post
         headers = {**sdk.default_headers, **sdk.auth_headers, "X-Stainless-Async": "async:asyncio"}
         self.headers = {k: v for k, v in headers.items() if isinstance(v, str)}  # the SDK's Omit() means none
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -211,7 +213,7 @@ class DirectPost:
         if self.session is None:  # no connection limit here: the client's semaphore bounds the calls in flight
             self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=self.timeout)
         try:
-            async with self.session.post(self.url, data=data, headers=self.headers) as resp:
+            async with self.session.post(self._url, data=data, headers=self.headers) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise self._status_error(resp.status, resp.headers, raw)
