@@ -4,7 +4,8 @@
     for answer, text, invalid_reason, confidence, field_confidence in scored_batch(model, tokenizer, prompts, ...):
 
 The prompts' KV cache is computed once; each enum field's allowed values are scored after the answer so far as one
-token trie per item in a single forward pass (tree attention), so the cost grows little with the number of values
+token trie per item (tree attention), branches that cannot change the winner or move its confidence by more than
+distill.student.trie.PRUNE_TOL skipped, so the cost grows little with the number of values
 (benchmarks/scored_decoding.py). A free-text field is generated greedily after the answer so far; where it stops and
 how its value and confidence are read are the served student's own functions (distill.serve.scored.value_written,
 read_value), which ranks values by the same rule, one item at a time.
@@ -13,15 +14,13 @@ read_value), which ranks values by the same rule, one item at a time.
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import json
-import math
 
 import numpy as np
 import torch
 
 from distill.serve.scored import read_value, value_written
+from distill.student.trie import _cache_kw, pruned_trie_logprob, trie_logprob
 from distill.task import OutputSchema, answer_head, common_prefix, dump_answer, literal_options
 
 
@@ -37,14 +36,6 @@ def encode_left(tokenizer, id_lists: list[list[int]]) -> tuple[torch.Tensor, tor
 def token_ids(tokenizer, text: str) -> list[int]:
     """The token ids of ``text`` as the prompt renders it (no special tokens added)."""
     return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-@functools.lru_cache(maxsize=1)
-def _cache_kw() -> str:
-    """transformers 5.x renamed the ``past_key_values`` argument and output to ``cache``; accept either."""
-    from transformers import LlamaModel
-
-    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
 @torch.inference_mode()
@@ -119,8 +110,9 @@ def _tail_probs(model, tokenizer, cache, mask, last_logp, heads: list[str], tail
 
     The same teacher-forced log-likelihoods as scoring each candidate on its own (`_tail_probs_per_candidate`),
     at a cost that does not grow with the head or repeat the prompt cache per candidate: each item's cache is
-    extended once with the head tokens every candidate's tokenization shares, then the candidates' remaining
-    tokens are scored as one token trie per item in a single forward pass (`_trie_logprob`)."""
+    extended once with the head tokens every candidate's tokenization shares (and the tokens all candidates share
+    after it: they add the same log-probability to each, which the softmax cancels), then the candidates' remaining
+    tokens are scored as one token trie per item, branches that cannot matter skipped (distill.student.trie)."""
     k = len(tails)
     head_ids = tokenizer(heads, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer([h + t for h in heads for t in tails], add_special_tokens=False)["input_ids"]
@@ -131,12 +123,20 @@ def _tail_probs(model, tokenizer, cache, mask, last_logp, heads: list[str], tail
         # its tokens leave the head's; the tokens before the earliest such start are shared by every candidate.
         starts = [common_prefix(hid, f) for f in fulls]
         shared = min(starts)
-        shared_ctx.append(hid[:shared])
+        # tokens every candidate has next run in the context too, up to each candidate's last token; candidates
+        # that share a prefix score it alike (all from the same start, or all not at all), so only a constant moves
+        common = min(common_prefix(fulls[0][shared:], f[shared:]) for f in fulls)
+        shared += max(0, min([common] + [len(f) - shared - 1 for f in fulls]))
+        shared_ctx.append(fulls[0][:shared])
         suffixes.append([f[shared:] for f in fulls])
-        offsets.append([s - shared for s in starts])
+        offsets.append([max(0, s - shared) for s in starts])
     cache, mask, root_logp = _extend_cache(model, tokenizer, cache, mask, last_logp, shared_ctx)
-    logp = _trie_logprob(model, tokenizer, cache, mask, root_logp, suffixes, offsets)
+    logp = _trie_scores(model, tokenizer, cache, mask, root_logp, suffixes, offsets)
     return torch.softmax(logp, -1)
+
+
+_trie_scores = pruned_trie_logprob  # the benchmark swaps in trie_logprob (every node) to compare
+_trie_logprob = trie_logprob
 
 
 def _extend_cache(model, tokenizer, cache, mask, last_logp, ctx: list[list[int]]):
@@ -155,70 +155,6 @@ def _extend_cache(model, tokenizer, cache, mask, last_logp, ctx: list[list[int]]
     cache = out.cache if _cache_kw() == "cache" else out.past_key_values
     has_ctx = torch.tensor([len(c) > 0 for c in ctx], device=device)[:, None]
     return cache, attn, torch.where(has_ctx, torch.log_softmax(out.logits[:, -1].float(), -1), last_logp)
-
-
-def _trie_logprob(model, tokenizer, cache, mask, root_logp, suffixes, offsets) -> torch.Tensor:
-    """(items x candidates) sum of the log-probs of ``suffixes[b][c][offsets[b][c]:]`` after item b's cache.
-
-    Per item, the candidates' token sequences form a trie; its internal nodes (token prefixes that some longer
-    candidate extends) are one row of the batch, each attending to the cache and to its own ancestors only (tree
-    attention through a 4D mask, positions by depth). A prefix shared by several candidates runs once, and a
-    candidate's last token needs no forward: it is read off its parent's logits (or ``root_logp``)."""
-    n, k = len(suffixes), len(suffixes[0])
-    device = mask.device
-    tokens: list[list[int]] = []
-    parents: list[list[int]] = []
-    depths: list[list[int]] = []
-    root_hits: list[tuple[int, int, int]] = []  # (item, token, candidate row) scored after the root
-    node_hits: list[tuple[int, int, int, int]] = []  # (item, node, token, candidate row) scored after a node
-    for b in range(n):
-        index: dict[tuple[int, int], int] = {}
-        tok, par, dep = [], [], []
-        for c, seq in enumerate(suffixes[b]):
-            node = -1  # the root: the end of the item's extended cache
-            for d, t in enumerate(seq):
-                if d >= offsets[b][c]:
-                    if node < 0:
-                        root_hits.append((b, t, b * k + c))
-                    else:
-                        node_hits.append((b, node, t, b * k + c))
-                if d == len(seq) - 1:
-                    break
-                key = (node, t)
-                if key not in index:
-                    index[key] = len(tok)
-                    tok.append(t), par.append(node), dep.append(d)
-                node = index[key]
-        tokens.append(tok), parents.append(par), depths.append(dep)
-    scores = torch.zeros(n * k, device=device)
-    if root_hits:
-        b, t, r = torch.tensor(root_hits, device=device).T
-        scores.index_add_(0, r, root_logp[b, t])
-    if not node_hits:
-        return scores.view(n, k).cpu()
-    width = max(len(t) for t in tokens)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([t + [pad] * (width - len(t)) for t in tokens], device=device)
-    par = torch.tensor([p + [-1] * (width - len(p)) for p in parents], device=device)
-    pos = mask.sum(-1, keepdim=True) + torch.tensor([d + [0] * (width - len(d)) for d in depths], device=device)
-    # each node sees the cache's unpadded positions, itself and its ancestors (found by walking up the parents)
-    tree = torch.eye(width, dtype=torch.bool, device=device).repeat(n, 1, 1)
-    rows = torch.arange(n, device=device)[:, None].expand(n, width)
-    cols = torch.arange(width, device=device)[None].expand(n, width)
-    up = par
-    while (valid := up >= 0).any():
-        tree[rows[valid], cols[valid], up[valid]] = True
-        up = torch.where(valid, par.gather(1, up.clamp(min=0)), -1)
-    allowed = torch.cat([mask.bool()[:, None, :].expand(n, width, mask.shape[1]), tree], -1)
-    dtype = model.get_input_embeddings().weight.dtype
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    out = model(input_ids=ids, attention_mask=bias[:, None], position_ids=pos, use_cache=True,
-                **{_cache_kw(): cache})
-    logits = out.logits.float()  # items x nodes x vocab
-    lse = torch.logsumexp(logits, -1)
-    b, node, t, r = torch.tensor(node_hits, device=device).T
-    scores.index_add_(0, r, logits[b, node, t] - lse[b, node])
-    return scores.view(n, k).cpu()
 
 
 def _tail_probs_per_candidate(model, tokenizer, cache, mask, last_logp, heads: list[str],
