@@ -101,8 +101,7 @@ class TeacherClient(RetryLayer):
         self._own_budget = budget is None
         self.budget = budget if budget is not None else Budget(None, ledger, max_billed=tcfg.max_billed_attempts,
                                                                lease_s=tcfg.claim_lease_s)
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._waiters: Counter = Counter()
+        self._locks: dict[str, _KeyLock] = {}
 
     def scrub(self, text: str) -> str:
         """Remove the API key from any text before it is logged or stored."""
@@ -262,17 +261,13 @@ class TeacherClient(RetryLayer):
         self.ledger.together([record])
         return Asked(got.answer, got.reason, cache_hit=True, final=got.final)
 
-    @contextlib.asynccontextmanager
-    async def _exclusive(self, key: str):
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        self._waiters[key] += 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._waiters[key] -= 1
-            if not self._waiters[key]:
-                del self._waiters[key], self._locks[key]
+    def _exclusive(self, key: str) -> "_KeyLock":
+        """One call per request key at a time in this client (a second identical request waits, then reads the
+        ledger); the lock lives only while someone holds or waits for it."""
+        held = self._locks.get(key)
+        if held is None:
+            held = self._locks[key] = _KeyLock(self._locks, key)
+        return held
 
     def estimate(self, request: dict, batch: bool = False) -> float:
         """An upper bound on one request's price (``pricing.upper_bound_usd``): what the budget admits it at."""
@@ -366,6 +361,32 @@ class TeacherClient(RetryLayer):
         await self.client.close()
         if self._own_budget:
             self.budget.close()
+
+
+class _KeyLock:
+    """``TeacherClient._exclusive``'s lock of one key: removed from the client's table when its last user leaves."""
+
+    __slots__ = ("table", "key", "lock", "users")
+
+    def __init__(self, table: dict, key: str):
+        self.table, self.key, self.lock, self.users = table, key, asyncio.Lock(), 0
+
+    async def __aenter__(self) -> None:
+        self.users += 1
+        try:
+            await self.lock.acquire()
+        except BaseException:
+            self._leave()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.lock.release()
+        self._leave()
+
+    def _leave(self) -> None:
+        self.users -= 1
+        if not self.users:
+            del self.table[self.key]
 
 
 async def probe(client: TeacherClient) -> None:
