@@ -51,7 +51,7 @@ log = logging.getLogger("distill")
 
 TRAFFIC_SQLITE = "traffic.sqlite"
 STREAM = "traffic"
-RETAIN_EVERY = 200        # records between retention passes
+RETAIN_EVERY = 1000       # records between retention passes (the log may pass max_rows by this many meanwhile)
 QUEUE_MAX = 10_000        # records waiting for the writer; more are dropped (counted in ``dropped``)
 FLUSH_EVERY_S = 0.25      # the writer's period: at most this much of the log is only in memory
 BATCH_MAX = 500           # records per store call (one transaction)
@@ -172,8 +172,10 @@ class TrafficLog:
     def _retain(self) -> None:
         """Drop records older than max_days, then the oldest beyond max_rows."""
         try:
-            if self.max_days is not None:
-                cutoff = time.time() - self.max_days * 86400
+            cutoff = time.time() - self.max_days * 86400 if self.max_days is not None else None
+            # the oldest record first: usually it is young, and nothing more is read or decoded
+            oldest = self.store.read(self.stream, after=0, limit=1) if cutoff is not None else []
+            if oldest and (oldest[0][1].get("ts") or 0) < cutoff:
                 old, after = 0, 0
                 while True:
                     batch = self.store.read(self.stream, after=after, limit=500)
