@@ -18,6 +18,17 @@ split with its shipped defaults (distill/conf/train/lora.yaml: train.epochs, ear
 with the teacher, balanced batches when skewed) in a temporary run directory, then scored on the test set by scored
 decoding (evaluate's decoder). ``--targets soft`` trains it on soft targets too; with gold labels as the teacher the
 distribution is one-hot, so soft is the hard loss exactly (tests/test_train.py) and is not worth the CPU time.
+
+``--teacher embedded``: a real teacher instead of gold labels, on Bitext's 11-value ``category`` field
+(benchmarks/shared_data.py's cs_category recipe, one few-shot seed per category): the embedded teacher (SmolLM2-135M
+GGUF, teacher.method=score: one 1-token call per message) labels ``--test-per-intent`` x 11 test messages and
+``--per-intent`` x 11 more (every tenth in val, the rest train) through ``python -m distill generate``, one shared
+ledger in the work folder (a rerun pays nothing). Each rung then trains on the teacher's labels with each of
+``--targets``: ``hard`` (its top value), ``soft`` (its calibrated distribution, provenance.distribution) and
+``soft_confidence`` (the fallback for data without a distribution: its top value's probability, the rest spread
+evenly). Reported on the test set: accuracy vs gold and agreement with the teacher (95% bootstrap intervals), the
+paired difference of each target against hard (bootstrap interval of the per-item difference, exact two-sided
+McNemar p), the teacher's own accuracy vs gold, wall time.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 import argparse
 import csv
 import random
+import shutil
 import sys
 import textwrap
 import time
@@ -143,10 +155,211 @@ def lm_rung(root: Path, intents: list[str], train: list, val: list, test: list, 
     return row, note
 
 
+# -- --teacher embedded: the embedded teacher's labels, hard vs soft targets ----------------------------------------
+
+FIELD = "category"
+
+
+def teacher_labelled(work: Path, n_test: int, n_labelled: int, seed: int, extra: list[str]) -> tuple[dict, dict]:
+    """(rows by split as generate wrote them, {wall_s, paid_calls, cache_hits, recipe_dir}): the embedded teacher
+    (score method) labels the cs_category recipe's inputs, the first ``n_test`` fixed as the test split."""
+    import json
+    import subprocess
+
+    from distill import paths, runio
+
+    recipes = bitext.prepare(work / "recipes", n_test + n_labelled, 1, seed, n_test=n_test)
+    run_dir = work / "teacher-run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # generate anew each time; the ledger outside it keeps what was paid
+    args = ["recipe=cs_category", f"recipe_dir={recipes}", f"run_dir={run_dir}", "teacher=local",
+            "teacher.method=score", f"generate.limit={n_test + n_labelled}", "generate.dedup.enabled=false",
+            f"generate.shared_ledger={work / 'ledger.sqlite'}", f"seed={seed}", *extra]
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "distill", "generate", *args], capture_output=True, text=True)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"generate failed:\n{proc.stderr[-3000:]}")
+    summary = json.loads((run_dir / "generate" / "DONE.json").read_text())["summary"]
+    rows = {s: runio.read_jsonl(paths.split_path(run_dir, s)) for s in paths.SPLITS}
+    return rows, {"wall_s": round(wall, 1), "paid_calls": summary["paid_calls_this_run"],
+                  "cache_hits": summary["cache_hits_this_run"], "rejected": summary["rejected"],
+                  "recipe_dir": recipes}
+
+
+def with_targets(rows: list[dict], targets: str) -> list[dict]:
+    """The rows as a student trained with ``targets`` reads them: ``soft_confidence`` drops the distribution, so
+    soft training falls back to the top value's probability with the rest spread evenly."""
+    if targets != "soft_confidence":
+        return rows
+    return [{**r, "provenance": {k: v for k, v in r["provenance"].items() if k != "distribution"}} for r in rows]
+
+
+def scored(answers: list[dict | None], test: list[dict], seed: int) -> dict:
+    """Per-item flags and intervals on the test rows: accuracy vs gold, agreement with the teacher."""
+    from distill.metrics.stats import rate
+
+    gold = [a is not None and a.get(FIELD) == r["gold"][FIELD] for a, r in zip(answers, test)]
+    agree = [a is not None and a.get(FIELD) == r["teacher"][FIELD] for a, r in zip(answers, test)]
+    boot = {"resamples": 1000, "level": 0.95, "seed": seed}
+    return {"gold": gold, "agree": agree, "acc": rate(gold, **boot), "agreement": rate(agree, **boot),
+            "invalid": sum(a is None for a in answers)}
+
+
+def paired(base: list[bool], other: list[bool], seed: int) -> str:
+    """``other`` minus ``base`` accuracy on the same items: points [95% bootstrap CI], exact two-sided McNemar p."""
+    import numpy as np
+
+    from distill.metrics.stats import bootstrap_ci, mcnemar_drop
+
+    diff = np.asarray(other, dtype=float) - np.asarray(base, dtype=float)
+    low, high = bootstrap_ci(diff, resamples=1000, level=0.95, seed=seed)
+    worse, better = mcnemar_drop(base, other), mcnemar_drop(other, base)
+    p = min(1.0, 2 * min(worse["p_value"], better["p_value"]))
+    return (f"{100 * diff.mean():+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] (only hard right {worse['b']}, only "
+            f"this right {worse['c']}; McNemar p={p:.3f})")
+
+
+def embed_teacher_rung(rows: dict, values: list, targets: str, scfg, hourly: float, seed: int, cache: dict) -> dict:
+    """The embedding classifier on the teacher's train labels with ``targets``; scored on the test split."""
+    import numpy as np
+
+    from distill.stages.train.soft import teacher_distribution
+    from distill.student.embed_classifier import EmbedClassifier, encoder_folder, fit_heads
+
+    started = time.perf_counter()
+    if "clf" not in cache:  # one encoder and one embedding of each split, whatever the targets
+        clf = EmbedClassifier(encoder_folder(scfg), {}, {"encoder": {"max_seq_len": scfg.max_seq_len}})
+        t0 = time.perf_counter()
+        cache.update(clf=clf, **{s: clf.embed([r["input"] for r in rows[s]], scfg.head.batch_size)
+                                 for s in ("train", "val", "test")})
+        cache["embed_s"] = time.perf_counter() - t0
+    clf = cache["clf"]
+    train = with_targets(rows["train"], targets)
+    soft = None
+    if targets != "hard":
+        dists = [teacher_distribution(r, FIELD, values) for r in train]
+        soft = {FIELD: np.array([d for d, _ in dists])}
+        sources = sorted({src for _, src in dists})
+    t0 = time.perf_counter()
+    clf.heads, report = fit_heads(cache["train"], [r["teacher"] for r in train], cache["val"],
+                                  [r["teacher"] for r in rows["val"]], {FIELD: values}, scfg.head, soft)
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    answers = [a for a, _, _ in clf.predict([r["input"] for r in rows["test"]], scfg.head.batch_size)]
+    score_s = time.perf_counter() - t0
+    out = scored(answers, rows["test"], seed)
+    out.update(rung="embed_classifier", targets=targets, fit_s=fit_s, score_s=score_s,
+               wall_s=time.perf_counter() - started, chosen=f"C={report[FIELD]['C']}",
+               usd_per_1k=hourly / 3600 * score_s / len(rows["test"]) * 1000,
+               note=f"embed_classifier ({targets}): val agreement by C {report[FIELD]['tried']}"
+                    + (f", distribution source {sources}" if soft else ""))
+    return out
+
+
+def lm_teacher_rung(root: Path, rows: dict, recipe_dir: Path, targets: str, hourly: float, seed: int,
+                    extra: list[str]) -> dict:
+    """The LoRA LM on the teacher's labels with ``targets`` (the train stage itself), scored by scored decoding."""
+    import gc
+
+    from distill import paths, runio
+    from distill.config import load_config
+    from distill.stages import train as train_stage
+    from distill.student.models import load_student
+    from distill.student.predict import predict_in_process
+    from distill.task import Task
+
+    started = time.perf_counter()
+    run_dir = root / f"lm-{targets}"
+    for split, split_rows in rows.items():
+        path = paths.split_path(run_dir, split)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        runio.write_jsonl(path, with_targets(split_rows, targets))
+    cfg = load_config([f"recipe_dir={recipe_dir}", "recipe=cs_category", f"run_dir={run_dir}",
+                       "student=smollm2_135m", "train.max_steps=null",
+                       f"train.targets={'hard' if targets == 'hard' else 'soft'}", f"seed={seed}", *extra])
+    t0 = time.perf_counter()
+    summary = train_stage.run(cfg, run_dir)
+    train_s = time.perf_counter() - t0
+    gc.collect()
+    model, tokenizer = load_student(cfg, paths.adapter_path(run_dir))
+    t0 = time.perf_counter()
+    preds = predict_in_process(cfg, Task(cfg), rows["test"], model, tokenizer)
+    score_s = time.perf_counter() - t0
+    del model
+    gc.collect()
+    out = scored(preds.answers, rows["test"], seed)
+    curve = ", ".join(f"{c['step']}: {c['eval_agreement']:.3f}" for c in summary["val_agreements"])
+    out.update(rung=f"{cfg.student.name} LoRA", targets=targets, fit_s=train_s, score_s=score_s,
+               wall_s=time.perf_counter() - started, usd_per_1k=hourly / 3600 * score_s / len(rows["test"]) * 1000,
+               chosen=f"{summary['steps']} steps, {summary['epochs_trained']:g} epochs",
+               note=f"{cfg.student.name} LoRA ({targets}): {summary['stop_reason']}; val agreement by step "
+                    f"{{{curve}}}; soft sources {(summary.get('soft_targets') or {}).get('fields_by_source')}; lr "
+                    f"{cfg.train.lr}, lora_r {cfg.train.lora_r}, batch {cfg.train.batch_size}; "
+                    f"{summary['tokens_per_s']} tokens/s; invalid {out['invalid']}/{len(rows['test'])}")
+    return out
+
+
+def teacher_main(args, scfg, hourly: float) -> None:
+    import tempfile
+
+    import torch
+
+    from distill.metrics.stats import format_interval, rate
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="distill-ladder-teacher-"))
+    values = sorted({r["category"] for r in bitext.load_rows()})
+    n_test, n_labelled = args.test_per_intent * len(values), max(args.per_intent) * len(values)
+    rows, gen = teacher_labelled(work, n_test, n_labelled, args.seed, args.teacher_set)
+    splits = {s: len(r) for s, r in rows.items()}
+    print(f"teacher: paid calls {gen['paid_calls']}, ledger hits {gen['cache_hits']}, {gen['wall_s']} s; splits "
+          f"{splits}", flush=True)
+    boot = {"resamples": 1000, "level": 0.95, "seed": args.seed}
+    teacher_acc = {s: rate([r["teacher"][FIELD] == r["gold"][FIELD] for r in rows[s]], **boot) for s in rows}
+    results, cache = [], {}
+    for rung in args.rungs:
+        for targets in args.targets:
+            if rung == "embed":
+                res = embed_teacher_rung(rows, values, targets, scfg, hourly, args.seed, cache)
+            else:
+                res = lm_teacher_rung(work, rows, gen["recipe_dir"], targets, hourly, args.seed, args.lm_set)
+            print(res["note"], format_interval(res["acc"]), format_interval(res["agreement"]), flush=True)
+            results.append(res)
+    headers = ["rung", "targets", "accuracy vs gold [95% CI]", "agreement with teacher [95% CI]",
+               "vs hard, same rung: accuracy points [95% CI]", "chosen", "train s", "score s", "wall s",
+               "$ per 1k requests"]
+    table_rows = []
+    for res in results:
+        hard = next((h for h in results if h["rung"] == res["rung"] and h["targets"] == "hard"), None)
+        vs = "-" if hard is None or hard is res else paired(hard["gold"], res["gold"], args.seed)
+        table_rows.append([res["rung"], res["targets"], format_interval(res["acc"]), format_interval(res["agreement"]),
+                           vs, res["chosen"], f"{res['fit_s']:.1f}", f"{res['score_s']:.1f}", f"{res['wall_s']:.1f}",
+                           f"{res['usd_per_1k']:.6f}"])
+    text = "\n".join([textwrap.fill(
+        f"Bitext's 11 categories labelled by the embedded teacher (SmolLM2-135M GGUF, teacher=local, "
+        f"teacher.method=score, one few-shot seed per category, calibrated): splits {splits} (test fixed, "
+        f"{args.test_per_intent} per category; val every tenth of the rest), seed {args.seed}, torch threads "
+        f"{torch.get_num_threads()}. The teacher's accuracy vs gold: test {format_interval(teacher_acc['test'])}, "
+        f"train {format_interval(teacher_acc['train'])}. Teacher labelling: {gen['paid_calls']} paid calls, "
+        f"{gen['cache_hits']} ledger hits, {gen['wall_s']} s wall (generate, server start included), rejected "
+        f"{gen['rejected'] or 0}. Students train on the teacher's train labels (C or early stopping on val "
+        f"agreement with the teacher) and are scored on the test split. train s: the embedding classifier's head fit "
+        f"(the shared embedding of all splits, {cache.get('embed_s', 0):.1f} s, not included) or the LM's train "
+        f"stage; $ per 1k at ${hourly}/h over the measured scoring rate. Paired column: the rung's accuracy minus "
+        f"the same rung's hard-target accuracy on the same test items. Chance: {100 / len(values):.1f}%.",
+        width=116), "", table(headers, table_rows), "", *[f"- {res['note']}" for res in results]])
+    print(text)
+    append("Student ladder: soft vs hard targets from the embedded teacher (Bitext categories)", text,
+           record=not args.no_record)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rungs", nargs="+", choices=["embed", "lm"], default=["embed"])
-    ap.add_argument("--targets", nargs="+", choices=["hard", "soft"], default=["hard"], help="the LM rung's")
+    ap.add_argument("--targets", nargs="+", choices=["hard", "soft", "soft_confidence"], default=["hard"],
+                    help="hard and soft for the LM rung with gold labels; any of them with --teacher embedded")
+    ap.add_argument("--teacher", choices=["gold", "embedded"], default="gold",
+                    help="gold labels as a perfect teacher (intents), or the embedded teacher's (categories)")
+    ap.add_argument("--teacher-set", nargs="*", default=[], help="extra key=value settings for generate")
     ap.add_argument("--lm-set", nargs="*", default=[], help="extra key=value settings for the LM rung")
     ap.add_argument("--work", type=Path, default=None, help="keep the LM run directories here")
     ap.add_argument("--per-intent", type=int, nargs="+", default=[10, 100])
@@ -155,6 +368,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
+    if args.teacher == "gold" and "soft_confidence" in args.targets:
+        ap.error("--targets soft_confidence needs --teacher embedded: gold labels carry no confidence to fall back on")
 
     import torch
 
@@ -164,6 +379,9 @@ def main() -> None:
 
     cfg = load_config(["student=embed_classifier", "run_dir=/tmp/distill-ladder-unused"])
     scfg, hourly = cfg.student, cfg.eval.cost.student_usd_per_hour
+    if args.teacher == "embedded":
+        teacher_main(args, scfg, hourly)
+        return
     by_intent = load_intents()
     test, val, pool = splits(by_intent, args.test_per_intent, args.val_per_intent, args.seed)
     short = [i for i, texts in pool.items() if len(texts) < max(args.per_intent)]

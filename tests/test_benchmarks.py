@@ -35,8 +35,12 @@ needs_bitext = pytest.mark.skipif(
 @pytest.mark.e2e
 @needs_bitext
 def test_teacher_quality_tiny():
-    out = run("teacher_quality.py", "--items", "3", "--options", "fixed")
-    assert "| fixed |" in out
+    out = run("teacher_quality.py", "--items", "3", "--options", "fixed", "score", "score-raw")
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines() if line.startswith("| ")]
+    rows = {row[0]: row[1:] for row in cells if len(row) == 7}  # the main table (the diagnostics table has 6)
+    assert {"fixed", "score", "score-raw"} <= set(rows)
+    assert "[" in rows["fixed"][0]  # accuracy with its bootstrap interval
+    assert rows["score-raw"][3] == "0"  # the same requests as score: answered from the shared ledger
 
 
 @pytest.mark.e2e
@@ -57,6 +61,11 @@ def test_inference_tiny(tmp_path):
     runtimes = [r.split("|")[1].split(",")[1].strip() for r in rows[:3]]
     assert runtimes == ["transformers", "transformers", "llama.cpp server"]
     assert rows[-1].split("|")[-2].strip() == "1.0x"  # the teacher is the reference line
+    # the shipped runtime at concurrency 1, 4, 8, each answer and confidence compared with concurrency 1
+    served = [r for r in rows if "distill runtime (scored, 1 request at a time)" in r]
+    assert [r.split("concurrency ")[1].split(" ")[0] for r in served] == ["1", "4", "8"]
+    assert all("concurrency 1: 2/2)" in r for r in served)
+    assert "in distill's runtime: best" in out and "on the tokens evaluated after the cached prefix" in out
 
 
 @pytest.mark.e2e
@@ -78,3 +87,20 @@ def test_student_ladder_tiny():
     out = run("student_ladder.py", "--per-intent", "2", "--test-per-intent", "2", "--val-per-intent", "1")
     (row,) = [line.split("|") for line in out.splitlines() if line.startswith("| 2 |")]
     assert row[2].strip() == "54" and float(row[3].split("%")[0]) > 100 / 27  # 27 intents: above chance
+
+
+@pytest.mark.e2e
+@needs_bitext
+def test_student_ladder_embedded_teacher_soft_vs_hard_tiny(tmp_path):
+    out = run("student_ladder.py", "--teacher", "embedded", "--per-intent", "2", "--test-per-intent", "1",
+              "--targets", "hard", "soft", "soft_confidence", "--work", str(tmp_path))
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in out.splitlines()
+             if line.startswith("| embed_classifier |")]
+    assert [c[1] for c in cells] == ["hard", "soft", "soft_confidence"]
+    assert all("[" in c[2] and "[" in c[3] for c in cells)  # accuracy vs gold and agreement, with intervals
+    assert cells[0][4] == "-" and "McNemar p=" in cells[1][4]  # soft paired against hard on the same items
+    assert "distribution source ['distribution']" in out and "distribution source ['confidence']" in out
+    assert "teacher: paid calls 33, ledger hits 0" in out and "splits {'train': 20, 'val': 2, 'test': 11}" in out
+    again = run("student_ladder.py", "--teacher", "embedded", "--per-intent", "2", "--test-per-intent", "1",
+                "--work", str(tmp_path))
+    assert "teacher: paid calls 0, ledger hits 33" in again  # the shared ledger: a rerun pays nothing
