@@ -13,9 +13,10 @@ A loopback OpenAI-compatible server in its own process answers every request aft
 Ideal wall time = requests x latency / concurrency. Client CPU per request = process CPU time / requests; server
 CPU per request = the fake server process's CPU time over the same run / requests (Linux ``/proc``), to show whether
 the harness, not the client, is what holds the wall time up. The line above the table names the client's transport
-(``distill.teacher.transport.http_client``) and the load average before and after.
-Below the table: distill against the targets (0.5 ms of client CPU per request, 1.10x ideal) and how many ledger
-writes each transaction held (``distill.ledger.group``). Prints it all last and appends it to BENCHMARKS.md
+(``distill.teacher.transport.http_client``) and the load average before and after. Below the table: distill against
+the targets (0.5 ms of client CPU per request, 1.10x ideal), the seconds its event loop was ready to run but waited
+for a CPU (``/proc/thread-self/schedstat``: on a shared machine, the wall time other processes took), and how many
+ledger writes each transaction held (``distill.ledger.group``). Prints it all last and appends it to BENCHMARKS.md
 (``--no-record`` to skip).
 """
 
@@ -60,6 +61,15 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def run_queue_wait_s() -> float:
+    """Seconds this thread has spent ready to run but waiting for a CPU (``/proc/thread-self/schedstat``; NaN
+    without it): on a shared machine, the part of the wall time that other processes took."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def distill_run(base_url: str, ledger_path: Path, messages: list, concurrency: int) -> dict:
     from distill.config import load_config
     from distill.ledger import Ledger, grouped
@@ -79,12 +89,12 @@ def distill_run(base_url: str, ledger_path: Path, messages: list, concurrency: i
             finally:
                 await client.close()
 
-        wall0, cpu0 = time.perf_counter(), time.process_time()
+        wall0, cpu0, queued0 = time.perf_counter(), time.process_time(), run_queue_wait_s()
         outcomes, group = asyncio.run(go())
-        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        wall, cpu, queued = time.perf_counter() - wall0, time.process_time() - cpu0, run_queue_wait_s() - queued0
     return {"wall": wall, "cpu": cpu, "paid": sum(o.paid_calls for o in outcomes),
             "ok": sum(o.answer is not None for o in outcomes), "transport": client.transport,
-            "commits": group.commits, "writes": group.writes}
+            "commits": group.commits, "writes": group.writes, "queued": queued}
 
 
 def baseline_run(base_url: str, messages: list, concurrency: int) -> dict:
@@ -164,6 +174,7 @@ def main() -> None:
     cpu_ms = summary([1000 * r["cpu"] / args.requests for r in runs])[0]
     per_commit = summary([r["writes"] / max(r["commits"], 1) for r in runs])[0]
     every_ms = summary([1000 * r["wall"] / max(r["commits"], 1) for r in runs])[0]
+    queued = summary([r["queued"] for r in runs])[0]
     met = {True: "met", False: "not met"}
     text = (f"{args.requests} requests, {args.latency * 1000:.0f} ms server latency, concurrency "
             f"{args.concurrency}: ideal {ideal:.2f} s; median of {args.runs} runs. distill's transport: {transport} "
@@ -173,7 +184,8 @@ def main() -> None:
                      "server CPU ms/request", "paid calls"], rows)
             + f"\n\nAgainst the targets: distill's client CPU {cpu_ms:.2f} ms/request = {cpu_ms / TARGET_CPU_MS:.2f}x "
             f"of {TARGET_CPU_MS} ms ({met[cpu_ms <= TARGET_CPU_MS]}); wall {wall / ideal:.2f}x ideal against "
-            f"{TARGET_VS_IDEAL:.2f}x ({met[wall / ideal <= TARGET_VS_IDEAL]}). Ledger: {per_commit:.1f} writes "
+            f"{TARGET_VS_IDEAL:.2f}x ({met[wall / ideal <= TARGET_VS_IDEAL]}); distill's event loop waited "
+            f"{queued:.2f} s of its {wall:.2f} s ready to run with no CPU free (other processes). Ledger: {per_commit:.1f} writes "
             f"(claims and records) per transaction, one transaction every {every_ms:.1f} ms.")
     append("Teacher throughput and re-run cost", text, record=not args.no_record)
     print(text)
