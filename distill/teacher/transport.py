@@ -211,9 +211,11 @@ class DirectPost:
 
     async def __call__(self, data: bytes):
         if self.session is None:  # no connection limit here: the client's semaphore bounds the calls in flight
-            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=self.timeout)
+            # The headers as the session's defaults: aiohttp copies those in C, per-call headers in a Python loop.
+            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=self.timeout,
+                                                 headers=self.headers)
         try:
-            async with self.session.post(self._url, data=data, headers=self.headers) as resp:
+            async with self.session.post(self._url, data=data) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise self._status_error(resp.status, resp.headers, raw)
