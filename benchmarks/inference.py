@@ -1,17 +1,24 @@
 """Student inference on CPU against the teacher's time per ticket: the speed-up the routing rule buys.
 
     python benchmarks/inference.py --run-dir runs/X [--items 40] [--runs 3] [--slots 8] [--no-record]
-    python benchmarks/inference.py --run-dir runs/X --only native     # the shipped GGUF on llama-server only
+    python benchmarks/inference.py --run-dir runs/X --only native     # the shipped GGUF: runtime + llama-server
+    python benchmarks/inference.py --run-dir runs/X --only runtime    # the shipped GGUF in distill's runtime only
 
 Needs a finished run directory (generate, train, evaluate, publish). On the test split, median of ``--runs``:
   - the in-process student in transformers, free generation and scored decoding (eval.decode), batch 8;
   - every published GGUF served by llama-cpp-python's server ("llama.cpp server"), one request at a time;
+  - every published GGUF in distill's student runtime (what ``distill serve`` starts: distill.serve.runtime, scored
+    decode, the shared prompt prefix's KV cache kept, one request at a time), asked over HTTP as the gateway asks it
+    at concurrency 1, 4 and 8; answers and confidences compared to concurrency 1;
   - every published GGUF served by llama.cpp's C++ llama-server (when built: scripts/build_llama_server.py) with
     one slot at concurrency 1, and with ``--slots`` slots (continuous batching) at concurrency 1, 4 and 8, each run
     on a fresh server (no ticket's prompt is cached from an earlier run); answers compared to the one-slot run;
   - the teacher's own time per ticket from the ledger (its long few-shot prompt, as labelled in generate).
 Tickets/s, mean latency per ticket; ratio = teacher seconds per ticket / student seconds per ticket. FLOP limit of
-a GGUF: the measured fp32 torch GEMM peak / (2 x its parameters x (prompt + completion) tokens per ticket).
+a GGUF: the measured fp32 torch GEMM peak / (2 x its parameters x tokens per ticket), counted twice: on all the
+tokens of a ticket (prompt + completion; the runtime: every token its scored decode would run with an empty cache)
+and on the tokens actually evaluated (those after the KV-cached shared prefix: llama-server's timings.prompt_n +
+predicted_n, the runtime's count of tokens it ran); the second is the limit of a server that keeps the prefix.
 """
 
 from __future__ import annotations
@@ -35,8 +42,9 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=40)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--slots", type=int, default=8, help="llama-server slots for the concurrency 1/4/8 rows")
-    ap.add_argument("--only", choices=("all", "native"), default="all",
-                    help="native: only the GGUFs on llama-server (and the teacher row)")
+    ap.add_argument("--only", choices=("all", "native", "runtime"), default="all",
+                    help="native: only the GGUFs in distill's runtime and on llama-server (and the teacher row); "
+                         "runtime: only the GGUFs in distill's runtime")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
 
@@ -71,7 +79,10 @@ def main() -> None:
     if args.only == "all":
         in_process_and_python_server(cfg, task, rows, run_dir, args, results, load_student, predict_in_process,
                                      predict_endpoint, LlamaCppServer)
-    if llama_server_binary() is None:
+    runtime_rows(cfg, task, rows, run_dir, args, results, notes)
+    if args.only == "runtime":
+        pass
+    elif llama_server_binary() is None:
         notes.append("llama-server not built (scripts/build_llama_server.py): no native rows")
     else:
         native_rows(cfg, task, rows, run_dir, args, results, notes, predict_endpoint, LlamaServer)
@@ -128,18 +139,119 @@ def gguf_params(path: Path) -> int:
     return sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
 
 
-def tokens_per_ticket(task, rows, base_url: str, cfg) -> float:
-    """Mean prompt + completion tokens per ticket, from the server's usage (one request per ticket)."""
-    from distill.student.endpoint import StudentEndpoint
+def tokens_per_ticket(task, rows, base_url: str, cfg) -> tuple[float, float | None]:
+    """Mean (prompt + completion, evaluated) tokens per ticket from llama-server, one request at a time: usage, and
+    its timings (prompt_n: prompt tokens not reused from the slot's KV cache, + predicted_n); None without
+    timings."""
+    import httpx
 
     fmt = task.schema.response_format("llama_cpp")
-    total = 0
-    with StudentEndpoint(base_url, "student", api_key="not-needed", timeout_s=120, max_retries=1) as client:
+    total, evaluated = 0, 0
+    with httpx.Client(timeout=120) as client:
         for row in rows:
-            reply = client.ask(task.student_messages(row["input"]), max_tokens=cfg.eval.max_new_tokens,
-                               response_format=fmt)
-            total += reply.usage.prompt_tokens + reply.usage.completion_tokens
-    return total / len(rows)
+            got = client.post(f"{base_url}/chat/completions",
+                              json={"model": "student", "messages": task.student_messages(row["input"]),
+                                    "temperature": 0.0, "max_tokens": cfg.eval.max_new_tokens,
+                                    "response_format": fmt}).raise_for_status().json()
+            total += got["usage"]["prompt_tokens"] + got["usage"]["completion_tokens"]
+            timings = got.get("timings") or {}
+            evaluated = None if evaluated is None or "prompt_n" not in timings else \
+                evaluated + timings["prompt_n"] + timings["predicted_n"]
+    return total / len(rows), None if evaluated is None else evaluated / len(rows)
+
+
+def flop_limit_note(what: str, best: float, peak: float, params: int, tokens: float, evaluated: float | None,
+                    all_what: str) -> str:
+    """One note: the best tickets/s against the FLOP limit on all tokens and on the evaluated tokens."""
+    def limit(n: float) -> float:
+        return peak * 1e9 / (2 * params * n)
+
+    text = (f"{what}: best {best:.2f} tickets/s. FLOP limit on all tokens: {limit(tokens):.1f} tickets/s (2 x "
+            f"{params / 1e6:.1f}M parameters x {tokens:.0f} {all_what} per ticket over the fp32 torch GEMM peak "
+            f"{peak:.1f} GFLOP/s; best = {best / limit(tokens):.1%} of it)")
+    if evaluated:
+        text += (f"; on the tokens evaluated after the cached prefix ({evaluated:.1f} per ticket): "
+                 f"{limit(evaluated):.1f} tickets/s (best = {best / limit(evaluated):.1%} of it)")
+    return text + "."
+
+
+def runtime_tokens(gguf: Path, hf: Path, task, rows, cfg) -> tuple[float, float, float]:
+    """Per ticket in distill's runtime code (in process, as the runtime runs it): (tokens evaluated with the KV
+    cache kept from the ticket before, tokens evaluated from an empty cache, prompt tokens)."""
+    from distill.serve.runtime import Scorer
+
+    scorer = Scorer(gguf, hf, n_ctx=cfg.serve.student_n_ctx, n_threads=cfg.serve.student_threads)
+    model = scorer.model
+
+    def ask(row) -> dict:
+        return scorer.score(task.student_messages(row["input"]), task.schema.schema, cfg.eval.max_new_tokens)
+
+    try:
+        ask(rows[0])  # as served: the shared system prefix is in the cache before the first ticket
+        before = model.evaluated_tokens
+        prompt = sum(ask(r)["prompt_tokens"] for r in rows)
+        warm = model.evaluated_tokens - before
+        cold = 0
+        for r in rows:
+            model.llm.reset()  # an empty KV cache: every token the scored decode needs is run
+            before = model.evaluated_tokens
+            ask(r)
+            cold += model.evaluated_tokens - before
+    finally:
+        model.llm.close()
+    n = len(rows)
+    return warm / n, cold / n, prompt / n
+
+
+def runtime_rows(cfg, task, rows, run_dir, args, results, notes) -> None:
+    """Each published GGUF in distill's student runtime (a child process, as ``distill serve`` starts it), asked over
+    HTTP as the gateway asks it, at concurrency 1, 4 and 8; one runtime for every run (it keeps only the last
+    request's prefix, so no ticket is cached from a run before)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from benchmarks.common import gemm_peak_gflops, load_average
+    from distill import paths
+    from distill.serve.runtime import SCORE_PATH, StudentRuntime
+
+    hf = run_dir / "publish" / paths.MODEL_DIR / paths.HF_DIR
+    log_path = Path(tempfile.gettempdir()) / "distill-inference-bench-runtime.log"
+    load_before, peak = load_average(), gemm_peak_gflops()
+    for rel in sorted(r for r in (run_dir / "publish" / paths.MODEL_DIR).glob("*.gguf")):
+        qtype = rel.name.rsplit("-", 1)[-1][:-5]
+        warm, cold, prompt = runtime_tokens(rel, hf, task, rows, cfg)
+        reference, best = None, 0.0
+        with StudentRuntime(rel, hf, n_ctx=cfg.serve.student_n_ctx, n_threads=cfg.serve.student_threads,
+                            log_path=log_path) as runtime, httpx.Client(timeout=300) as client:
+            def ask(row) -> tuple:
+                got = client.post(runtime.base_url + SCORE_PATH,
+                                  json={"messages": task.student_messages(row["input"]),
+                                        "schema": task.schema.schema, "max_new_tokens": cfg.eval.max_new_tokens})
+                got = got.raise_for_status().json()
+                return json.dumps(got["answer"], sort_keys=True), got["confidence"]
+
+            for row in rows[:2]:
+                ask(row)  # warm-up
+            for concurrency in (1, 4, 8):
+                walls, outs = [], []
+                for _ in range(args.runs):
+                    started = time.perf_counter()
+                    with ThreadPoolExecutor(concurrency) as pool:
+                        outs.append(list(pool.map(ask, rows)))
+                    walls.append(time.perf_counter() - started)
+                if reference is None:
+                    reference = outs[0]
+                same = min(sum(a == b for a, b in zip(o, reference)) for o in outs)
+                med, lo, hi = summary(walls)
+                best = max(best, len(rows) / med)
+                results.append([f"student, distill runtime (scored, 1 request at a time), {qtype}, concurrency "
+                                f"{concurrency} (answer + confidence = concurrency 1: {same}/{len(rows)})",
+                                med / len(rows), lo, hi])
+        notes.append(flop_limit_note(f"{qtype} in distill's runtime", best, peak, gguf_params(rel), cold, warm,
+                                     f"tokens a scored answer runs from an empty cache ({prompt:.0f} prompt + the "
+                                     f"candidates' and generated tokens)")
+                     + f" Load average before {load_before}, after {load_average()}.")
 
 
 def native_rows(cfg, task, rows, run_dir, args, results, notes, predict_endpoint, LlamaServer) -> None:
@@ -151,7 +263,7 @@ def native_rows(cfg, task, rows, run_dir, args, results, notes, predict_endpoint
     peak = gemm_peak_gflops()
     for rel in sorted(r for r in (run_dir / "publish" / "model").glob("*.gguf")):
         qtype = rel.name.rsplit("-", 1)[-1][:-5]
-        reference, tokens = None, None
+        reference, tokens, evaluated = None, None, None
         best = 0.0
         for slots, concurrency in [(1, 1)] + [(args.slots, c) for c in (1, 4, 8)]:
             c = cfg.model_copy(deep=True)
@@ -166,7 +278,7 @@ def native_rows(cfg, task, rows, run_dir, args, results, notes, predict_endpoint
                     walls.append(time.perf_counter() - started)
                     raws.append(preds.raw)
                     if tokens is None:
-                        tokens = tokens_per_ticket(task, rows, srv.base_url, c)
+                        tokens, evaluated = tokens_per_ticket(task, rows, srv.base_url, c)
             if reference is None:
                 reference = raws[0]
             same = min(sum(a == b for a, b in zip(r, reference)) for r in raws)
@@ -174,12 +286,9 @@ def native_rows(cfg, task, rows, run_dir, args, results, notes, predict_endpoint
             best = max(best, len(rows) / med)
             results.append([f"student, llama-server, {qtype}, {slots} slot{'s' * (slots > 1)}, concurrency "
                             f"{concurrency} (answers = 1 slot: {same}/{len(rows)})", med / len(rows), lo, hi])
-        params = gguf_params(rel)
-        limit = peak * 1e9 / (2 * params * tokens)
-        notes.append(f"{qtype} on llama-server: best {best:.2f} tickets/s; FLOP limit {limit:.1f} tickets/s "
-                     f"(2 x {params / 1e6:.1f}M parameters x {tokens:.0f} prompt + completion tokens per ticket over "
-                     f"the fp32 torch GEMM peak {peak:.1f} GFLOP/s), so {best / limit:.1%} of it. Load average "
-                     f"before {load_before}, after {load_average()}.")
+        notes.append(flop_limit_note(f"{qtype} on llama-server", best, peak, gguf_params(rel), tokens, evaluated,
+                                     "prompt + completion tokens")
+                     + f" Load average before {load_before}, after {load_average()}.")
 
 
 if __name__ == "__main__":

@@ -39,21 +39,41 @@ DEFAULT_N_CTX = 2048            # as publish serves its GGUFs for the parity che
 
 
 class LlamaTokens:
-    """``scored.TokenModel`` over a GGUF in llama.cpp: keeps the KV cache of the longest shared prefix."""
+    """``scored.TokenModel`` over a GGUF in llama.cpp: keeps the KV cache of the longest shared prefix, and computes
+    logits only at the positions a score is read from (a candidate's tokens, each generated token): the prompt's
+    other positions need no row over the vocabulary (``all_rows=True``: a row at every position, as before)."""
 
-    def __init__(self, gguf: Path, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None):
+    def __init__(self, gguf: Path, n_ctx: int = DEFAULT_N_CTX, n_threads: int | None = None, all_rows: bool = False):
         from llama_cpp import Llama  # heavy native library: only the runtime process loads it
 
-        # logits_all: a logit row for every evaluated position, so a candidate's tokens are scored in one pass.
+        # logits_all: a logit row for every position of a batch, so a candidate's tokens are scored in one pass;
+        # _eval turns it off for the stretch of a prompt no score is read from.
         self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count() or 1,
                          logits_all=True, verbose=False)
-        self.n_ctx = n_ctx
+        self.n_ctx, self.all_rows = n_ctx, all_rows
+        self._rows = np.zeros(n_ctx, dtype=bool)  # positions whose logit row in llm.scores is valid
+        self.evaluated_tokens = 0  # tokens run through the model (not taken from the KV cache), for benchmarks
 
-    def _hold(self, ids: list[int]) -> None:
-        """Make the context hold ``ids``: the shared prefix stays cached (its logit rows stay valid), the rest is
-        evaluated."""
+    def _eval(self, ids: list[int], start: int, rows: bool) -> None:
+        """Run ``ids`` at positions ``start`` on (the KV cache from ``start`` on is dropped), with or without their
+        logit rows."""
+        llm = self.llm
+        llm.n_tokens = start  # eval() drops the KV cache from n_tokens on
+        llm._logits_all = rows
+        try:
+            llm.eval(ids)
+        finally:
+            llm._logits_all = True
+        self._rows[start:start + len(ids)] = rows
+        self.evaluated_tokens += len(ids)
+
+    def _hold(self, ids: list[int], rows_from: int) -> None:
+        """Make the context hold ``ids`` with a valid logit row at every position from ``rows_from`` on: the shared
+        prefix stays cached (a cached position that lacks a needed row is run again), the rest is evaluated."""
         if len(ids) > self.n_ctx:
             raise ValueError(f"{len(ids)} tokens do not fit the runtime's context of {self.n_ctx}")
+        if self.all_rows:
+            rows_from = 0
         llm = self.llm
         cached = llm.input_ids[: llm.n_tokens].tolist()
         keep = 0
@@ -61,9 +81,14 @@ class LlamaTokens:
             if a != b:
                 break
             keep += 1
+        missing = np.flatnonzero(~self._rows[rows_from:keep])
+        if missing.size:
+            keep = rows_from + int(missing[0])
         if keep < len(ids):
-            llm.n_tokens = keep  # eval() drops the KV cache from n_tokens on
-            llm.eval(ids[keep:])
+            split = max(keep, rows_from)
+            if split > keep:
+                self._eval(ids[keep:split], keep, rows=False)
+            self._eval(ids[split:], split, rows=True)
 
     def _row_logp(self, position: int) -> np.ndarray:
         row = np.asarray(self.llm.scores[position], dtype=np.float64)
@@ -71,20 +96,20 @@ class LlamaTokens:
         return row - (top + np.log(np.exp(row - top).sum()))
 
     def logprobs(self, ids: list[int], start: int) -> list[float]:
-        self._hold(ids)
+        self._hold(ids, start - 1)
         return [float(self._row_logp(j - 1)[ids[j]]) for j in range(start, len(ids))]
 
     def greedy(self, ids: list[int], max_new_tokens: int, stop_id: int,
                done: Callable[[list[int]], bool]) -> tuple[list[int], list[float]]:
         seq, new, logps = list(ids), [], []
-        self._hold(seq)
+        self._hold(seq, len(seq) - 1)
         for _ in range(max_new_tokens):
             logp = self._row_logp(len(seq) - 1)
             token = int(logp.argmax())
             new.append(token), logps.append(float(logp[token])), seq.append(token)
             if token == stop_id or done(new):
                 break
-            self._hold(seq)
+            self._hold(seq, len(seq) - 1)
         return new, logps
 
 
