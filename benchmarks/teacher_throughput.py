@@ -5,7 +5,8 @@
 
 A loopback OpenAI-compatible server in its own process answers every request after a fixed latency: by default
 ``distill.testing.fast_teacher`` (one asyncio loop, a timer per answer), or with ``--server threaded`` the tests'
-``FakeTeacher`` (a thread per connection, about as much CPU per request as the client it measures). Measured in this process, side by side, median of ``--runs``:
+``FakeTeacher`` (a thread per connection, about as much CPU per request as the client it measures). Measured in
+this process, side by side, median of ``--runs``:
   - distill: ``distill.teacher.labelling.label_all``, generate's labelling loop (ledger look-up, retry layer, schema
     validation, ledger write);
   - baseline: ``asyncio.gather`` over the ``openai`` async client behind a semaphore (no ledger, no validation);
@@ -185,8 +186,8 @@ def main() -> None:
             + f"\n\nAgainst the targets: distill's client CPU {cpu_ms:.2f} ms/request = {cpu_ms / TARGET_CPU_MS:.2f}x "
             f"of {TARGET_CPU_MS} ms ({met[cpu_ms <= TARGET_CPU_MS]}); wall {wall / ideal:.2f}x ideal against "
             f"{TARGET_VS_IDEAL:.2f}x ({met[wall / ideal <= TARGET_VS_IDEAL]}); distill's event loop waited "
-            f"{queued:.2f} s of its {wall:.2f} s ready to run with no CPU free (other processes). Ledger: {per_commit:.1f} writes "
-            f"(claims and records) per transaction, one transaction every {every_ms:.1f} ms.")
+            f"{queued:.2f} s of its {wall:.2f} s ready to run with no CPU free (other processes). Ledger: "
+            f"{per_commit:.1f} writes (claims and records) per transaction, one transaction every {every_ms:.1f} ms.")
     append("Teacher throughput and re-run cost", text, record=not args.no_record)
     print(text)
 

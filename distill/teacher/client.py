@@ -7,9 +7,10 @@ bad answer is retried with a fresh sample (a new key) up to ``generate.max_attem
 Transport: chat requests are posted straight through aiohttp (``teacher.transport.DirectPost``: the SDK's
 headers, errors and timeouts, without its per-call request assembly), or through the SDK's ``post`` without
 aiohttp; the SDK also makes the Batch API's and the probe's calls. Exactly one retry layer, this one (the SDK's own
-``max_retries`` is 0), under the rules of ``teacher.transport``; a wait longer than ``teacher.max_wait_s`` fails the request explicitly. 400 ends that one
-request; 401, 403 and 404 end the run (every later call would fail the same way). Requests and tokens per minute
-are limited client-side with ``aiolimiter``; ``teacher.concurrency`` bounds the requests in flight.
+``max_retries`` is 0), under the rules of ``teacher.transport``; a wait longer than ``teacher.max_wait_s`` fails
+the request explicitly. 400 ends that one request; 401, 403 and 404 end the run (every later call would fail the
+same way). Requests and tokens per minute are limited client-side with ``aiolimiter``; ``teacher.concurrency`` bounds
+the requests in flight.
 """
 
 from __future__ import annotations
@@ -220,8 +221,8 @@ class TeacherClient(RetryLayer):
                 self.fatal = True  # nothing more is sent while answers cannot be recorded
                 raise
 
-    async def _record(self, key: str, request: dict | str, body: dict, tokens: tuple, cost: float, latency: float, reader,
-                      owner: str | None, paid: int) -> Asked:
+    async def _record(self, key: str, request: dict | str, body: dict, tokens: tuple, cost: float, latency: float,
+                      reader, owner: str | None, paid: int) -> Asked:
         """Write what came back; returns once it is committed (with the rest of this turn's records), so no answer
         is handed on before it is in the ledger."""
         got, record = self._reading(key, request, body, tokens, cost, latency, reader, owner, paid)
