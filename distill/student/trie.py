@@ -16,9 +16,10 @@ complete candidate's score, so it cannot hold the winner, and (b) the bounds of 
 more than ``tol`` relative. What is exact: the winner is the full trie's argmax (ties and float rounding aside, the
 same as between any two batch shapes), every complete candidate's softmax probability, the winner's included, is
 within ``tol / 2`` relative of the full trie's, and each dropped candidate is given half its branch's bound, split
-evenly (its true probability lies between 0 and the whole bound). Where scores are flat, nothing waits and every
-branch goes into the first forward: that is the full trie, at its cost. ``counts`` tallies forwarded and skipped
-nodes (benchmarks/scored_decoding.py, tests).
+evenly (its true probability lies between 0 and the whole bound). The items' branches then differ in size, so a
+pruned pass runs all items' rows as one unpadded sequence over the cache laid end to end (`_packed`); where that
+would cost more than the full trie (flat scores: little waits), every branch goes into the first forward, batched:
+the full trie, at its cost. ``counts`` tallies forwards and forwarded and skipped nodes (benchmarks, tests).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 PRUNE_TOL = 1e-4  # relative: how far a dropped branch may move any softmax probability, in the worst case
-counts: Counter = Counter()  # "forwards", "nodes" (rows forwarded), "skipped" (nodes never forwarded)
+counts: Counter = Counter()  # "forwards", "nodes" (rows forwarded), "padded" (with padding), "skipped" (never)
 
 
 @functools.lru_cache(maxsize=1)
@@ -146,6 +147,7 @@ def _forward_rows(model, tokenizer, cache, mask, tries, rows, done_cols: int, lp
     pos += mask.sum(-1, keepdim=True).cpu()
     logits, lse = _forward(model, cache, ids.to(device), pos.to(device), allowed.to(device))
     counts["nodes"] += sum(len(r) for r in rows)
+    counts["padded"] += n * width
     picks = [(b, j, u, t) for b, (trie, nodes) in enumerate(zip(tries, rows)) for j, u in enumerate(nodes)
              for t in _child_tokens(trie, u)]
     if picks:
@@ -154,6 +156,49 @@ def _forward_rows(model, tokenizer, cache, mask, tries, rows, done_cols: int, lp
         for (b, _, u, t), value in zip(picks, got):
             lp[b].setdefault(u, {})[t] = value
     return width
+
+
+def _packed(cache, n: int):
+    """The items' batched cache as one sequence (item after item along the positions): rows of different items then
+    share one forward without padding, each attending to its own item's block (keys are cached after RoPE)."""
+    from transformers import DynamicCache
+
+    out = DynamicCache()
+    for i, layer in enumerate(cache.layers):
+        flat = [x.permute(1, 0, 2, 3).reshape(1, x.shape[1], -1, x.shape[3]) for x in (layer.keys, layer.values)]
+        out.update(*flat, i)
+    return out
+
+
+def _forward_packed(model, tokenizer, cache, mask, tries, rows, done_cols: int, lp, col):
+    """`_forward_rows` on a `_packed` cache: all items' rows in one sequence. Returns the number of rows."""
+    device = mask.device
+    n, base = mask.shape
+    flat = [(b, u) for b, nodes in enumerate(rows) for u in nodes]
+    start = n * base + done_cols
+    for r, key in enumerate(flat):
+        col[key] = start + r
+    ids = torch.tensor([[tries[b].tok[u] for b, u in flat]])
+    pos = torch.tensor([[int(mask[b].sum()) + tries[b].dep[u] for b, u in flat]])
+    allowed = torch.zeros((1, len(flat), start + len(flat)), dtype=torch.bool)
+    prompt = mask.bool().cpu()
+    for r, (b, u) in enumerate(flat):
+        allowed[0, r, b * base:(b + 1) * base] = prompt[b]
+        allowed[0, r, [col[(b, a)] for a in tries[b].ancestors(u)]] = True
+    logits, lse = _forward(model, cache, ids.to(device), pos.to(device), allowed.to(device))
+    counts["nodes"] += len(flat)
+    counts["padded"] += len(flat)
+    picks = [(r, b, u, t) for r, (b, u) in enumerate(flat) for t in _child_tokens(tries[b], u)]
+    r, _, _, t = torch.tensor(picks, device=device).T
+    for (_, b, u, t), value in zip(picks, (logits[0, r, t] - lse[0, r]).tolist()):
+        lp[b].setdefault(u, {})[t] = value
+    return len(flat)
+
+
+def _cost(model, rows: int, cols: int) -> float:
+    """A forward's multiply-adds, roughly: every row through the weights, and attention over ``cols`` columns."""
+    cfg = model.config
+    return rows * (model.num_parameters() + 2 * cfg.hidden_size * cfg.num_hidden_layers * cols)
 
 
 def _child_tokens(trie: "_Trie", u: int) -> set[int]:
@@ -200,20 +245,33 @@ def pruned_trie_logprob(model, tokenizer, cache, mask, root_logp, suffixes, offs
     col: dict = {}
     done_cols = 0
     newly = [[0] for _ in range(n)]
+    packed = None
     while True:
-        rows = []
+        rows, left = [], []
         for b, trie in enumerate(tries):
             for u in newly[b]:
                 exact[b].update((c, _score(trie, lp[b], c)) for c in trie.ends[u])
                 frontier[b].extend(v for v in trie.kids[u] if (b, v) not in col)
             rows.append(_choose(trie, lp[b], exact[b], dropped[b], frontier[b], tol, margin))
-            gone = set(rows[-1]) | {v for v, _ in dropped[b]}
-            frontier[b] = [u for u in frontier[b] if u not in gone]
+            gone = {v for v, _ in dropped[b]}
+            left.append([u for u in frontier[b] if u not in gone])
+            frontier[b] = [u for u in left[-1] if u not in set(rows[-1])]
         if not any(rows):
             break
-        chosen = [[v for u in r for v in sorted(trie.subtree(u), key=trie.dep.__getitem__)]
-                  for trie, r in zip(tries, rows)]
-        done_cols += _forward_rows(model, tokenizer, cache, mask, tries, chosen, done_cols, lp, col)
+        chosen = _subtrees(tries, rows)
+        if packed is None:
+            # the first forward: where the branches left out would save less than packing costs (flat scores),
+            # every branch goes now, batched as the full trie
+            everything = _subtrees(tries, left)
+            width = max(len(r) for r in everything)
+            go = sum(len(r) for r in chosen)
+            if _cost(model, n * width, mask.shape[1] + width) <= _cost(model, go, n * mask.shape[1] + go):
+                _forward_rows(model, tokenizer, cache, mask, tries, everything, 0, lp, col)
+                frontier = [[] for _ in range(n)]
+                newly = everything
+                continue
+            packed = _packed(cache, n)
+        done_cols += _forward_packed(model, tokenizer, packed, mask, tries, chosen, done_cols, lp, col)
         newly = chosen
     scores = torch.zeros(n, k)
     for b, trie in enumerate(tries):
@@ -225,6 +283,11 @@ def pruned_trie_logprob(model, tokenizer, cache, mask, root_logp, suffixes, offs
             for c in trie.under[u]:
                 scores[b, c] = share
     return scores
+
+
+def _subtrees(tries: list[_Trie], tops: list[list[int]]) -> list[list[int]]:
+    """Each item's nodes under its ``tops`` (themselves included), ancestors before descendants."""
+    return [[v for u in r for v in sorted(trie.subtree(u), key=trie.dep.__getitem__)] for trie, r in zip(tries, tops)]
 
 
 def _choose(trie: _Trie, lp: dict, exact: dict, dropped: list, frontier: list[int], tol: float,
