@@ -45,6 +45,9 @@ def main() -> None:
     ap.add_argument("--only", choices=("all", "native", "runtime"), default="all",
                     help="native: only the GGUFs in distill's runtime and on llama-server (and the teacher row); "
                          "runtime: only the GGUFs in distill's runtime")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads of every llama.cpp runtime (default: serve.student_threads for distill's runtime, "
+                         "all cores for llama-server)")
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args()
 
@@ -175,12 +178,13 @@ def flop_limit_note(what: str, best: float, peak: float, params: int, tokens: fl
     return text + "."
 
 
-def runtime_tokens(gguf: Path, hf: Path, task, rows, cfg) -> tuple[float, float, float]:
+def runtime_tokens(gguf: Path, hf: Path, task, rows, cfg, threads: int | None) -> tuple[float, float, float, str]:
     """Per ticket in distill's runtime code (in process, as the runtime runs it): (tokens evaluated with the KV
-    cache kept from the ticket before, tokens evaluated from an empty cache, prompt tokens)."""
+    cache kept from the ticket before, tokens evaluated from an empty cache, prompt tokens, and how the answers
+    compare with a logit row computed at every position, as the runtime did before)."""
     from distill.serve.runtime import Scorer
 
-    scorer = Scorer(gguf, hf, n_ctx=cfg.serve.student_n_ctx, n_threads=cfg.serve.student_threads)
+    scorer = Scorer(gguf, hf, n_ctx=cfg.serve.student_n_ctx, n_threads=threads or cfg.serve.student_threads)
     model = scorer.model
 
     def ask(row) -> dict:
@@ -189,7 +193,7 @@ def runtime_tokens(gguf: Path, hf: Path, task, rows, cfg) -> tuple[float, float,
     try:
         ask(rows[0])  # as served: the shared system prefix is in the cache before the first ticket
         before = model.evaluated_tokens
-        prompt = sum(ask(r)["prompt_tokens"] for r in rows)
+        got = [ask(r) for r in rows]
         warm = model.evaluated_tokens - before
         cold = 0
         for r in rows:
@@ -197,10 +201,17 @@ def runtime_tokens(gguf: Path, hf: Path, task, rows, cfg) -> tuple[float, float,
             before = model.evaluated_tokens
             ask(r)
             cold += model.evaluated_tokens - before
+        model.all_rows = True
+        model.llm.reset()
+        old = [ask(r) for r in rows]
     finally:
         model.llm.close()
     n = len(rows)
-    return warm / n, cold / n, prompt / n
+    same = sum(a["answer"] == b["answer"] for a, b in zip(got, old))
+    diff = max(abs((a["confidence"] or 0) - (b["confidence"] or 0)) for a, b in zip(got, old))
+    return (warm / n, cold / n, sum(g["prompt_tokens"] for g in got) / n,
+            f"answers with logits only where read = with a row at every position: {same}/{n}, largest confidence "
+            f"difference {diff:.2g}")
 
 
 def runtime_rows(cfg, task, rows, run_dir, args, results, notes) -> None:
@@ -220,10 +231,13 @@ def runtime_rows(cfg, task, rows, run_dir, args, results, notes) -> None:
     load_before, peak = load_average(), gemm_peak_gflops()
     for rel in sorted(r for r in (run_dir / "publish" / paths.MODEL_DIR).glob("*.gguf")):
         qtype = rel.name.rsplit("-", 1)[-1][:-5]
-        warm, cold, prompt = runtime_tokens(rel, hf, task, rows, cfg)
+        warm, cold, prompt, rows_check = runtime_tokens(rel, hf, task, rows, cfg, args.threads)
+        print(f"{qtype}: evaluated {warm:.1f}, from empty {cold:.1f}, prompt {prompt:.1f} tokens per ticket; "
+              f"{rows_check}; GEMM peak {peak:.1f} GFLOP/s", flush=True)
         reference, best = None, 0.0
-        with StudentRuntime(rel, hf, n_ctx=cfg.serve.student_n_ctx, n_threads=cfg.serve.student_threads,
-                            log_path=log_path) as runtime, httpx.Client(timeout=300) as client:
+        with StudentRuntime(rel, hf, n_ctx=cfg.serve.student_n_ctx, n_threads=args.threads or
+                            cfg.serve.student_threads, log_path=log_path) as runtime, \
+                httpx.Client(timeout=600) as client:
             def ask(row) -> tuple:
                 got = client.post(runtime.base_url + SCORE_PATH,
                                   json={"messages": task.student_messages(row["input"]),
@@ -248,10 +262,11 @@ def runtime_rows(cfg, task, rows, run_dir, args, results, notes) -> None:
                 results.append([f"student, distill runtime (scored, 1 request at a time), {qtype}, concurrency "
                                 f"{concurrency} (answer + confidence = concurrency 1: {same}/{len(rows)})",
                                 med / len(rows), lo, hi])
+                print(f"{results[-1][0]}: {len(rows) / med:.3f} tickets/s, runs {walls}", flush=True)
         notes.append(flop_limit_note(f"{qtype} in distill's runtime", best, peak, gguf_params(rel), cold, warm,
                                      f"tokens a scored answer runs from an empty cache ({prompt:.0f} prompt + the "
                                      f"candidates' and generated tokens)")
-                     + f" Load average before {load_before}, after {load_average()}.")
+                     + f" {rows_check}. Load average before {load_before}, after {load_average()}.")
 
 
 def native_rows(cfg, task, rows, run_dir, args, results, notes, predict_endpoint, LlamaServer) -> None:
@@ -269,9 +284,11 @@ def native_rows(cfg, task, rows, run_dir, args, results, notes, predict_endpoint
             c = cfg.model_copy(deep=True)
             c.eval.endpoint.concurrency = concurrency
             c.eval.endpoint.structured_output = "llama_cpp"
+            c.eval.endpoint.timeout_s = 600  # a loaded machine: a timed-out ticket would count as a failure
             walls, raws = [], []
             for _ in range(args.runs):  # a fresh server per run: no ticket's prompt is cached from the run before
-                with LlamaServer(rel, alias="student", n_ctx=2048, slots=slots, log_path=log_path) as srv:
+                with LlamaServer(rel, alias="student", n_ctx=2048, slots=slots, log_path=log_path,
+                                 n_threads=args.threads) as srv:
                     predict_endpoint(c, task, rows[:2], srv.base_url, "student")  # warm-up
                     started = time.perf_counter()
                     preds = predict_endpoint(c, task, rows, srv.base_url, "student")
@@ -286,6 +303,7 @@ def native_rows(cfg, task, rows, run_dir, args, results, notes, predict_endpoint
             best = max(best, len(rows) / med)
             results.append([f"student, llama-server, {qtype}, {slots} slot{'s' * (slots > 1)}, concurrency "
                             f"{concurrency} (answers = 1 slot: {same}/{len(rows)})", med / len(rows), lo, hi])
+            print(f"{results[-1][0]}: {len(rows) / med:.3f} tickets/s, runs {walls}", flush=True)
         notes.append(flop_limit_note(f"{qtype} on llama-server", best, peak, gguf_params(rel), tokens, evaluated,
                                      "prompt + completion tokens")
                      + f" Load average before {load_before}, after {load_average()}.")
