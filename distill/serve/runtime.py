@@ -95,6 +95,11 @@ class LlamaTokens:
         top = row.max()
         return row - (top + np.log(np.exp(row - top).sum()))
 
+    def path_logprobs(self, ids: list[int], start: int, want: list[list[int]]) -> list[list[float]]:
+        """At each position j >= start, the log-probs of the tokens ``want[j - start]`` (``scored.TokenModel``)."""
+        self._hold(ids, start - 1)
+        return [[float(x) for x in self._row_logp(j - 1)[w]] for j, w in zip(range(start, len(ids)), want)]
+
     def logprobs(self, ids: list[int], start: int) -> list[float]:
         self._hold(ids, start - 1)
         return [float(self._row_logp(j - 1)[ids[j]]) for j in range(start, len(ids))]

@@ -38,6 +38,7 @@ import numpy as np
 
 from distill.task import OutputSchema, answer_head, common_prefix, dump_answer, literal_options
 
+PRUNE_TOL = 1e-4  # relative: how far a skipped candidate may move any softmax probability, in the worst case
 
 class TokenModel(Protocol):
     """A causal LM that scores and extends token sequences."""
@@ -49,6 +50,10 @@ class TokenModel(Protocol):
                done: Callable[[list[int]], bool]) -> tuple[list[int], list[float]]:
         """Greedy continuation of ``ids`` and each new token's log-prob; stops after ``stop_id`` or when
         ``done(new_tokens)`` holds."""
+
+    # Optional, ``path_logprobs(ids, start, want) -> list[list[float]]``: for j = start .. len(ids) - 1, the
+    # log-probs at position j of the tokens in ``want[j - start]`` (log P(t | ids[:j])). With it, ``tail_probs``
+    # bounds the candidates it has not scored and skips those that cannot matter (``bounded_tail_probs``).
 
 
 @dataclass
@@ -68,15 +73,82 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 
-def tail_probs(model: TokenModel, tokenizer, prompt_ids: list[int], head: str, tails: list[str]) -> np.ndarray:
-    """Probabilities of each tail after the prompt and the answer head, normalised over the tails."""
+def tail_probs(model: TokenModel, tokenizer, prompt_ids: list[int], head: str, tails: list[str],
+               tol: float = PRUNE_TOL) -> np.ndarray:
+    """Probabilities of each tail after the prompt and the answer head, normalised over the tails (by
+    ``bounded_tail_probs`` where the model has ``path_logprobs``; ``tol=0`` scores every tail)."""
     head_ids = _ids(tokenizer, head)
-    scores = []
+    seqs, starts = [], []
     for tail in tails:
         full = _ids(tokenizer, head + tail)
-        start = common_prefix(head_ids, full)
-        scores.append(sum(model.logprobs(prompt_ids + full, len(prompt_ids) + start)))
-    logp = np.asarray(scores, dtype=np.float64)
+        seqs.append(prompt_ids + full)
+        starts.append(len(prompt_ids) + common_prefix(head_ids, full))
+    if getattr(model, "path_logprobs", None) is not None and tol > 0 and len(tails) > 2:
+        scores = bounded_tail_probs(model, seqs, starts, tol)
+        if scores is not None:
+            return _softmax(scores)
+    return _softmax(np.asarray([sum(model.logprobs(q, s)) for q, s in zip(seqs, starts)], dtype=np.float64))
+
+
+def bounded_tail_probs(model, seqs: list[list[int]], starts: list[int], tol: float) -> np.ndarray | None:
+    """Each candidate's log-likelihood (``seqs[i]`` from ``starts[i]`` on), scoring only those that can matter.
+
+    The candidates form a token trie after each context (``seqs[i][:starts[i]]``). Scoring one candidate gives the
+    log-probs at every node on its path, so every child of those nodes gets a bound: its prefix's log-likelihood,
+    which no candidate under it can exceed, and which the candidates under it cannot exceed together. The next
+    candidate scored is one under the open child with the highest bound. Scoring stops once no open child's bound
+    reaches the best scored candidate (none can win) and their bounds sum to at most ``tol`` times the scored
+    candidates' probability (none can move a probability by more than ``tol`` relative); the candidates under an
+    open child then get half its bound, split evenly, as ``distill.student.trie`` does. So the winner is the
+    unpruned argmax, every scored probability is within ``tol / 2`` relative, and no more candidates are scored
+    than without the bound (flat scores: all of them, each once). None where one candidate's tokens are a prefix
+    of another's (the bound does not hold): the caller scores every candidate."""
+    paths = [tuple(q[s:]) for q, s in zip(seqs, starts)]
+    ctxs = [tuple(q[:s]) for q, s in zip(seqs, starts)]
+    under: dict[tuple, list[int]] = {}       # (context, token prefix) -> candidates under it
+    for i, (c, p) in enumerate(zip(ctxs, paths)):
+        for d in range(len(p) + 1):
+            under.setdefault((c, p[:d]), []).append(i)
+    if any(len(under[(c, p)]) > 1 for c, p in zip(ctxs, paths)):
+        return None
+    children: dict[tuple, list[int]] = {}
+    for (c, p) in under:
+        if p:
+            children.setdefault((c, p[:-1]), []).append(p[-1])
+    scores = np.full(len(seqs), np.nan)
+    open_: dict[tuple, float] = {(c, ()): 0.0 for c in set(ctxs)}   # nodes not on a scored path, their bound
+    expanded: set[tuple] = set()                                      # nodes on a scored path
+    while open_:
+        node = max(open_, key=open_.__getitem__)
+        done = scores[~np.isnan(scores)]
+        if done.size and open_[node] < done.max():
+            mass = float(np.logaddexp.reduce(list(open_.values())))
+            if mass <= math.log(tol) + float(np.logaddexp.reduce(done)):
+                for (c, p), b in open_.items():
+                    members = under[(c, p)]
+                    scores[members] = b + math.log(0.5 / len(members))
+                return scores
+        i = min(under[node], key=lambda i: seqs[i])
+        c, p = ctxs[i], paths[i]
+        want = [[p[d]] if (c, p[:d]) in expanded else children[(c, p[:d])] for d in range(len(p))]
+        rows = model.path_logprobs(seqs[i], starts[i], want)
+        logp = 0.0
+        for d, (kids, row) in enumerate(zip(want, rows)):
+            open_.pop((c, p[:d]), None)
+            expanded.add((c, p[:d]))
+            for t, lp in zip(kids, row):
+                if t != p[d]:
+                    child = (c, p[:d] + (t,))
+                    if not children.get(child) and len(under[child]) == 1:  # a whole candidate: scored already
+                        scores[under[child][0]] = logp + lp
+                    else:
+                        open_[child] = logp + lp
+            logp += row[kids.index(p[d])]
+        scores[i] = logp
+    return scores
+
+
+def _softmax(logp: np.ndarray) -> np.ndarray:
     probs = np.exp(logp - logp.max())
     return probs / probs.sum()
 

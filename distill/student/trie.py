@@ -32,7 +32,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-PRUNE_TOL = 1e-4  # relative: how far a dropped branch may move any softmax probability, in the worst case
+from distill.serve.scored import PRUNE_TOL  # one tolerance for evaluate's trie and the served scorer
+
 counts: Counter = Counter()  # "forwards", "nodes" (rows forwarded), "padded" (with padding), "skipped" (never)
 
 
