@@ -11,7 +11,8 @@ This is the confidence ``routing.yaml``'s threshold was chosen on, computed the 
 - an enum field's allowed values are each scored by the summed log-probability of their tokens after the head
   (the value, then ``,`` or ``}`` + the end-of-turn token for the last field; the tokens counted start where the
   head's own tokenization and the head + value's part ways), and the softmax over the allowed values gives the
-  value and its probability, rounded to 6 decimals as evaluate stores it;
+  value and its probability, rounded to 6 decimals as evaluate stores it; values that can neither win nor move a
+  probability by more than ``PRUNE_TOL`` are bounded, not scored (``bounded_tail_probs``), as evaluate's trie does;
 - a free field is a scored JSON literal (true / false / null) where its type allows one, else a string generated
   greedily after an opening quote, with the mean token probability as its confidence;
 - the whole answer's confidence is the product of the field confidences; an answer that breaks the schema has none.
