@@ -269,3 +269,61 @@ def test_the_direct_transport_raises_what_the_sdk_raises_so_the_retry_rules_read
     assert isinstance(refused, openai.APIConnectionError) and failure_reason(refused) == "connection_error"
     assert not possibly_billed(refused)
     assert failure_reason(cut) == "malformed_response" and possibly_billed(cut)
+
+
+def test_the_retry_layer_makes_max_retries_more_attempts_each_waiting_longer_and_counts_every_failure(
+        tmp_path, monkeypatch):
+    import httpx
+
+    from distill.teacher.transport import RequestFailed
+
+    waits: list[float] = []
+
+    async def no_sleep(delay, *args, **kwargs):
+        waits.append(delay)
+
+    monkeypatch.setattr(asyncio, "sleep", no_sleep)
+    request = httpx.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+
+    def status(code: int) -> openai.APIStatusError:
+        return openai.APIStatusError("injected", response=httpx.Response(code, request=request), body=None)
+
+    def run(failures: list[Exception], **teacher) -> tuple[list[int], object, TeacherClient]:
+        cfg = load_config(tiny_overrides(tmp_path / "run", "http://127.0.0.1:9/v1", "teacher.backoff_initial_s=0.1",
+                                         "teacher.backoff_max_s=100",
+                                         *(f"teacher.{k}={v}" for k, v in teacher.items())))
+        client = TeacherClient(cfg.teacher, cfg.teacher.base_url, Task(cfg).schema, Ledger(tmp_path / "l.sqlite"))
+        calls: list[int] = []
+
+        async def attempt():
+            calls.append(len(calls) + 1)
+            if len(calls) <= len(failures):
+                raise failures[len(calls) - 1]
+            return "answer"
+
+        async def go():
+            try:
+                return await client.retrying(attempt)
+            except RequestFailed as exc:
+                return exc
+            finally:
+                await client.close()
+
+        return calls, asyncio.run(go()), client
+
+    # two 503s then an answer: three attempts, two counted failures, two waits that grow
+    calls, result, client = run([status(503), status(503)], max_retries=5)
+    assert result == "answer" and calls == [1, 2, 3] and len(waits) == 2 and waits[1] > waits[0] > 0
+    assert sum(client.transport_errors.values()) == 2
+    # always failing: 1 + max_retries attempts, every failure counted (the last one too), then RequestFailed
+    waits.clear()
+    calls, result, client = run([status(500)] * 10, max_retries=3)
+    assert isinstance(result, RequestFailed) and len(calls) == 4 and len(waits) == 3
+    assert sum(client.transport_errors.values()) == 4
+    # no retries allowed: one attempt, no wait
+    waits.clear()
+    calls, result, client = run([status(500)] * 10, max_retries=0)
+    assert isinstance(result, RequestFailed) and len(calls) == 1 and waits == []
+    # a 400 is never retried, and not counted as a transport error
+    calls, result, client = run([status(400)] * 10, max_retries=5)
+    assert isinstance(result, RequestFailed) and len(calls) == 1 and not client.transport_errors

@@ -1,8 +1,8 @@
 """The transport rules of teacher calls: which failures are retried, how long to wait, which may be billed.
 
 Only 408, 409, 429, 5xx, timeouts, connection errors and a garbled 200 are retried (``RetryLayer``, the client's
-one retry loop), with exponential backoff and jitter (tenacity's ``wait_exponential_jitter``), never sooner than
-the server's ``Retry-After`` / ``retry-after-ms``. 401, 403 and 404 end the run (``FATAL_STATUS``).
+one retry layer: tenacity's ``AsyncRetrying`` after a failed first attempt), with exponential backoff and jitter
+(tenacity's ``wait_exponential_jitter``), never sooner than the server's ``Retry-After`` / ``retry-after-ms``. 401, 403 and 404 end the run (``FATAL_STATUS``).
 ``possibly_billed`` decides which failed attempts count against the budget.
 
 Chat requests go through ``DirectPost`` where aiohttp is installed: the request body, encoded once, is posted
@@ -22,7 +22,7 @@ from collections import namedtuple
 import httpx
 import openai
 from aiolimiter import AsyncLimiter
-from tenacity import RetryCallState, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 try:
     import aiohttp
@@ -255,20 +255,37 @@ class RetryLayer:
         return asked is None or asked <= self.tcfg.max_wait_s
 
     async def retrying(self, fn, *args, **kwargs):
-        """``await fn(*args, **kwargs)`` under the one retry layer (also used for the Batch API's calls)."""
-        attempt = 0
-        while True:  # a call that succeeds at once costs one await: no retry machinery is built for it
-            attempt += 1
-            try:
-                return await fn(*args, **kwargs)
-            except Exception as exc:
-                if not self._retry_allowed(exc):
-                    self._give_up(exc)
-                self.transport_errors[failure_reason(exc)] += 1  # every retryable failure, the last one too
-                if attempt > self.tcfg.max_retries:
-                    self._give_up(exc)
-                wait = self._backoff.seconds(attempt, exc)
-            await asyncio.sleep(wait)
+        """``await fn(*args, **kwargs)`` under the one retry layer (also used for the Batch API's calls).
+
+        The first attempt is a plain await: a call that succeeds at once builds no retry machinery. After a
+        retryable failure, tenacity's ``AsyncRetrying`` runs the rest (``teacher.max_retries`` more attempts, each
+        wait from ``Backoff``); every retryable failure is counted in ``transport_errors``, the last one too.
+        """
+        try:
+            return await fn(*args, **kwargs)
+        except Exception as exc:
+            self._count_retryable(exc)
+            if self.tcfg.max_retries < 1:
+                self._give_up(exc)
+            first_wait = self._backoff.seconds(1, exc)
+        await asyncio.sleep(first_wait)
+        retryer = AsyncRetrying(
+            retry=retry_if_exception(self._retry_allowed),
+            after=lambda state: self._count_retryable(state.outcome.exception()),
+            stop=stop_after_attempt(self.tcfg.max_retries),
+            # tenacity numbers its attempts from the second call: attempt n here is the call's (n + 1)-th
+            wait=lambda state: self._backoff.seconds(state.attempt_number + 1, state.outcome.exception()),
+            reraise=True)
+        try:
+            return await retryer(fn, *args, **kwargs)
+        except Exception as exc:
+            self._give_up(exc)
+
+    def _count_retryable(self, exc: BaseException) -> None:
+        """Count a failed attempt that may be retried; give up at once on one that may not."""
+        if not self._retry_allowed(exc):
+            self._give_up(exc)
+        self.transport_errors[failure_reason(exc)] += 1
 
     def _give_up(self, exc: Exception):
         """Raise what a failed call means: DistillError (no call can succeed), RequestFailed (this one cannot), or
