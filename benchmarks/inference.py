@@ -214,6 +214,19 @@ def runtime_tokens(gguf: Path, hf: Path, task, rows, cfg, threads: int | None) -
             f"difference {diff:.2g}")
 
 
+def timed_row(results: list, rows: list, walls: list[float], outs: list[list], reference: list | None,
+              label) -> tuple[list, float]:
+    """Append one timed row (seconds per ticket: median, min, max of ``walls``), labelled by ``label(same)``, where
+    ``same`` is the fewest answers of any run equal to ``reference`` (the first run's when None). Returns the
+    reference and the median tickets/s."""
+    reference = outs[0] if reference is None else reference
+    same = min(sum(a == b for a, b in zip(out, reference)) for out in outs)
+    med, lo, hi = summary(walls)
+    results.append([label(same), med / len(rows), lo, hi])
+    print(f"{results[-1][0]}: {len(rows) / med:.3f} tickets/s, runs {walls}", flush=True)
+    return reference, len(rows) / med
+
+
 def runtime_rows(cfg, task, rows, run_dir, args, results, notes) -> None:
     """Each published GGUF in distill's student runtime (a child process, as ``distill serve`` starts it), asked over
     HTTP as the gateway asks it, at concurrency 1, 4 and 8; one runtime for every run (it keeps only the last
@@ -254,15 +267,11 @@ def runtime_rows(cfg, task, rows, run_dir, args, results, notes) -> None:
                     with ThreadPoolExecutor(concurrency) as pool:
                         outs.append(list(pool.map(ask, rows)))
                     walls.append(time.perf_counter() - started)
-                if reference is None:
-                    reference = outs[0]
-                same = min(sum(a == b for a, b in zip(o, reference)) for o in outs)
-                med, lo, hi = summary(walls)
-                best = max(best, len(rows) / med)
-                results.append([f"student, distill runtime (scored, 1 request at a time), {qtype}, concurrency "
-                                f"{concurrency} (answer + confidence = concurrency 1: {same}/{len(rows)})",
-                                med / len(rows), lo, hi])
-                print(f"{results[-1][0]}: {len(rows) / med:.3f} tickets/s, runs {walls}", flush=True)
+                reference, rate = timed_row(
+                    results, rows, walls, outs, reference,
+                    lambda same: f"student, distill runtime (scored, 1 request at a time), {qtype}, concurrency "
+                                 f"{concurrency} (answer + confidence = concurrency 1: {same}/{len(rows)})")
+                best = max(best, rate)
         notes.append(flop_limit_note(f"{qtype} in distill's runtime", best, peak, gguf_params(rel), cold, warm,
                                      f"tokens a scored answer runs from an empty cache ({prompt:.0f} prompt + the "
                                      f"candidates' and generated tokens)")
@@ -296,14 +305,11 @@ def native_rows(cfg, task, rows, run_dir, args, results, notes, predict_endpoint
                     raws.append(preds.raw)
                     if tokens is None:
                         tokens, evaluated = tokens_per_ticket(task, rows, srv.base_url, c)
-            if reference is None:
-                reference = raws[0]
-            same = min(sum(a == b for a, b in zip(r, reference)) for r in raws)
-            med, lo, hi = summary(walls)
-            best = max(best, len(rows) / med)
-            results.append([f"student, llama-server, {qtype}, {slots} slot{'s' * (slots > 1)}, concurrency "
-                            f"{concurrency} (answers = 1 slot: {same}/{len(rows)})", med / len(rows), lo, hi])
-            print(f"{results[-1][0]}: {len(rows) / med:.3f} tickets/s, runs {walls}", flush=True)
+            reference, rate = timed_row(
+                results, rows, walls, raws, reference,
+                lambda same: f"student, llama-server, {qtype}, {slots} slot{'s' * (slots > 1)}, concurrency "
+                             f"{concurrency} (answers = 1 slot: {same}/{len(rows)})")
+            best = max(best, rate)
         notes.append(flop_limit_note(f"{qtype} on llama-server", best, peak, gguf_params(rel), tokens, evaluated,
                                      "prompt + completion tokens")
                      + f" Load average before {load_before}, after {load_average()}.")
