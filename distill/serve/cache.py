@@ -113,10 +113,10 @@ class VectorIndex:
             self._vecs = grown
         self._vecs[self._n:need] = vecs
         if self._hnsw is not None:
-            self._hnsw.add(np.arange(self._n, need), vecs)
+            self._hnsw.add(np.arange(self._n, need), vecs, threads=1)
         elif need >= self.crossover:
             self._hnsw = _hnsw(self.dim)
-            self._hnsw.add(np.arange(need), self._vecs[:need])
+            self._hnsw.add(np.arange(need), self._vecs[:need], threads=1)
         self._n = need
 
     def search(self, query: np.ndarray, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
