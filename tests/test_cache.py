@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import time
+import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -92,9 +93,9 @@ def two_stores(request, tmp_path):
 def test_entries_expire_and_are_shared(two_stores):
     a, b = two_stores
     a.put("k", "value")
-    a.put("short", "gone soon", ttl_s=0.05)
+    a.put("short", "gone soon", ttl_s=1.0)  # long enough for the read below on a busy machine
     assert b.get("k") == "value" and b.get("short") == "gone soon"
-    time.sleep(0.1)
+    time.sleep(1.1)
     assert b.get("short") is None and b.get("missing") is None
     b.put("k", "new")
     assert a.get("k") == "new"
@@ -208,14 +209,14 @@ def _toy_embedder(texts):
     """Texts sharing their first word point the same way (similarity 1); others are orthogonal."""
     out = np.zeros((len(texts), 8), dtype=np.float32)
     for i, t in enumerate(texts):
-        out[i, hash(t.split()[0]) % 8] = 1.0
+        out[i, zlib.crc32(t.split()[0].encode()) % 8] = 1.0  # not hash(): the same under every PYTHONHASHSEED
     return out
 
 
 def test_semantic_cache_hits_above_the_threshold_for_every_replica_and_expires(tmp_path):
     store = SqliteStore(tmp_path / "s.sqlite")
-    a = SemanticCache(store, "base", threshold=0.9, ttl_s=0.3, max_entries=100, embedder=_toy_embedder, dim=8)
-    b = SemanticCache(store, "base", threshold=0.9, ttl_s=0.3, max_entries=100, embedder=_toy_embedder, dim=8)
+    a = SemanticCache(store, "base", threshold=0.9, ttl_s=2.0, max_entries=100, embedder=_toy_embedder, dim=8)
+    b = SemanticCache(store, "base", threshold=0.9, ttl_s=2.0, max_entries=100, embedder=_toy_embedder, dim=8)
     vec = _toy_embedder(["refund please"])[0]
     assert a.lookup(vec) == (None, None)
     a.add(vec, {"category": "billing"})
@@ -224,7 +225,7 @@ def test_semantic_cache_hits_above_the_threshold_for_every_replica_and_expires(t
     other = next(w for w in ("login", "password", "shipping", "crash") if _toy_embedder([w])[0].argmax() !=
                  vec.argmax())
     assert b.lookup(_toy_embedder([other])[0])[0] is None
-    time.sleep(0.35)
+    time.sleep(2.1)
     assert b.lookup(vec)[0] is None  # older than ttl_s
 
 

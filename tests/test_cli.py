@@ -112,12 +112,12 @@ def test_a_closed_pipe_ends_quietly_without_a_traceback(tmp_path):
     assert "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
-def test_a_misspelt_gate_field_fails_in_under_a_second_before_any_stage(tmp_path, capsys):
+def test_a_misspelt_gate_field_fails_at_once_before_any_stage(tmp_path, capsys):
     run_dir = tmp_path / "run"
     started = time.perf_counter()
     code = main(["run", f"run_dir={run_dir}", "+eval.gate.min_field_agreement.priorty=0.9"])
     elapsed = time.perf_counter() - started
-    assert code == 2 and elapsed < 1.0, elapsed
+    assert code == 2 and elapsed < 5.0, elapsed  # about 0.2 s: no model is loaded; the bound leaves room for a busy CI
     line = _err_line(capsys)
     assert "eval.gate.min_field_agreement names priorty" in line and "its fields: category, priority" in line
     assert not run_dir.exists()  # no stage started, not even the run folder

@@ -71,9 +71,10 @@ def dataset_rows(run_dir: Path) -> list[dict]:
 def test_chaos_every_input_lands_once_and_nothing_is_paid_twice(tmp_path):
     recipe_dir = make_recipe(tmp_path / "recipes", 2000)
     faults = {"429": 0.30, "500": 0.05, "hang": 0.02, "reset": 0.01}
-    with FakeTeacher(answer, faults=faults, retry_after_s=1.0, hang_s=6, seed=7) as teacher:
+    # a hang outlasts the timeout; the timeout is long enough that no answered request times out on a busy machine
+    with FakeTeacher(answer, faults=faults, retry_after_s=1.0, hang_s=11, seed=7) as teacher:
         cfg = load_config(overrides(tmp_path, teacher.base_url, recipe_dir, "teacher.concurrency=64",
-                                    "teacher.timeout_s=5", "teacher.max_retries=14",
+                                    "teacher.timeout_s=10", "teacher.max_retries=14",
                                     "teacher.backoff_initial_s=0.05", "teacher.backoff_max_s=0.5"))
         summary = pipeline.run(cfg, stages=("generate",))["generate"]
         deadline = time.monotonic() + 15
@@ -470,8 +471,9 @@ def test_requests_per_minute_limit_spaces_calls(tmp_path):
     with FakeTeacher(answer) as teacher:
         pipeline.run(load_config(tiny_overrides(tmp_path / "run", teacher.base_url, "generate.limit=6",
                                                 "teacher.rpm=120")), stages=("generate",))
-    # 120/min: a bucket of 2 per second, so the 6 requests reach the server over at least 2 seconds
-    assert len(teacher.arrivals) == 6 and teacher.arrivals[-1] - teacher.arrivals[0] >= 1.9
+    # 120/min: a bucket of 2 per second, so the 6 requests reach the server over about 2 seconds (unlimited: 0.01 s);
+    # the bound leaves room for a first request slowed by opening its connection on a busy machine
+    assert len(teacher.arrivals) == 6 and teacher.arrivals[-1] - teacher.arrivals[0] >= 1.5
 
 
 def test_tokens_per_minute_limit_holds_requests_back(tmp_path):

@@ -227,7 +227,8 @@ def test_every_command_in_serving_md_and_the_card(published, teacher, tmp_path):
         json.loads(got["body"]["choices"][0]["message"]["content"])) == []
 
     # python -m llama_cpp.server ..., then the gateway in front of it (serve.confidence=sequence) and the curl
-    student_port, gateway_port = free_port(), free_port()
+    student_port = free_port()
+    gateway_port = next(p for p in iter(free_port, None) if p != student_port)  # two binds of port 0 may agree
     words = [sys.executable if w == "python" else w for w in shlex.split(_with_port(llama, student_port, 8080))]
     server = subprocess.Popen(words, cwd=pub, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
