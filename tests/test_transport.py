@@ -327,3 +327,30 @@ def test_the_retry_layer_makes_max_retries_more_attempts_each_waiting_longer_and
     # a 400 is never retried, and not counted as a transport error
     calls, result, client = run([status(400)] * 10, max_retries=5)
     assert isinstance(result, RequestFailed) and len(calls) == 1 and not client.transport_errors
+
+
+def test_the_labelling_loop_runs_with_fewer_collections_and_gives_the_settings_back():
+    import gc
+
+    from types import SimpleNamespace
+
+    from distill.collector import GC_GEN0
+    from distill.teacher.labelling import label_all
+
+    seen = []
+
+    class _Client:
+        fatal = False
+
+        class tcfg:
+            concurrency = 2
+
+        async def label(self, messages):
+            seen.append((gc.get_threshold()[0], gc.get_freeze_count() > 0))
+            return messages[0]["content"]
+
+    before, frozen_before = gc.get_threshold(), gc.get_freeze_count()
+    got = asyncio.run(label_all(_Client(), [[{"role": "user", "content": str(i)}] for i in range(3)],
+                                SimpleNamespace(spent_this_run=0.0)))
+    assert got == ["0", "1", "2"] and seen == [(GC_GEN0, True)] * 3
+    assert gc.get_threshold() == before and gc.get_freeze_count() == frozen_before

@@ -23,7 +23,6 @@ reason, status, latency), without keys or bodies.
 from __future__ import annotations
 
 import contextlib
-import gc
 import hmac
 import json
 import logging
@@ -39,6 +38,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from distill import DistillError
+from distill.collector import tune_for_good
 from distill.serve.budget import seconds_to_midnight
 from distill.serve.gateway import Served, TaskRoute
 from distill.serve.hub import Gateway, ServePlan
@@ -72,21 +72,14 @@ def error_response(status: int, message: str, code: str, param: str | None = Non
                         status_code=status, headers=headers)
 
 
-# Allocations between two collections of the youngest generation once the gateway is up (CPython's default: 700).
-GC_GEN0 = 50_000
-
-
 def tune_gc() -> None:
     """Shorter and rarer collector pauses on the request path, for a process that is only the gateway.
 
     Everything alive once the gateway is built (modules, config, the rule, clients) is moved out of the collector's
     reach (``gc.freeze``): a full collection no longer walks it, and that walk was the gateway's longest pause. The
     youngest generation is collected every ``GC_GEN0`` allocations instead of 700, so the objects of requests in
-    flight are not promoted and rescanned many times a second. Cycles are still collected."""
-    gc.collect()
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GC_GEN0, gen1, gen2)
+    flight are not promoted and rescanned many times a second. Cycles are still collected (``distill.collector``)."""
+    tune_for_good()
 
 
 def create_app(plan: "ServePlan | list[ServePlan]", api_keys: list[str] | None = None, *,

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from distill import DistillError
+from distill.collector import fewer_collections
 from distill.config import Config
 from distill.task import Example, Task
 from distill.teacher.answers import BUDGET, Outcome
@@ -100,7 +101,8 @@ async def label_all(client: TeacherClient, messages: list[list[dict]], budget: B
         bar.set_postfix(spent=f"${budget.spent_this_run:.4f}", refresh=False)
 
     try:
-        await asyncio.gather(*(one(i) for i in range(len(messages))))
+        with fewer_collections():  # a hot loop: most of its garbage dies young (distill.collector)
+            await asyncio.gather(*(one(i) for i in range(len(messages))))
     finally:
         bar.close()
     return results
@@ -126,8 +128,9 @@ async def score_all(client: TeacherClient, task: Task, examples: list[Example], 
         return None if outcome.reason == BUDGET else outcome
 
     try:
-        for field in fields:
-            per_field[field] = await asyncio.gather(*(one(i, field) for i in range(len(examples))))
+        with fewer_collections():
+            for field in fields:
+                per_field[field] = await asyncio.gather(*(one(i, field) for i in range(len(examples))))
     finally:
         bar.close()
 
