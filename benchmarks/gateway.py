@@ -100,8 +100,9 @@ def start_gateway(overrides: list[str], port: int, code: str | None = None) -> s
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     if code:
         env["PYTHONPATH"] = os.pathsep.join([str(Path(code).resolve()), *filter(None, [env.get("PYTHONPATH")])])
+    log = tempfile.TemporaryFile(mode="w+")  # the gateway's own log, shown if it does not start
     gateway = subprocess.Popen([sys.executable, "-m", "distill", "serve", *overrides, f"serve.port={port}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                               stdout=subprocess.DEVNULL, stderr=log, env=env,
                                cwd=Path(code).resolve() if code else None)
     deadline = time.monotonic() + 120
     while True:
@@ -112,7 +113,11 @@ def start_gateway(overrides: list[str], port: int, code: str | None = None) -> s
             pass
         if gateway.poll() is not None or time.monotonic() > deadline:
             gateway.kill()
-            raise SystemExit("the gateway did not start; run the same `python -m distill serve` by hand to see why")
+            gateway.wait()
+            log.seek(0)
+            said = "".join(log.readlines()[-15:])
+            raise SystemExit(f"the gateway did not start (python -m distill serve {' '.join(overrides)}); "
+                             f"the end of its log:\n{said}")
         time.sleep(0.2)
 
 

@@ -229,7 +229,7 @@ def validate_rule(data: Any, source: str = "routing rule") -> RoutingRule:
         raise RoutingRuleError(f"{source}: schema_version {version!r} is not supported (this distill reads "
                                f"versions {', '.join(map(str, SUPPORTED_VERSIONS))}); re-run `python -m distill "
                                f"publish`")
-    if version == 1 and "prompt" in data:
+    if version == 1 and data.get("prompt") is not None:  # a null prompt is what a version 1 rule dumps
         raise RoutingRuleError(f"{source}: 'prompt' is a schema_version 2 key; set schema_version: 2")
     try:
         return RoutingRule.model_validate(data)

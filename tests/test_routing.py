@@ -216,6 +216,12 @@ def test_load_rule_round_trip_and_json_schema(tmp_path):
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**rule_dict(), "route": {**rule_dict()["route"], "confidence_threshold": 1.5}}, schema)
     json.dumps(schema)  # serialisable as routing.schema.json
+    # a version 1 rule (no prompt), loaded, changed and dumped again as pydantic dumps it, loads again
+    rule.route.confidence_threshold = 0.5
+    path.write_text(yaml.safe_dump(rule.model_dump(mode="json")))
+    assert load_rule(path).route.confidence_threshold == 0.5 and load_rule(path).schema_version == 1
+    with pytest.raises(RoutingRuleError, match="'prompt' is a schema_version 2 key"):
+        validate_rule({**rule_dict(), "prompt": {"system": "x"}})
 
 
 @pytest.mark.parametrize("mutate, message", [
