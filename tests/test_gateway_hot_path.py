@@ -71,10 +71,10 @@ def test_the_gateway_runs_on_uvloop_and_httptools():
         loop.close()
 
 
-def test_tune_gc_freezes_the_start_up_heap_and_raises_the_young_threshold():
+def test_tune_for_good_freezes_the_start_up_heap_and_raises_the_young_threshold():
     # in a child process: the collector settings are process-wide, and a test process must keep its own
-    code = ("import gc; from distill.serve.app import tune_gc; from distill.collector import GC_GEN0; "
-            "before = gc.get_threshold(); tune_gc(); "
+    code = ("import gc; import distill.serve.app; from distill.collector import GC_GEN0, tune_for_good; "
+            "before = gc.get_threshold(); tune_for_good(); "
             "print(gc.get_freeze_count(), gc.get_threshold()[0] == GC_GEN0, gc.get_threshold()[1:] == before[1:])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     frozen, gen0, older = out.split()

@@ -72,16 +72,6 @@ def error_response(status: int, message: str, code: str, param: str | None = Non
                         status_code=status, headers=headers)
 
 
-def tune_gc() -> None:
-    """Shorter and rarer collector pauses on the request path, for a process that is only the gateway.
-
-    Everything alive once the gateway is built (modules, config, the rule, clients) is moved out of the collector's
-    reach (``gc.freeze``): a full collection no longer walks it, and that walk was the gateway's longest pause. The
-    youngest generation is collected every ``GC_GEN0`` allocations instead of 700, so the objects of requests in
-    flight are not promoted and rescanned many times a second. Cycles are still collected (``distill.collector``)."""
-    tune_for_good()
-
-
 def create_app(plan: "ServePlan | list[ServePlan]", api_keys: list[str] | None = None, *,
                own_process: bool = False) -> Starlette:
     """The ASGI app; the gateway's live objects are built when the server starts and closed when it stops.
@@ -90,7 +80,8 @@ def create_app(plan: "ServePlan | list[ServePlan]", api_keys: list[str] | None =
         plan: what to serve, one plan per run directory (command.prepare builds them).
         api_keys: the bearer keys clients must send on /v1 routes (None or empty: no auth).
         own_process: the process serves nothing else (``python -m distill serve``): the collector is tuned for it
-            once the gateway is up (``tune_gc``). Off for a gateway in a thread of a test or a notebook.
+            once the gateway is up (``distill.collector.tune_for_good``: the start-up heap frozen, the youngest
+            generation collected less often; a full collection's walk of that heap was the gateway's longest pause). Off for a gateway in a thread of a test or a notebook.
     """
     keys = [k.encode() for k in api_keys or []]
     gateway = Gateway(plan)
@@ -103,7 +94,7 @@ def create_app(plan: "ServePlan | list[ServePlan]", api_keys: list[str] | None =
         await gateway.open()
         app.state.gateway = gateway
         if own_process:
-            tune_gc()
+            tune_for_good()
         try:
             yield
         finally:

@@ -41,6 +41,7 @@ from distill.task import OutputSchema, answer_head, common_prefix, dump_answer, 
 
 PRUNE_TOL = 1e-4  # relative: how far a skipped candidate may move any softmax probability, in the worst case
 
+
 class TokenModel(Protocol):
     """A causal LM that scores and extends token sequences."""
 

@@ -2,7 +2,8 @@
 
 Only 408, 409, 429, 5xx, timeouts, connection errors and a garbled 200 are retried (``RetryLayer``, the client's
 one retry layer: tenacity's ``AsyncRetrying`` after a failed first attempt), with exponential backoff and jitter
-(tenacity's ``wait_exponential_jitter``), never sooner than the server's ``Retry-After`` / ``retry-after-ms``. 401, 403 and 404 end the run (``FATAL_STATUS``).
+(tenacity's ``wait_exponential_jitter``), never sooner than the server's ``Retry-After`` / ``retry-after-ms``.
+401, 403 and 404 end the run (``FATAL_STATUS``).
 ``possibly_billed`` decides which failed attempts count against the budget.
 
 Chat requests go through ``DirectPost`` where aiohttp is installed: the request body, encoded once, is posted
@@ -22,7 +23,7 @@ from collections import namedtuple
 import httpx
 import openai
 from aiolimiter import AsyncLimiter
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 try:
     import aiohttp
@@ -128,9 +129,6 @@ class Backoff:
 
     def __init__(self, initial: float, cap: float):
         self.backoff = wait_exponential_jitter(multiplier=initial, max=cap, jitter=initial)
-
-    def __call__(self, state: RetryCallState) -> float:
-        return self.seconds(state.attempt_number, state.outcome.exception() if state.outcome else None)
 
     def seconds(self, attempt: int, exc: BaseException | None) -> float:
         """The wait after failed attempt number ``attempt`` (1 = the first) that raised ``exc``."""
