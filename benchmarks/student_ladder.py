@@ -1,6 +1,6 @@
 """The student ladder's rungs on Bitext intents: the embedding classifier and the LoRA LM at a few examples per intent.
 
-    python benchmarks/student_ladder.py [--rungs embed lm] [--per-intent 10 100] [--test-per-intent 25]
+    python benchmarks/student_ladder.py [--rungs embed setfit lm] [--per-intent 10 100 0] [--test-per-intent 25]
                                         [--val-per-intent 5] [--targets hard soft] [--no-record]
 
 Bitext's 27 intents (../shared/data, never copied) with the gold labels standing in for a perfect teacher. One
@@ -11,7 +11,13 @@ MiniLM, distill.student.embed_classifier.fit_heads). Exact duplicate messages (c
 so no test message is also a training one. Reported: accuracy vs gold with a 95% percentile bootstrap interval
 (distill.metrics.stats.rate, 1,000 resamples), seconds to train (embed train + val, fit the heads) and to score the
 test set (embed + heads), the rung's wall time, and $ per 1,000 requests at eval.cost.student_usd_per_hour over the
-measured scoring throughput.
+measured scoring throughput. ``--per-intent 0`` trains on every message left after test and val (the full split).
+
+``--rungs setfit``: the same classifier on an encoder first fine-tuned the SetFit way (Tunstall et al., 2022):
+sentence-transformers' CosineSimilarityLoss on pairs of training messages (per message and round one positive
+partner of its intent and one negative of another, ``--setfit-iterations`` rounds, at most ``--setfit-max-pairs``),
+one epoch, lr 2e-5, batch 16, mean pooling as the frozen rung. The tuned encoder is saved as a plain folder, which is
+what ``student.source=path student.path=DIR`` reads, so the rung it measures is one a user can run.
 
 ``--rungs lm``: student=smollm2_135m trained by the train stage itself (distill.stages.train.run) on the same
 split with its shipped defaults (distill/conf/train/lora.yaml: train.epochs, early stopping on the val agreement
@@ -38,6 +44,7 @@ import csv
 import random
 import shutil
 import sys
+import tempfile
 import textwrap
 import time
 from collections import defaultdict
@@ -153,6 +160,59 @@ def lm_rung(root: Path, intents: list[str], train: list, val: list, test: list, 
     del model
     gc.collect()
     return row, note
+
+
+# -- --rungs setfit: the encoder fine-tuned on contrastive pairs, then the same heads ------------------------------
+
+def contrastive_pairs(train: list, iterations: int, seed: int) -> list[tuple[str, str, float]]:
+    """SetFit's pair sampling: for every training message, ``iterations`` rounds of one positive partner (same
+    label, label 1.0) and one negative partner (another label, 0.0), drawn with a seeded generator."""
+    rng = random.Random(seed)
+    by_label = defaultdict(list)
+    for text, label in train:
+        by_label[label].append(text)
+    labels = sorted(by_label)
+    pairs = []
+    for _ in range(iterations):
+        for text, label in train:
+            same = by_label[label]
+            pairs.append((text, same[rng.randrange(len(same))], 1.0))
+            other = labels[rng.randrange(len(labels) - 1)]
+            other = labels[-1] if other == label else other  # uniform over the other labels
+            pairs.append((text, by_label[other][rng.randrange(len(by_label[other]))], 0.0))
+    rng.shuffle(pairs)
+    return pairs
+
+
+def finetune_encoder(folder: Path, out: Path, train: list, iterations: int, max_pairs: int, max_seq_len: int,
+                     seed: int) -> dict:
+    """Fine-tune the MiniLM in ``folder`` the SetFit way (sentence-transformers: mean pooling, CosineSimilarityLoss
+    on ``contrastive_pairs``, one epoch, lr 2e-5, batch 16, SetFit's defaults) and save it as a plain encoder
+    folder (config, safetensors, tokenizer) that student=embed_classifier reads with ``student.source=path``."""
+    from datasets import Dataset
+    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
+                                       SentenceTransformerTrainingArguments)
+    from sentence_transformers.sentence_transformer import losses, modules
+
+    pairs = contrastive_pairs(train, iterations, seed)[:max_pairs]
+    word = modules.Transformer(str(folder), max_seq_length=max_seq_len)
+    model = SentenceTransformer(modules=[word, modules.Pooling(word.get_embedding_dimension(), "mean")],
+                                device="cpu")
+    data = Dataset.from_dict({"sentence1": [a for a, _, _ in pairs], "sentence2": [b for _, b, _ in pairs],
+                              "label": [y for _, _, y in pairs]})
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out / "trainer"), num_train_epochs=1, per_device_train_batch_size=16, learning_rate=2e-5,
+        warmup_steps=0.1, seed=seed, save_strategy="no", report_to="none", logging_steps=50,
+        use_cpu=True, dataloader_drop_last=False)
+    started = time.perf_counter()
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
+                                         loss=losses.CosineSimilarityLoss(model))
+    result = trainer.train()
+    out.mkdir(parents=True, exist_ok=True)
+    word.auto_model.save_pretrained(out, safe_serialization=True)
+    word.tokenizer.save_pretrained(out)
+    return {"pairs": len(pairs), "steps": result.global_step, "loss": round(result.training_loss, 4),
+            "s": time.perf_counter() - started}
 
 
 # -- --teacher embedded: the embedded teacher's labels, hard vs soft targets ----------------------------------------
@@ -300,8 +360,6 @@ def lm_teacher_rung(root: Path, rows: dict, recipe_dir: Path, targets: str, hour
 
 
 def teacher_main(args, scfg, hourly: float) -> None:
-    import tempfile
-
     import torch
 
     from distill.metrics.stats import format_interval, rate
@@ -352,9 +410,38 @@ def teacher_main(args, scfg, hourly: float) -> None:
            record=not args.no_record)
 
 
+def embed_rung(folder: Path, scfg, train: list, val: list, test: list, enums: dict, hourly: float, seed: int,
+               tune_s: float, started: float) -> tuple[list, str]:
+    """([train examples, accuracy, chosen, train s, score s, train+score s, wall s, $/1k], note): the classifier
+    on the encoder in ``folder`` (train s includes ``tune_s``, the encoder's fine-tuning)."""
+    from distill.metrics.stats import rate
+    from distill.student.embed_classifier import EmbedClassifier, fit_heads
+
+    clf = EmbedClassifier(folder, {}, {"encoder": {"max_seq_len": scfg.max_seq_len}})
+    t0 = time.perf_counter()
+    x = clf.embed([t for t, _ in train], scfg.head.batch_size)
+    x_val = clf.embed([t for t, _ in val], scfg.head.batch_size)
+    clf.heads, report = fit_heads(x, [{"intent": i} for _, i in train], x_val, [{"intent": i} for _, i in val],
+                                  enums, scfg.head)
+    train_s = time.perf_counter() - t0 + tune_s
+    t0 = time.perf_counter()
+    answers = [a for a, _, _ in clf.predict([t for t, _ in test], scfg.head.batch_size)]
+    score_s = time.perf_counter() - t0
+    wall_s = time.perf_counter() - started
+    acc = rate([a["intent"] == i for a, (_, i) in zip(answers, test)], resamples=1000, level=0.95, seed=seed)
+    usd_per_1k = hourly / 3600 * score_s / len(test) * 1000
+    row = [len(train), f"{100 * acc['value']:.1f}% [{100 * acc['low']:.1f}, {100 * acc['high']:.1f}]",
+           f"C={report['intent']['C']}", f"{train_s:.1f}", f"{score_s:.1f}", f"{train_s + score_s:.1f}",
+           f"{wall_s:.1f}", f"{usd_per_1k:.6f}"]
+    return row, f"val accuracy by C {report['intent']['tried']}, converged {report['intent']['converged']}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rungs", nargs="+", choices=["embed", "lm"], default=["embed"])
+    ap.add_argument("--rungs", nargs="+", choices=["embed", "setfit", "lm"], default=["embed"],
+                    help="setfit: the encoder fine-tuned on contrastive pairs first (gold labels only)")
+    ap.add_argument("--setfit-iterations", type=int, default=20, help="pair rounds per message (SetFit's default)")
+    ap.add_argument("--setfit-max-pairs", type=int, default=20000, help="a cap on the pairs (CPU time)")
     ap.add_argument("--targets", nargs="+", choices=["hard", "soft", "soft_confidence"], default=["hard"],
                     help="hard and soft for the LM rung with gold labels; any of them with --teacher embedded")
     ap.add_argument("--teacher", choices=["gold", "embedded"], default="gold",
@@ -362,7 +449,8 @@ def main() -> None:
     ap.add_argument("--teacher-set", nargs="*", default=[], help="extra key=value settings for generate")
     ap.add_argument("--lm-set", nargs="*", default=[], help="extra key=value settings for the LM rung")
     ap.add_argument("--work", type=Path, default=None, help="keep the LM run directories here")
-    ap.add_argument("--per-intent", type=int, nargs="+", default=[10, 100])
+    ap.add_argument("--per-intent", type=int, nargs="+", default=[10, 100],
+                    help="training messages per intent; 0 = every message left after test and val (the full split)")
     ap.add_argument("--test-per-intent", type=int, default=25)
     ap.add_argument("--val-per-intent", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
@@ -370,12 +458,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.teacher == "gold" and "soft_confidence" in args.targets:
         ap.error("--targets soft_confidence needs --teacher embedded: gold labels carry no confidence to fall back on")
+    if args.teacher == "embedded" and "setfit" in args.rungs:
+        ap.error("--rungs setfit is measured with gold labels (--teacher gold)")
 
     import torch
 
     from distill.config import load_config
-    from distill.metrics.stats import rate
-    from distill.student.embed_classifier import EmbedClassifier, encoder_folder, fit_heads
+    from distill.student.embed_classifier import encoder_folder
 
     cfg = load_config(["student=embed_classifier", "run_dir=/tmp/distill-ladder-unused"])
     scfg, hourly = cfg.student, cfg.eval.cost.student_usd_per_hour
@@ -384,6 +473,8 @@ def main() -> None:
         return
     by_intent = load_intents()
     test, val, pool = splits(by_intent, args.test_per_intent, args.val_per_intent, args.seed)
+    if "lm" in args.rungs and 0 in args.per_intent:
+        ap.error("--per-intent 0 (the full split) is for the embedding rungs: the LM would take hours per epoch here")
     short = [i for i, texts in pool.items() if len(texts) < max(args.per_intent)]
     if short:
         raise SystemExit(f"intents with fewer than {max(args.per_intent)} training messages left: {short}")
@@ -392,37 +483,30 @@ def main() -> None:
 
     rows, notes = [], []
     for n in args.per_intent:
+        take = n or None  # 0: the whole pool of every intent
         if "lm" in args.rungs:
-            import tempfile
-
             root = (args.work or Path(tempfile.mkdtemp(prefix="distill-ladder-"))) / f"n{n}"
-            train = [(t, i) for i in intents for t in pool[i][:n]]
+            train = [(t, i) for i in intents for t in pool[i][:take]]
             for targets in args.targets:
                 row, note = lm_rung(root, intents, train, val, test, targets, hourly, args.seed, args.lm_set)
                 rows.append([n, *row])
                 notes.append(f"n={n}: {note}")
-        if "embed" not in args.rungs:
-            continue
-        started = time.perf_counter()
-        clf = EmbedClassifier(encoder_folder(scfg), {}, {"encoder": {"max_seq_len": scfg.max_seq_len}})
-        train = [(t, i) for i in intents for t in pool[i][:n]]
-        t0 = time.perf_counter()
-        x = clf.embed([t for t, _ in train], scfg.head.batch_size)
-        x_val = clf.embed([t for t, _ in val], scfg.head.batch_size)
-        clf.heads, report = fit_heads(x, [{"intent": i} for _, i in train], x_val, [{"intent": i} for _, i in val],
-                                      enums, scfg.head)
-        train_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        answers = [a for a, _, _ in clf.predict([t for t, _ in test], scfg.head.batch_size)]
-        score_s = time.perf_counter() - t0
-        wall_s = time.perf_counter() - started
-        acc = rate([a["intent"] == i for a, (_, i) in zip(answers, test)], resamples=1000, level=0.95, seed=args.seed)
-        usd_per_1k = hourly / 3600 * score_s / len(test) * 1000
-        rows.append([n, len(train), f"{100 * acc['value']:.1f}% [{100 * acc['low']:.1f}, {100 * acc['high']:.1f}]",
-                     "embed_classifier", f"C={report['intent']['C']}", f"{train_s:.1f}", f"{score_s:.1f}",
-                     f"{train_s + score_s:.1f}",
-                     f"{wall_s:.1f}", f"{usd_per_1k:.6f}"])
-        notes.append(f"n={n}: val accuracy by C {report['intent']['tried']}, converged {report['intent']['converged']}")
+        for rung in [r for r in ("embed", "setfit") if r in args.rungs]:
+            started = time.perf_counter()
+            train = [(t, i) for i in intents for t in pool[i][:take]]
+            folder, tuned, tune_s = encoder_folder(scfg), None, 0.0
+            if rung == "setfit":
+                folder = (args.work or Path(tempfile.mkdtemp(prefix="distill-setfit-"))) / f"setfit-n{n}"
+                tuned = finetune_encoder(encoder_folder(scfg), folder, train, args.setfit_iterations,
+                                         args.setfit_max_pairs, scfg.max_seq_len, args.seed)
+                tune_s = tuned["s"]
+            row, note = embed_rung(folder, scfg, train, val, test, enums, hourly, args.seed, tune_s, started)
+            name = "embed_classifier" + (" (SetFit-tuned encoder)" if tuned else "")
+            rows.append([n or "all", row[0], row[1], name, *row[2:]])
+            notes.append(f"n={n or 'all'} {rung}: {note}" + (
+                f"; encoder fine-tuned on {tuned['pairs']} pairs ({args.setfit_iterations} rounds per message, "
+                f"cap {args.setfit_max_pairs}), {tuned['steps']} steps, loss {tuned['loss']}, {tuned['s']:.0f} s"
+                if tuned else ""))
 
     headers = ["examples per intent", "train examples", "accuracy vs gold [95% CI]", "rung", "chosen on val", "train s",
                "score s", "train+score s", "wall s", "$ per 1k requests"]
@@ -430,18 +514,21 @@ def main() -> None:
                f"{cfg.train.epochs:g}, early stopping on val agreement, patience {cfg.train.early_stopping_patience}) "
                f"trained by the train stage, scored by scored decoding; train s = the train stage (validations "
                f"included)." if "lm" in args.rungs else "")
+    setfit_text = (" SetFit-tuned rows: the encoder first fine-tuned the SetFit way (contrastive pairs, "
+                   "CosineSimilarityLoss, one epoch, sentence-transformers), then the same heads; train s includes "
+                   "the fine-tuning." if "setfit" in args.rungs else "")
     text = "\n".join([textwrap.fill(
         f"student=embed_classifier (frozen all-MiniLM-L6-v2 + LogisticRegression, class_weight "
         f"{scfg.head.class_weight}, C from {scfg.head.c_grid} on val) on Bitext's {len(intents)} intents, gold labels "
         f"as a perfect teacher; test {len(test)} messages ({args.test_per_intent} per intent), val {len(val)} "
         f"({args.val_per_intent} per intent), seed {args.seed}, torch threads {torch.get_num_threads()}. train s = "
         f"embed train + val and fit; score s = embed + heads on the test set; wall s adds loading the encoder; $ per "
-        f"1k at ${hourly}/h over the measured scoring rate. Chance: {100 / len(intents):.1f}%.{lm_text}",
+        f"1k at ${hourly}/h over the measured scoring rate. Chance: {100 / len(intents):.1f}%.{setfit_text}{lm_text}",
         width=116), "",
         table(headers, rows), "", *[f"- {note}" for note in notes]])
     print(text)
-    section = ("Student ladder: the embedding classifier on Bitext intents" if args.rungs == ["embed"]
-               else "Student ladder: the embedding classifier and the LoRA LM on Bitext intents")
+    section = ("Student ladder: the embedding classifier and the LoRA LM on Bitext intents" if "lm" in args.rungs
+               else "Student ladder: the embedding classifier on Bitext intents")
     append(section, text, record=not args.no_record)
 
 
