@@ -142,7 +142,7 @@ def test_soft_targets_move_the_heads_distribution_to_the_teachers():
     weighted by its probability), the head's probabilities approach the teacher's; hard labels push them to ~1."""
     from sklearn.linear_model import LogisticRegression
 
-    from distill.student.embed_classifier import _replicate
+    from distill.student.heads import _replicate
 
     rng = np.random.default_rng(1)
     centers = rng.normal(size=(2, 8)) * 4
@@ -168,7 +168,7 @@ def test_soft_targets_are_balanced_by_probability_mass():
     hard labels weigh by count), not by the copies _replicate makes (one per value per example: all equal)."""
     from sklearn.utils.class_weight import compute_class_weight
 
-    from distill.student.embed_classifier import soft_class_weight
+    from distill.student.heads import soft_class_weight
 
     y = np.array([0, 0, 0, 1, 2, 2])
     one_hot = np.eye(3)[y]
