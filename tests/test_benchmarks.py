@@ -89,6 +89,34 @@ def test_student_ladder_tiny():
     assert row[2].strip() == "54" and float(row[3].split("%")[0]) > 100 / 27  # 27 intents: above chance
 
 
+def test_setfit_pairs_pair_each_message_with_its_own_label_and_another():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.student_ladder import contrastive_pairs
+
+    train = [(f"{label}{k}", label) for label in "abc" for k in range(3)]
+    label_of = dict(train)
+    pairs = contrastive_pairs(train, iterations=4, seed=0)
+    assert len(pairs) == 2 * 4 * len(train)
+    assert all((label_of[a] == label_of[b]) == (y == 1.0) for a, b, y in pairs)
+    assert {label_of[b] for a, b, y in pairs if y == 0.0 and label_of[a] == "a"} == {"b", "c"}  # every other label
+    assert pairs == contrastive_pairs(train, iterations=4, seed=0)
+
+
+@needs_bitext
+def test_student_ladder_setfit_tiny(tmp_path):
+    from distill.data import embed
+    from safetensors.numpy import load_file
+
+    out = run("student_ladder.py", "--rungs", "embed", "setfit", "--per-intent", "2", "--test-per-intent", "2",
+              "--val-per-intent", "1", "--setfit-iterations", "1", "--work", str(tmp_path))
+    (row,) = [line.split("|") for line in out.splitlines() if "SetFit-tuned" in line and line.startswith("| 2 |")]
+    assert float(row[3].split("%")[0]) > 100 / 27
+    tuned = load_file(str(tmp_path / "setfit-n2" / "model.safetensors"))
+    base = load_file(str(embed.model_dir() / "model.safetensors"))
+    changed = [k for k in base if k in tuned and not (tuned[k] == base[k]).all()]
+    assert len(changed) > len(base) // 2, "the contrastive epoch left most encoder weights as packaged"
+
+
 @pytest.mark.e2e
 @needs_bitext
 def test_student_ladder_embedded_teacher_soft_vs_hard_tiny(tmp_path):
