@@ -17,7 +17,7 @@ measured scoring throughput. ``--per-intent 0`` trains on every message left aft
 sentence-transformers' CosineSimilarityLoss on pairs of training messages (per message and round one positive
 partner of its intent and one negative of another, ``--setfit-iterations`` rounds, at most ``--setfit-max-pairs``),
 one epoch, lr 2e-5, batch 16, mean pooling as the frozen rung. The tuned encoder is saved as a plain folder, which is
-what ``student.source=path student.path=DIR`` reads, so the rung it measures is one a user can run.
+what ``student.source=hf student.path=DIR`` reads, so the rung it measures is one a user can run.
 
 ``--rungs lm``: student=smollm2_135m trained by the train stage itself (distill.stages.train.run) on the same
 split with its shipped defaults (distill/conf/train/lora.yaml: train.epochs, early stopping on the val agreement
@@ -188,7 +188,7 @@ def finetune_encoder(folder: Path, out: Path, train: list, iterations: int, max_
                      seed: int) -> dict:
     """Fine-tune the MiniLM in ``folder`` the SetFit way (sentence-transformers: mean pooling, CosineSimilarityLoss
     on ``contrastive_pairs``, one epoch, lr 2e-5, batch 16, SetFit's defaults) and save it as a plain encoder
-    folder (config, safetensors, tokenizer) that student=embed_classifier reads with ``student.source=path``."""
+    folder (config, safetensors, tokenizer) that student=embed_classifier reads with ``student.source=hf``."""
     from datasets import Dataset
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments)
