@@ -147,7 +147,9 @@ def test_input_drift_alarms_on_another_category_and_falls_back(published, tmp_pa
         with background(cfg) as url:
             routes = [_post(url, t).headers["x-distill-route"] for t in stationary]
             routes += [_post(url, t).headers["x-distill-route"] for t in OFF_TOPIC]
-            _wait(lambda: _metric(url, "distill_drift_alarm", task=TASK, kind="inputs") == 1, timeout_s=120)
+            # the reference (MiniLM loaded, train and val embedded) is built in the background first: minutes on
+            # 2 loaded cores
+            _wait(lambda: _metric(url, "distill_drift_alarm", task=TASK, kind="inputs") == 1, timeout_s=360)
             after = _post(url, "What is the capital of Australia, and why is it not Sydney?")
     assert routes == ["student"] * 60  # the test never held a request
     alarms = [e for e in read_events(run_dir / "serve") if e["event"] == "drift_alarm"]
