@@ -7,7 +7,7 @@ Bitext's 27 intents (../shared/data, never copied) with the gold labels standing
 fixed, stratified test set (``--test-per-intent`` messages per intent) and val set (``--val-per-intent``, what the
 head's C is chosen on); for each budget n, the first n remaining messages of every intent train student=embed_classifier
 with its shipped settings (distill/conf/student/embed_classifier.yaml) through the package's own code (the frozen
-MiniLM, distill.student.embed_classifier.fit_heads). Exact duplicate messages (case-insensitive) are dropped first,
+MiniLM, distill.student.heads.fit_heads). Exact duplicate messages (case-insensitive) are dropped first,
 so no test message is also a training one. Reported: accuracy vs gold with a 95% percentile bootstrap interval
 (distill.metrics.stats.rate, 1,000 resamples), seconds to train (embed train + val, fit the heads) and to score the
 test set (embed + heads), the rung's wall time, and $ per 1,000 requests at eval.cost.student_usd_per_hour over the
@@ -414,8 +414,9 @@ def embed_rung(folder: Path, scfg, train: list, val: list, test: list, enums: di
                tune_s: float, started: float) -> tuple[list, str]:
     """([train examples, accuracy, chosen, train s, score s, train+score s, wall s, $/1k], note): the classifier
     on the encoder in ``folder`` (train s includes ``tune_s``, the encoder's fine-tuning)."""
-    from distill.metrics.stats import rate
-    from distill.student.embed_classifier import EmbedClassifier, fit_heads
+    from distill.metrics.stats import format_interval, rate
+    from distill.student.embed_classifier import EmbedClassifier
+    from distill.student.heads import fit_heads
 
     clf = EmbedClassifier(folder, {}, {"encoder": {"max_seq_len": scfg.max_seq_len}})
     t0 = time.perf_counter()
@@ -430,8 +431,7 @@ def embed_rung(folder: Path, scfg, train: list, val: list, test: list, enums: di
     wall_s = time.perf_counter() - started
     acc = rate([a["intent"] == i for a, (_, i) in zip(answers, test)], resamples=1000, level=0.95, seed=seed)
     usd_per_1k = hourly / 3600 * score_s / len(test) * 1000
-    row = [len(train), f"{100 * acc['value']:.1f}% [{100 * acc['low']:.1f}, {100 * acc['high']:.1f}]",
-           f"C={report['intent']['C']}", f"{train_s:.1f}", f"{score_s:.1f}", f"{train_s + score_s:.1f}",
+    row = [len(train), format_interval(acc), f"C={report['intent']['C']}", f"{train_s:.1f}", f"{score_s:.1f}", f"{train_s + score_s:.1f}",
            f"{wall_s:.1f}", f"{usd_per_1k:.6f}"]
     return row, f"val accuracy by C {report['intent']['tried']}, converged {report['intent']['converged']}"
 
