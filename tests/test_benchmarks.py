@@ -89,6 +89,14 @@ def test_student_ladder_tiny():
     assert row[2].strip() == "54" and float(row[3].split("%")[0]) > 100 / 27  # 27 intents: above chance
 
 
+@needs_bitext
+def test_student_ladder_lm_on_the_full_split_needs_an_epoch_bound():
+    args = [sys.executable, str(REPO / "benchmarks" / "student_ladder.py"), "--rungs", "lm", "--per-intent", "0",
+            "--no-record"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2 and "--lm-set train.epochs=N" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_setfit_pairs_pair_each_message_with_its_own_label_and_another():
     sys.path.insert(0, str(REPO))
     from benchmarks.student_ladder import contrastive_pairs

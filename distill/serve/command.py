@@ -75,7 +75,8 @@ def load_serve_config(overrides: list[str]) -> Config:
     run_dir = Path(run_dirs[0]).expanduser()
     saved = run_dir / paths.CONFIG_YAML
     if not saved.is_file():
-        raise DistillError(f"{saved} does not exist: serve needs a run directory made by `python -m distill run`")
+        raise DistillError(f"{saved} does not exist: run_dir= must name a run directory made by `python -m distill run` "
+                           f"(serve, status and calibrate-cache read its config.yaml)")
     data = yaml.safe_load(saved.read_text(encoding="utf-8"))
     serve_over, other = [], []
     for item in overrides:
