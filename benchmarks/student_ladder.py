@@ -433,8 +433,8 @@ def embed_rung(folder: Path, scfg, train: list, val: list, test: list, enums: di
     wall_s = time.perf_counter() - started
     acc = rate([a["intent"] == i for a, (_, i) in zip(answers, test)], resamples=1000, level=0.95, seed=seed)
     usd_per_1k = hourly / 3600 * score_s / len(test) * 1000
-    row = [len(train), format_interval(acc), f"C={report['intent']['C']}", f"{train_s:.1f}", f"{score_s:.1f}", f"{train_s + score_s:.1f}",
-           f"{wall_s:.1f}", f"{usd_per_1k:.6f}"]
+    row = [len(train), format_interval(acc), f"C={report['intent']['C']}", f"{train_s:.1f}", f"{score_s:.1f}",
+           f"{train_s + score_s:.1f}", f"{wall_s:.1f}", f"{usd_per_1k:.6f}"]
     return row, f"val accuracy by C {report['intent']['tried']}, converged {report['intent']['converged']}"
 
 
@@ -462,6 +462,11 @@ def main() -> None:
         ap.error("--targets soft_confidence needs --teacher embedded: gold labels carry no confidence to fall back on")
     if args.teacher == "embedded" and "setfit" in args.rungs:
         ap.error("--rungs setfit is measured with gold labels (--teacher gold)")
+    bounded = any(s.split("=", 1)[0] in ("train.epochs", "train.max_steps") for s in args.lm_set)
+    if "lm" in args.rungs and 0 in args.per_intent and not bounded:
+        ap.error("--per-intent 0 (the full split) with the LM rung trains about 4,100 messages, about 45 minutes an "
+                 "epoch on 2 CPU cores and up to 5 epochs by default: bound it with --lm-set train.epochs=N (or "
+                 "train.max_steps=N), or leave lm out of --rungs")
 
     import torch
 
@@ -475,11 +480,6 @@ def main() -> None:
         return
     by_intent = load_intents()
     test, val, pool = splits(by_intent, args.test_per_intent, args.val_per_intent, args.seed)
-    bounded = any(s.split("=", 1)[0] in ("train.epochs", "train.max_steps") for s in args.lm_set)
-    if "lm" in args.rungs and 0 in args.per_intent and not bounded:
-        ap.error("--per-intent 0 (the full split) with the LM rung trains about 4,100 messages, about 45 minutes an "
-                 "epoch on 2 CPU cores and up to 5 epochs by default: bound it with --lm-set train.epochs=N (or "
-                 "train.max_steps=N), or leave lm out of --rungs")
     short = [i for i, texts in pool.items() if len(texts) < max(args.per_intent)]
     if short:
         raise SystemExit(f"intents with fewer than {max(args.per_intent)} training messages left: {short}")
@@ -488,14 +488,14 @@ def main() -> None:
 
     rows, notes = [], []
     for n in args.per_intent:
-        take = n or None  # 0: the whole pool of every intent
+        take, label = (n, n) if n else (None, "all")  # 0: the whole pool of every intent
         if "lm" in args.rungs:
             root = (args.work or Path(tempfile.mkdtemp(prefix="distill-ladder-"))) / f"n{n}"
             train = [(t, i) for i in intents for t in pool[i][:take]]
             for targets in args.targets:
                 row, note = lm_rung(root, intents, train, val, test, targets, hourly, args.seed, args.lm_set)
-                rows.append([n or "all", *row])
-                notes.append(f"n={n or 'all'}: {note}")
+                rows.append([label, *row])
+                notes.append(f"n={label}: {note}")
         for rung in [r for r in ("embed", "setfit") if r in args.rungs]:
             started = time.perf_counter()
             train = [(t, i) for i in intents for t in pool[i][:take]]
@@ -507,8 +507,8 @@ def main() -> None:
                 tune_s = tuned["s"]
             row, note = embed_rung(folder, scfg, train, val, test, enums, hourly, args.seed, tune_s, started)
             name = "embed_classifier" + (" (SetFit-tuned encoder)" if tuned else "")
-            rows.append([n or "all", row[0], row[1], name, *row[2:]])
-            notes.append(f"n={n or 'all'} {rung}: {note}" + (
+            rows.append([label, row[0], row[1], name, *row[2:]])
+            notes.append(f"n={label} {rung}: {note}" + (
                 f"; encoder fine-tuned on {tuned['pairs']} pairs ({args.setfit_iterations} rounds per message, "
                 f"cap {args.setfit_max_pairs}), {tuned['steps']} steps, loss {tuned['loss']}, {tuned['s']:.0f} s"
                 if tuned else ""))
