@@ -5,8 +5,10 @@ so that no reader and no kill ever sees old DONE.json over half-deleted or new f
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -385,3 +387,40 @@ def test_failed_publish_keeps_the_old_publish_trusted_and_a_swapped_one_without_
     pipeline.run_stage(cfg, "publish")
     assert builds[-1] == "new" and len(builds) == 5
     assert _leftovers(run_dir) == []
+
+
+def _build_cache_folder(target: str, log_path: str, go) -> None:
+    """One process asking for the shared cache folder: records each build it runs and each file it then finds."""
+    from distill.student.models import _build_once
+
+    def build(tmp: Path) -> None:
+        with open(log_path, "a") as f:
+            f.write(f"build {os.getpid()}\n")
+        tmp.mkdir(parents=True)
+        (tmp / "weights.bin").write_bytes(b"x" * 1_000_000)
+        time.sleep(0.5)  # long enough for the other process to arrive while this one builds
+        (tmp / "config.json").write_text("{}")
+
+    go.wait()
+    _build_once(Path(target), build, "config.json")
+    found = sorted(p.name for p in Path(target).iterdir())
+    with open(log_path, "a") as f:
+        f.write(f"found {os.getpid()} {','.join(found)}\n")
+
+
+def test_processes_that_start_together_on_an_empty_cache_build_it_once_and_all_find_it_whole(tmp_path):
+    # Two ladder runs started side by side used to both dequantize the student and the second rename deleted the
+    # folder the first one was loading from ("no file named model.safetensors").
+    ctx = multiprocessing.get_context("fork")
+    go, target, log_path = ctx.Event(), tmp_path / "students" / "s-1", tmp_path / "log"
+    procs = [ctx.Process(target=_build_cache_folder, args=(str(target), str(log_path), go)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    go.set()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    lines = log_path.read_text().splitlines()
+    assert len([line for line in lines if line.startswith("build")]) == 1
+    assert [line.split()[2] for line in lines if line.startswith("found")] == ["config.json,weights.bin"] * 3
+    assert sorted(p.name for p in target.parent.iterdir()) == ["s-1", "s-1.lock"]

@@ -43,9 +43,9 @@ def cached_gguf_base(scfg: StudentConfig, cache_dir: Path) -> Path:
     target = Path(cache_dir) / "students" / f"{scfg.name}-{_file_key(gguf)}"
     if (target / "config.json").exists():
         return target
-    log.info("dequantizing %s to fp32 safetensors once (cached in %s)", gguf.name, target)
 
     def build(tmp: Path) -> None:
+        log.info("dequantizing %s to fp32 safetensors once (cached in %s)", gguf.name, target)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         # transformers refuses to save a GGUF-loaded model while its GGUF quantizer is attached.
@@ -56,17 +56,27 @@ def cached_gguf_base(scfg: StudentConfig, cache_dir: Path) -> Path:
         tokenizer.save_pretrained(tmp)
         runio.write_json(tmp / "distill_source.json", {"gguf": str(gguf), "gguf_sha256": runio.sha256_file(gguf)})
 
-    _build_once(target, build)
+    _build_once(target, build, "config.json")
     return target
 
 
-def _build_once(target: Path, build) -> None:
-    """Build a cache folder in a temp sibling and rename it into place, so a half-built one is never used."""
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+def _build_once(target: Path, build, marker: str) -> None:
+    """Build a cache folder in a temp sibling and rename it into place, so a half-built one is never used.
+
+    Processes that start together on an empty cache (two benchmark runs, a sweep) take a file lock on the folder's
+    name: one builds, the others wait and find it built; none deletes a folder another has just put in place.
+    """
+    from filelock import FileLock
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / marker).exists():
+            return
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
 
 
 def load_tokenizer(cfg: Config):
@@ -100,7 +110,7 @@ def cached_gguf_tokenizer(scfg: StudentConfig, cache_dir: Path) -> Path:
     if (target / "tokenizer_config.json").exists():
         return target
     _build_once(target, lambda tmp: AutoTokenizer.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp))
+        str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp), "tokenizer_config.json")
     return target
 
 
