@@ -267,6 +267,9 @@ def _config(name: str, overrides: list[str]) -> int:
         cfg = config.load_config([o for o in overrides if o != "--resolved"])
         print(yaml.safe_dump(config.public_dict(cfg), sort_keys=False, allow_unicode=True), end="")
         return 0
+    if overrides:
+        # the listing takes no overrides; a mistyped one is still named, as `run` would name it
+        config.load_config(overrides)
     recipes = config.list_recipes()
     for group, options in config.group_options().items():
         print(f"{group}:  (pick one with {group}=NAME)")

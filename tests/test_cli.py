@@ -78,6 +78,9 @@ def test_commands_on_an_existing_run_say_they_need_run_dir(name, capsys, tmp_pat
     (["config", "--resolved", "recipe=support_ticket"], "did you mean recipe=support_tickets?"),
     (["config", "--resolved", "teacher=openia"], "did you mean teacher=openai?"),
     (["evalute", "run_dir=x"], "did you mean evaluate?"),
+    # the listing without --resolved: an override is still checked, not ignored
+    (["config", "profile=smok"], "did you mean profile=smoke?"),
+    (["config", "train.lr_schedul=cosine"], "did you mean train.lr_schedule?"),
 ])
 def test_typos_get_did_you_mean(args, hint, capsys):
     assert main(args) == 2
