@@ -363,6 +363,25 @@ def test_epochs_decide_and_the_summary_says_so(labelled_run, tmp_path):
     assert any(t.abs().sum() > 0 for name, t in _adapter(run_dir).items() if "lora_B" in name)
 
 
+def test_lr_schedule_reaches_the_optimizer_steps(labelled_run, tmp_path):
+    lrs = {}
+    for schedule in ("linear", "cosine", "constant"):
+        run_dir = _copy(labelled_run, tmp_path / schedule)
+        cfg = load_config(_train_args(run_dir, "train.max_steps=6", "train.epochs=null", "train.save_steps=6",
+                                      "train.warmup_ratio=0", "train.lr=1e-3", "train.early_stopping_patience=null",
+                                      f"train.lr_schedule={schedule}")[1:])
+        pipeline.run_stage(cfg, "train")
+        rows = runio.read_jsonl(paths.stage_dir(run_dir, "train") / paths.TRAIN_METRICS)
+        lrs[schedule] = [r["lr"] for r in rows if "loss" in r]
+    assert lrs["constant"] == pytest.approx([1e-3] * 6)
+    # both decay to 0 over the 6 planned steps; cosine stays above linear for the first half and below it after
+    for decaying in (lrs["linear"], lrs["cosine"]):
+        assert decaying[0] == pytest.approx(1e-3) and all(a > b for a, b in zip(decaying, decaying[1:]))
+    assert lrs["cosine"][1] > lrs["linear"][1] and lrs["cosine"][5] < lrs["linear"][5]
+    with pytest.raises(Exception, match="lr_schedule"):
+        load_config(_train_args(tmp_path / "x", "train.lr_schedule=warm_restarts")[1:])
+
+
 @pytest.mark.integration
 def test_two_processes_with_gloo_train_one_adapter(labelled_run, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model

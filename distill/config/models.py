@@ -185,6 +185,9 @@ class TrainConfig(_Strict):
     micro_batch_size: int | None = Field(None, ge=1)
     lr: float = Field(gt=0)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    # the learning rate after warm-up, over the planned steps (train.epochs or train.max_steps): linear (down to 0) |
+    # cosine (down to 0) | constant
+    lr_schedule: Literal["linear", "cosine", "constant"] = "linear"
     weight_decay: float = Field(0.0, ge=0)
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)

@@ -291,7 +291,8 @@ def run(cfg: Config, run_dir: Path) -> dict:
         per_device_eval_batch_size=tcfg.batch_size,
         gradient_accumulation_steps=tcfg.grad_accum * (tcfg.batch_size // micro),
         learning_rate=tcfg.lr,
-        lr_scheduler_type="linear",
+        # transformers' names; constant keeps the warm-up
+        lr_scheduler_type={"constant": "constant_with_warmup"}.get(tcfg.lr_schedule, tcfg.lr_schedule),
         warmup_steps=int(tcfg.warmup_ratio * plan["planned_steps"]),
         weight_decay=tcfg.weight_decay,
         logging_steps=1,
