@@ -378,7 +378,7 @@ def test_lr_schedule_reaches_the_optimizer_steps(labelled_run, tmp_path):
     for decaying in (lrs["linear"], lrs["cosine"]):
         assert decaying[0] == pytest.approx(1e-3) and all(a > b for a, b in zip(decaying, decaying[1:]))
     assert lrs["cosine"][1] > lrs["linear"][1] and lrs["cosine"][5] < lrs["linear"][5]
-    with pytest.raises(Exception, match="lr_schedule"):
+    with pytest.raises(DistillError, match="train.lr_schedule: Input should be"):
         load_config(_train_args(tmp_path / "x", "train.lr_schedule=warm_restarts")[1:])
 
 
