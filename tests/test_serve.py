@@ -624,6 +624,101 @@ def test_runtime_confidence_is_evaluates_scored_confidence_on_the_served_gguf(pu
         assert math.isclose(got["confidence"], math.prod(got["field_confidence"].values()), rel_tol=1e-9)
 
 
+@pytest.mark.parametrize("extra_values,max_nodes", [(0, None), (40, 512), (40, None)])
+def test_one_tree_decode_per_field_gives_the_candidate_by_candidate_scores(published, extra_values, max_nodes,
+                                                                           monkeypatch):
+    """The runtime scores an enum field's values in one llama.cpp decode (a token trie, one sequence per value) and
+    gets what scoring each value on its own gets; afterwards the cache holds only the prompt's sequence, so the
+    next request is not disturbed by the last one's values. A trie over ``TRIE_MAX_NODES`` is scored candidate by
+    candidate (the bound's path), with the same answers."""
+    from llama_cpp import llama_cpp as lib
+
+    from distill.serve import runtime
+    from distill.serve.runtime import Scorer
+    from distill.task import Task
+
+    if max_nodes:
+        monkeypatch.setattr(runtime, "TRIE_MAX_NODES", max_nodes)
+    tree_on = max_nodes is not None or extra_values == 0
+
+    cfg = load_serve_config([f"run_dir={published}"])
+    task = Task(cfg)
+    schema = json.loads(json.dumps(task.schema.schema))
+    field = next(iter(task.schema.enums))
+    schema["properties"][field]["enum"] += [f"extra_value_{j}" for j in range(extra_values)]
+    n_values = sum(len(v) for v in Task(cfg).schema.enums.values()) + extra_values
+    model_dir = paths.stage_dir(published, "publish") / paths.MODEL_DIR
+    (gguf,) = model_dir.glob("*-f32.gguf")
+    texts = [p["input"] for p in runio.read_jsonl(paths.stage_dir(published, "evaluate") / paths.PREDICTIONS)][:6]
+    tree, alone = Scorer(gguf, model_dir / paths.HF_DIR), Scorer(gguf, model_dir / paths.HF_DIR)
+    alone.model.trie_seqs = 0  # the candidate-by-candidate path
+    assert tree.model.trie_seqs >= n_values
+
+    def run(scorer, order):
+        calls, out = [], {}
+        for i in order:
+            before = scorer.model.decode_calls
+            out[i] = scorer.score(task.student_messages(texts[i]), schema, cfg.eval.max_new_tokens)
+            calls.append(scorer.model.decode_calls - before)
+        return out, calls
+
+    order = list(range(len(texts)))
+    got, tree_calls = run(tree, order)
+    want, alone_calls = run(alone, order)
+    again, _ = run(tree, order[::-1])  # another order: what an earlier request left in the cache changes nothing
+    n_fields = len(task.schema.enums)
+    for i in order:
+        assert got[i]["answer"] == want[i]["answer"] == again[i]["answer"]
+        assert got[i]["confidence"] == pytest.approx(want[i]["confidence"], abs=1e-5)
+        assert got[i]["field_confidence"] == pytest.approx(want[i]["field_confidence"], abs=1e-5)
+        assert again[i]["confidence"] == pytest.approx(got[i]["confidence"], abs=1e-6)
+    # one decode per field (the uncached prompt rides in the first), against the prompt's and one per candidate
+    if tree_on:
+        assert max(tree_calls) <= n_fields < min(alone_calls)
+    else:
+        assert n_fields < min(tree_calls) < min(alone_calls)  # the large field one by one, the small ones at once
+    mem = tree.model.llm._ctx.memory
+    assert lib.llama_memory_seq_pos_max(mem, 0) >= 0
+    assert all(lib.llama_memory_seq_pos_max(mem, s) == -1 for s in range(1, n_values + 2))
+
+
+def test_runtime_decodes_on_one_thread_whichever_thread_asks(published):
+    """llama.cpp runs a decode on an OpenMP team of the calling thread, and an idle team keeps spinning for a
+    while: decodes called from a server's pool threads in turn took cores from each other. Every decode of a
+    Scorer runs on its one worker thread, and concurrent requests get the answers they get one at a time."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from distill.serve.runtime import Scorer
+    from distill.task import Task
+
+    cfg = load_serve_config([f"run_dir={published}"])
+    task = Task(cfg)
+    model_dir = paths.stage_dir(published, "publish") / paths.MODEL_DIR
+    (gguf,) = model_dir.glob("*-q8_0.gguf")
+    texts = [p["input"] for p in runio.read_jsonl(paths.stage_dir(published, "evaluate") / paths.PREDICTIONS)][:8]
+    scorer = Scorer(gguf, model_dir / paths.HF_DIR)
+    threads = []
+    for name in ("_eval", "_decode_tree"):
+        inner = getattr(scorer.model, name)
+
+        def recorded(*a, _inner=inner, **k):
+            threads.append(threading.get_ident())
+            return _inner(*a, **k)
+
+        setattr(scorer.model, name, recorded)
+
+    def score(text):
+        return scorer.score(task.student_messages(text), task.schema.schema, cfg.eval.max_new_tokens)
+
+    alone = [score(t) for t in texts]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(score, texts))
+    assert len(threads) >= 2 * len(texts) and len(set(threads)) == 1
+    assert threads[0] != threading.get_ident()
+    assert [a["answer"] for a in together] == [a["answer"] for a in alone]
+
+
 def test_gateway_starts_the_runtime_and_routes_on_its_confidence(published, teacher, tmp_path):
     predictions = runio.read_jsonl(paths.stage_dir(published, "evaluate") / paths.PREDICTIONS)
     ranked = sorted(predictions, key=lambda p: p["confidence"])

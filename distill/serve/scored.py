@@ -56,6 +56,9 @@ class TokenModel(Protocol):
     # Optional, ``path_logprobs(ids, start, want) -> list[list[float]]``: for j = start .. len(ids) - 1, the
     # log-probs at position j of the tokens in ``want[j - start]`` (log P(t | ids[:j])). With it, ``tail_probs``
     # bounds the candidates it has not scored and skips those that cannot matter (``bounded_tail_probs``).
+    # Optional, ``trie_rows(seqs, starts) -> TokenModel | None``: a model that answers ``logprobs`` and
+    # ``path_logprobs`` for exactly these candidates from rows it computed at once (the runtime's tree decode);
+    # ``tail_probs`` then scores and bounds the candidates on it, as it would on the model itself.
 
 
 @dataclass
@@ -85,6 +88,10 @@ def tail_probs(model: TokenModel, tokenizer, prompt_ids: list[int], head: str, t
         full = _ids(tokenizer, head + tail)
         seqs.append(prompt_ids + full)
         starts.append(len(prompt_ids) + common_prefix(head_ids, full))
+    trie = getattr(model, "trie_rows", None)
+    rows = trie(seqs, starts) if trie is not None else None
+    if rows is not None:  # every row the candidates can ask for, from one decode: the same scores, no more calls
+        model = rows
     if getattr(model, "path_logprobs", None) is not None and tol > 0 and len(tails) > 2:
         scores = bounded_tail_probs(model, seqs, starts, tol)
         if scores is not None:
