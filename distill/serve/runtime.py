@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from distill import DistillError
+from distill.task import common_prefix
 from distill.teacher.server import LoopbackServer
 
 log = logging.getLogger("distill")
@@ -137,7 +138,7 @@ class LlamaTokens:
         distinct = sorted({tuple(q) for q in seqs})
         shared = min(starts)
         for q in distinct[1:]:
-            shared = min(shared, common_length(distinct[0], q))
+            shared = min(shared, common_prefix(distinct[0], q))
         if shared < 1 or len(distinct) > self.trie_seqs:
             return None
         members: dict[tuple, list[int]] = {}   # trie node (tokens after the shared prefix) -> candidates under it
@@ -151,7 +152,7 @@ class LlamaTokens:
             raise ValueError(f"{len(prefix)} prompt tokens and their candidates do not fit the runtime's context "
                              f"of {self.n_ctx}")
         llm = self.llm
-        keep = common_length(llm.input_ids[: llm.n_tokens].tolist(), prefix)
+        keep = common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prefix)
         if keep == shared and not self._rows[shared - 1]:
             keep = shared - 1  # cached without the row the first candidate token is read from: run it again
         if shared - keep + len(members) > self.llm.n_batch:  # a long prompt: cached first, then the trie alone
@@ -238,16 +239,6 @@ def _log_softmax(logits) -> np.ndarray:
     row = np.asarray(logits, dtype=np.float64)
     top = row.max()
     return row - (top + np.log(np.exp(row - top).sum()))
-
-
-def common_length(a, b) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class TrieRows:
