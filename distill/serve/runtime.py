@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from scipy.special import log_softmax
 
 from distill import DistillError
 from distill.task import common_prefix
@@ -172,7 +173,7 @@ class LlamaTokens:
         llm = self.llm
         shared, run = len(prefix), prefix[keep:]
         if not run and not nodes:
-            return TrieRows(prefix, np.asarray(llm.scores[shared - 1:shared], dtype=np.float32), {})
+            return TrieRows(shared, np.asarray(llm.scores[shared - 1:shared], dtype=np.float32), {})
         ctx, mem = llm._ctx.ctx, llm._ctx.memory
         if self._batch is None:
             self._batch = _Batch(llm.n_batch, self.trie_seqs + 1)
@@ -213,7 +214,7 @@ class LlamaTokens:
             for i in range(len(nodes)):
                 block[i + 1] = logits(len(run) + i)
             done = True
-            return TrieRows(prefix, block, {node: i + 1 for i, node in enumerate(nodes)})
+            return TrieRows(shared, block, {node: i + 1 for i, node in enumerate(nodes)})
         finally:
             for s in range(1, n_seqs + 1):
                 lib.llama_memory_seq_rm(mem, s, -1, -1)
@@ -236,18 +237,17 @@ class LlamaTokens:
 
 
 def _log_softmax(logits) -> np.ndarray:
-    row = np.asarray(logits, dtype=np.float64)
-    top = row.max()
-    return row - (top + np.log(np.exp(row - top).sum()))
+    return log_softmax(np.asarray(logits, dtype=np.float64))
 
 
 class TrieRows:
     """``scored.TokenModel``'s ``logprobs`` / ``path_logprobs`` for the candidates of one ``LlamaTokens.trie_rows``
-    call, read from the rows it decoded: ``logits[index[node]]`` is the logit row after ``prefix`` + ``node``
-    (``logits[0]`` after ``prefix``). A row is log-softmaxed when first read: the bound reads few of them."""
+    call, read from the rows it decoded: ``logits[index[node]]`` is the logit row after the ``shared`` prefix tokens
+    and ``node`` (``logits[0]`` after the prefix alone). A row is log-softmaxed when first read: the bound reads few
+    of them."""
 
-    def __init__(self, prefix: list[int], logits: np.ndarray, index: dict[tuple, int]):
-        self.shared, self.logits, self.index = len(prefix), logits, index
+    def __init__(self, shared: int, logits: np.ndarray, index: dict[tuple, int]):
+        self.shared, self.logits, self.index = shared, logits, index
         self._logp: dict[int, np.ndarray] = {}
 
     def _row(self, ids: list[int], j: int) -> np.ndarray:
