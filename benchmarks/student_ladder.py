@@ -1,6 +1,6 @@
 """The student ladder's rungs on Bitext intents: the embedding classifier and the LoRA LM at a few examples per intent.
 
-    python benchmarks/student_ladder.py [--rungs embed setfit lm] [--per-intent 10 100 0] [--test-per-intent 25]
+    python benchmarks/student_ladder.py [--rungs embed setfit fastfit lm] [--per-intent 10 100 0] [--test-per-intent 25]
                                         [--val-per-intent 5] [--targets hard soft] [--no-record]
 
 Bitext's 27 intents (../shared/data, never copied) with the gold labels standing in for a perfect teacher. One
@@ -20,6 +20,14 @@ sentence-transformers' CosineSimilarityLoss on pairs of training messages (per m
 partner of its intent and one negative of another, ``--setfit-iterations`` rounds, at most ``--setfit-max-pairs``),
 one epoch, lr 2e-5, batch 16, mean pooling as the frozen rung. The tuned encoder is saved as a plain folder, which is
 what ``student.source=hf student.path=DIR`` reads, so the rung it measures is one a user can run.
+
+``--rungs fastfit``: the same MiniLM trained the FastFit way (Yehudai and Bandel, 2024: batch contrastive
+learning against the intent names' encodings with token-level similarity, plus a classifier loss) by IBM's
+``fast-fit`` package with the settings of its README (``--fastfit-epochs`` 40, batch 32, 4 repeats, adafactor,
+classifier-loss factor 0.1; fp32 on CPU), scored by the package's own similarity classifier. A comparison only: no
+distill rung is built on it. ``fast-fit`` 1.2.1 (its last release) predates transformers 5 and datasets 3, so it is
+not a dependency: install it with ``pip install fast-fit --no-deps``; this rung bridges the three calls it makes
+that were removed (``datasets.load_metric``, ``Trainer(tokenizer=)``, ``TrainingArguments.overwrite_output_dir``).
 
 ``--rungs lm``: student=smollm2_135m trained by the train stage itself (distill.stages.train.run) on the same
 split with its shipped defaults (distill/conf/train/lora.yaml: train.epochs, early stopping on the val agreement
@@ -438,10 +446,79 @@ def embed_rung(folder: Path, scfg, train: list, val: list, test: list, enums: di
     return row, f"val accuracy by C {report['intent']['tried']}, converged {report['intent']['converged']}"
 
 
+def _fastfit():
+    """IBM's ``fast-fit`` package, bridged to the transformers and datasets installed (see the module docstring):
+    (FastFitTrainer, the per-item correctness of the last metric call, in a list the caller reads)."""
+    import datasets
+    import numpy as np
+    import transformers
+
+    last: list = []
+
+    class Accuracy:  # what datasets.load_metric("accuracy") returned, keeping the per-item result for intervals
+        def compute(self, predictions, references):
+            last[:] = list(np.asarray(predictions) == np.asarray(references))
+            return {"accuracy": float(np.mean(last))}
+
+    if not hasattr(datasets, "load_metric"):
+        datasets.load_metric = lambda *args, **kwargs: Accuracy()
+    if not hasattr(transformers.TrainingArguments, "overwrite_output_dir"):
+        transformers.TrainingArguments.overwrite_output_dir = True
+    try:
+        import fastfit.train as fastfit_train
+    except ImportError as exc:
+        raise SystemExit(f"--rungs fastfit needs IBM's fast-fit package: pip install fast-fit --no-deps ({exc})")
+
+    class Trainer(transformers.Trainer):  # transformers 5 renamed the tokenizer argument processing_class
+        def __init__(self, *args, tokenizer=None, **kwargs):
+            super().__init__(*args, processing_class=tokenizer, **kwargs)
+
+    fastfit_train.Trainer = Trainer
+    return fastfit_train.FastFitTrainer, last
+
+
+def fastfit_rung(folder: Path, out: Path, train: list, val: list, test: list, epochs: int, hourly: float,
+                 seed: int) -> tuple[list, str]:
+    """([train examples, accuracy, chosen, train s, score s, train+score s, wall s, $/1k], note): FastFit."""
+    import datasets
+
+    from distill.metrics.stats import format_interval, rate
+
+    started = time.perf_counter()
+    trainer_class, last = _fastfit()
+
+    def frame(items):
+        return datasets.Dataset.from_dict({"text": [t for t, _ in items], "label": [i for _, i in items]})
+
+    data = datasets.DatasetDict({"train": frame(train), "validation": frame(val), "test": frame(test)})
+    t0 = time.perf_counter()
+    trainer = trainer_class(
+        model_name_or_path=str(folder), label_column_name="label", text_column_name="text", dataset=data,
+        num_train_epochs=epochs, per_device_train_batch_size=32, per_device_eval_batch_size=64, max_text_length=128,
+        dataloader_drop_last=False, num_repeats=4, optim="adafactor", clf_loss_factor=0.1, fp16=False,
+        output_dir=str(out), save_strategy="no", report_to="none", seed=seed)
+    trainer.train()
+    val_acc = trainer.evaluate()["eval_accuracy"]
+    train_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    trainer.test()
+    score_s = time.perf_counter() - t0
+    if len(last) != len(test):
+        raise SystemExit(f"fast-fit scored {len(last)} test items, not {len(test)}: its API has changed")
+    acc = rate(last, resamples=1000, level=0.95, seed=seed)
+    wall_s = time.perf_counter() - started
+    usd_per_1k = hourly / 3600 * score_s / len(test) * 1000
+    row = [len(train), format_interval(acc), f"{epochs} epochs", f"{train_s:.1f}", f"{score_s:.1f}",
+           f"{train_s + score_s:.1f}", f"{wall_s:.1f}", f"{usd_per_1k:.6f}"]
+    return row, f"val accuracy {100 * val_acc:.1f}% after {epochs} epochs (train s includes that validation)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rungs", nargs="+", choices=["embed", "setfit", "lm"], default=["embed"],
-                    help="setfit: the encoder fine-tuned on contrastive pairs first (gold labels only)")
+    ap.add_argument("--rungs", nargs="+", choices=["embed", "setfit", "fastfit", "lm"], default=["embed"],
+                    help="setfit: the encoder fine-tuned on contrastive pairs first; fastfit: IBM's fast-fit "
+                         "package on the same encoder (both with gold labels only)")
+    ap.add_argument("--fastfit-epochs", type=int, default=40, help="FastFit's epochs (its README's setting)")
     ap.add_argument("--setfit-iterations", type=int, default=20, help="pair rounds per message (SetFit's default)")
     ap.add_argument("--setfit-max-pairs", type=int, default=20000, help="a cap on the pairs (CPU time)")
     ap.add_argument("--targets", nargs="+", choices=["hard", "soft", "soft_confidence"], default=["hard"],
@@ -460,8 +537,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.teacher == "gold" and "soft_confidence" in args.targets:
         ap.error("--targets soft_confidence needs --teacher embedded: gold labels carry no confidence to fall back on")
-    if args.teacher == "embedded" and "setfit" in args.rungs:
-        ap.error("--rungs setfit is measured with gold labels (--teacher gold)")
+    if args.teacher == "embedded" and {"setfit", "fastfit"} & set(args.rungs):
+        ap.error("--rungs setfit and fastfit are measured with gold labels (--teacher gold)")
     bounded = any(s.split("=", 1)[0] in ("train.epochs", "train.max_steps") for s in args.lm_set)
     if "lm" in args.rungs and 0 in args.per_intent and not bounded:
         ap.error("--per-intent 0 (the full split) with the LM rung trains about 4,100 messages, about 45 minutes an "
@@ -512,6 +589,13 @@ def main() -> None:
                 f"; encoder fine-tuned on {tuned['pairs']} pairs ({args.setfit_iterations} rounds per message, "
                 f"cap {args.setfit_max_pairs}), {tuned['steps']} steps, loss {tuned['loss']}, {tuned['s']:.0f} s"
                 if tuned else ""))
+        if "fastfit" in args.rungs:
+            train = [(t, i) for i in intents for t in pool[i][:take]]
+            out = (args.work or Path(tempfile.mkdtemp(prefix="distill-fastfit-"))) / f"fastfit-n{n}"
+            row, note = fastfit_rung(encoder_folder(scfg), out, train, val, test, args.fastfit_epochs, hourly,
+                                     args.seed)
+            rows.append([label, row[0], row[1], "FastFit (fast-fit package, MiniLM)", *row[2:]])
+            notes.append(f"n={label} fastfit: {note}")
 
     headers = ["examples per intent", "train examples", "accuracy vs gold [95% CI]", "rung", "chosen on val", "train s",
                "score s", "train+score s", "wall s", "$ per 1k requests"]
@@ -522,6 +606,9 @@ def main() -> None:
     setfit_text = (" SetFit-tuned rows: the encoder first fine-tuned the SetFit way (contrastive pairs, "
                    "CosineSimilarityLoss, one epoch, sentence-transformers), then the same heads; train s includes "
                    "the fine-tuning." if "setfit" in args.rungs else "")
+    setfit_text += (" FastFit rows: IBM's fast-fit package on the same MiniLM (its README's settings, fp32), scored "
+                    "by its own token-similarity classifier; train s includes one val pass." if "fastfit" in args.rungs
+                    else "")
     text = "\n".join([textwrap.fill(
         f"student=embed_classifier (frozen all-MiniLM-L6-v2 + LogisticRegression, class_weight "
         f"{scfg.head.class_weight}, C from {scfg.head.c_grid} on val) on Bitext's {len(intents)} intents, gold labels "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -125,6 +126,23 @@ def test_student_ladder_setfit_tiny(tmp_path):
     base = load_file(str(embed.model_dir() / "model.safetensors"))
     changed = [k for k in base if k in tuned and not (tuned[k] == base[k]).all()]
     assert len(changed) > len(base) // 2, "the contrastive epoch left most encoder weights as packaged"
+
+
+def test_student_ladder_fastfit_without_its_package_says_how_to_install():
+    code = ("import sys; sys.modules['fastfit'] = None; sys.path.insert(0, sys.argv[1]); "
+            "from benchmarks.student_ladder import _fastfit; _fastfit()")
+    proc = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "pip install fast-fit --no-deps" in proc.stderr, proc.stderr[-2000:]
+
+
+@needs_bitext
+@pytest.mark.skipif(importlib.util.find_spec("fastfit") is None, reason="fast-fit is installed by make setup")
+def test_student_ladder_fastfit_tiny(tmp_path):
+    out = run("student_ladder.py", "--rungs", "fastfit", "--per-intent", "2", "--test-per-intent", "2",
+              "--val-per-intent", "1", "--fastfit-epochs", "1", "--work", str(tmp_path))
+    (row,) = [line.split("|") for line in out.splitlines() if "FastFit" in line and line.startswith("| 2 |")]
+    # the run itself fails unless the bridge saw one result per test item (27 intents x 2)
+    assert row[2].strip() == "54" and "[" in row[3] and float(row[6]) > 0 and "val accuracy" in out
 
 
 @pytest.mark.e2e
