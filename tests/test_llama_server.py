@@ -40,6 +40,7 @@ def bin_dir(tmp_path, monkeypatch):
 
 def test_a_runnable_cached_binary_is_kept_and_nothing_is_built(tmp_path, monkeypatch, capsys):
     cached = _executable(build.binary_path(tmp_path, "9.9.9"))
+    monkeypatch.setattr(build, "check_model", lambda: None)  # a shell script serves no model: --version only
     before = cached.stat().st_mtime_ns
     monkeypatch.setattr(build, "check_toolchain", lambda: pytest.fail("the toolchain was consulted: a rebuild"))
     monkeypatch.setattr(build, "download_sdist", lambda *a: pytest.fail("the sdist was downloaded: a rebuild"))
@@ -51,12 +52,102 @@ def test_a_runnable_cached_binary_is_kept_and_nothing_is_built(tmp_path, monkeyp
 def test_a_cached_binary_that_does_not_run_is_rebuilt_and_a_missing_toolchain_says_what_to_install(
         tmp_path, monkeypatch, capsys):
     _executable(build.binary_path(tmp_path, "9.9.9"), exit_code=1)  # e.g. built for another CPU
+    monkeypatch.setattr(build, "check_model", lambda: None)
     monkeypatch.setattr(build.shutil, "which", lambda name: None)
     monkeypatch.delenv("CXX", raising=False)
     monkeypatch.setattr(build, "download_sdist", lambda *a: pytest.fail("downloaded before checking the toolchain"))
     assert build.main(["--version", "9.9.9", "--dest", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "cmake and a C++ compiler (g++ or clang++) not found" in err and "apt-get install cmake g++" in err
+
+
+def _crashes_on_a_model(path: Path) -> Path:
+    """A binary whose --version works and which dies of SIGSEGV once asked to load a model (as ggml's AMX matmul
+    did on an AMX CPU)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('#!/bin/sh\n[ "$1" = --version ] && exit 0\nkill -SEGV $$\n')
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def _serves_a_model(path: Path) -> Path:
+    """A binary that answers llama-server's /completion on the --port it is given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"""#!{sys.executable}
+import http.server, json, sys
+if sys.argv[1:] == ["--version"]:
+    sys.exit(0)
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({{"content": " there"}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+port = int(sys.argv[sys.argv.index("--port") + 1])
+http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
+""")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_a_binary_counts_as_built_only_when_it_serves_the_model(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"gguf")
+    crashing = _crashes_on_a_model(tmp_path / "crashes")
+    assert build.runnable(crashing) and not build.runnable(crashing, model)  # --version alone passed it before
+    assert build.runnable(_serves_a_model(tmp_path / "serves"), model)
+
+
+def test_a_cached_binary_that_crashes_on_the_model_is_rebuilt_native_then_portable(tmp_path, monkeypatch, capsys):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"gguf")
+    target = _crashes_on_a_model(build.binary_path(tmp_path, "9.9.9"))
+    flavours = []
+
+    def fake_build(version, dest, *, jobs, native, sdist, model):
+        flavours.append(native)
+        if native:
+            raise build.DoesNotServe("built but does not serve; removed")
+        return _serves_a_model(target)
+
+    monkeypatch.setattr(build, "_build", fake_build)
+    monkeypatch.setattr(build, "check_model", lambda: model)
+    assert build.main(["--version", "9.9.9", "--dest", str(tmp_path)]) == 0
+    assert flavours == [True, False] and build.runnable(target, model)
+    err = capsys.readouterr().err
+    assert "does not serve m.gguf: rebuilding" in err and "building a portable one (GGML_NATIVE=OFF)" in err
+
+
+def test_a_build_that_does_not_serve_is_removed_not_left_for_the_teacher_to_take(tmp_path, monkeypatch):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"gguf")
+    real_run = build.subprocess.run
+
+    def cmake(cmd, **kwargs):  # configure: nothing; build: a binary that crashes on the model
+        if cmd[0] != "cmake":
+            return real_run(cmd, **kwargs)
+        if "--build" in cmd:
+            _crashes_on_a_model(Path(cmd[2]) / "bin" / "llama-server")
+
+    monkeypatch.setattr(build, "check_toolchain", lambda: ("cmake", "c++"))
+    monkeypatch.setattr(build, "extract_vendored", lambda sdist, into: into)
+    monkeypatch.setattr(build.subprocess, "run", cmake)
+    sdist = tmp_path / "llama_cpp_python-9.9.9.tar.gz"
+    sdist.write_bytes(b"")
+    with pytest.raises(build.BuildError, match=r"GGML_NATIVE=OFF\) but does not serve m.gguf; removed"):
+        build.build("9.9.9", tmp_path / "bin", sdist=sdist, model=model)
+    assert not build.binary_path(tmp_path / "bin", "9.9.9").exists()
+
+
+def test_native_builds_leave_amx_out_on_x86(monkeypatch):
+    monkeypatch.setattr(build.platform, "machine", lambda: "x86_64")
+    native = build.cmake_args(Path("s"), Path("b"), native=True)
+    assert "-DGGML_NATIVE=ON" in native and f"-DCMAKE_CXX_FLAGS={build.NO_AMX}" in native
+    assert not any("amx" in a for a in build.cmake_args(Path("s"), Path("b"), native=False))
+    monkeypatch.setattr(build.platform, "machine", lambda: "aarch64")
+    assert not any("amx" in a for a in build.cmake_args(Path("s"), Path("b"), native=True))
 
 
 def test_force_rebuilds_a_runnable_binary(tmp_path, monkeypatch):
@@ -212,6 +303,16 @@ def test_llama_servers_start_with_sleeping_openmp_waits_unless_the_user_chose(tm
         EnvDump(log_path=tmp_path / "log").start()
     assert out.read_text() == seen
     assert srv.LlamaCppServer.env_defaults == srv.LlamaServer.env_defaults
+
+
+def test_a_native_server_that_dies_of_a_signal_while_starting_says_how_to_rebuild(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"gguf")
+    server = srv.LlamaServer(model, binary=_crashes_on_a_model(tmp_path / "llama-server"), log_path=tmp_path / "log")
+    with pytest.raises(DistillError, match=r"exited with code -11 while starting .*scripts/build_llama_server.py "
+                                           r"--version .* --force.*teacher.runtime=llama_cpp_python"):
+        server.start()
+    assert server.proc is None  # stopped, nothing left running
 
 
 # --- the real binary, when built ----------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ class LoopbackServer:
 
     what = "server"
     model_name = "its model"
+    crash_hint = ""  # what to do when the child dies of a signal while starting
     # environment defaults for the child (a variable already set in distill's environment wins)
     env_defaults: dict[str, str] = {}
 
@@ -108,8 +109,9 @@ class LoopbackServer:
             if (code := self.proc.poll()) is not None:
                 tail = self._log_tail()
                 self.stop()
+                hint = f"; {self.crash_hint}" if code < 0 and self.crash_hint else ""  # killed by a signal
                 raise DistillError(f"{self.what} exited with code {code} while starting (model {self.model_name}); "
-                                   f"last log lines: {tail}")
+                                   f"last log lines: {tail}{hint}")
             try:
                 with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as resp:
                     if resp.status == 200:
@@ -233,6 +235,13 @@ class LlamaServer(LoopbackServer):
     """
 
     env_defaults = LLAMA_ENV
+
+    @property
+    def crash_hint(self) -> str:
+        return (f"the binary {self.binary} crashes on this machine (e.g. a native build for another CPU, or ggml's "
+                f"AMX path): rebuild it with `python scripts/build_llama_server.py --version {llama_cpp_version()} "
+                f"--force`, which keeps only a build that serves the embedded model, or set "
+                f"teacher.runtime=llama_cpp_python")
 
     def __init__(self, model_path: Path, *, alias: str = "model", n_ctx: int = 4096, n_threads: int | None = None,
                  slots: int = 1, binary: Path | None = None, log_path: Path | None = None,
