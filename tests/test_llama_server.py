@@ -71,20 +71,24 @@ def _crashes_on_a_model(path: Path) -> Path:
 
 
 def _serves_a_model(path: Path) -> Path:
-    """A binary that answers llama-server's /completion on the --port it is given."""
+    """A binary that answers the two calls of llama-server's OpenAI API that the check makes, on its --port."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(f"""#!{sys.executable}
 import http.server, json, sys
 if sys.argv[1:] == ["--version"]:
     sys.exit(0)
 class Handler(http.server.BaseHTTPRequestHandler):
-    def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
-        body = json.dumps({{"content": " there"}}).encode()
+    def reply(self, payload):
+        body = json.dumps(payload).encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+    def do_GET(self):  # /v1/models: the start-up poll
+        self.reply({{"data": []}})
+    def do_POST(self):  # /v1/completions
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.reply({{"choices": [{{"text": " there"}}]}})
 port = int(sys.argv[sys.argv.index("--port") + 1])
 http.server.HTTPServer(("127.0.0.1", port), Handler).serve_forever()
 """)
