@@ -374,3 +374,44 @@ def test_the_native_server_answers_generates_score_and_label_requests_unchanged(
 
 def answer_top(body: dict) -> str:
     return body["choices"][0]["logprobs"]["content"][0]["top_logprobs"][0]["token"]
+
+
+@pytest.mark.skipif(_built_binary() is None,
+                    reason="the native llama-server is not built (python scripts/build_llama_server.py --version "
+                           "<llama-cpp-python version>, or make setup)")
+def test_the_native_server_scores_as_llama_cpp_python_does(tmp_path):
+    """The two runtimes give the same top log-probs for generate's score request after a cached few-shot prefix.
+
+    llama-server's default (flash attention on for the CPU) kept the attention sums in f16 and moved these by up to
+    0.3 nats on the embedded teacher; with it off, as llama-cpp-python runs, they agree to rounding."""
+    import json
+    import urllib.request
+
+    from distill.teacher.answers import ScoreReader
+    from distill.teacher.request import build_score_request, wire_body
+
+    tcfg = TeacherConfig(kind="llama_cpp", model="teacher", structured_output="llama_cpp", runtime="llama_server")
+    shots = " ".join(f"Ticket {i}: my order number {1000 + 37 * i} has not arrived, category shipping."
+                     for i in range(20))
+    prefix = [{"role": "system", "content": f"Label the ticket's category. Examples: {shots}"}]
+
+    def request(question):
+        return wire_body(build_score_request(tcfg, [*prefix, {"role": "user", "content": question}]))
+
+    def post(base_url, body):
+        req = urllib.request.Request(f"{base_url}/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            return dict(ScoreReader().body(json.loads(resp.read()))[1]["top"])
+
+    tops = []
+    for server in (srv.LlamaServer(srv.embedded_gguf(), alias="teacher", n_ctx=2048, log_path=tmp_path / "a.log"),
+                   srv.LlamaCppServer(srv.embedded_gguf(), alias="teacher", n_ctx=2048, logits_all=True,
+                                      log_path=tmp_path / "b.log")):
+        with server:
+            post(server.base_url, request("Ticket: I was charged twice for one month."))  # caches the prefix
+            tops.append(post(server.base_url, request("Ticket: the parcel came broken, who pays the return?")))
+    native, python = tops
+    shared = [t for t in native if t in python]
+    assert len(shared) >= 15
+    assert max(abs(native[t] - python[t]) for t in shared) < 0.01

@@ -232,6 +232,11 @@ class LlamaServer(LoopbackServer):
     Each slot has ``n_ctx`` tokens of context and keeps its last prompt's KV cache, so a request sharing a prefix
     with the previous one evaluates only the new tokens. Top log-probs (``logprobs`` + ``top_logprobs``) need no
     option here. No web UI, no downloads: the binary only serves the given file.
+
+    Flash attention is off, as llama-cpp-python has it (llama-server's ``auto`` turns it on for the CPU): ggml's CPU
+    kernel for it keeps the attention sums in f16, which made a scoring call after a cached few-shot prefix slower
+    and moved its log-probs by 0.09 nats (median; up to 0.36) on the embedded teacher (BENCHMARKS.md, "Embedded
+    teacher runtime", 2026-12-03).
     """
 
     env_defaults = LLAMA_ENV
@@ -263,7 +268,7 @@ class LlamaServer(LoopbackServer):
         return [str(self.binary), "--model", str(self.model_path), "--host", "127.0.0.1", "--port", str(self.port),
                 "--ctx-size", str(self.n_ctx * self.slots), "--parallel", str(self.slots), "--threads",
                 str(self.n_threads), "--threads-batch", str(self.n_threads), "--alias", self.alias, "--no-webui",
-                "--cache-ram", "0", "--no-warmup"]
+                "--cache-ram", "0", "--no-warmup", "--flash-attn", "off"]
 
 
 @contextlib.contextmanager
