@@ -163,24 +163,31 @@ def _main(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # the commands, in the order --help lists them
 
-_KEEP = "Re-running with the same run_dir skips every stage whose fingerprint still matches."
+_KEEP = ("Re-running with the same run_dir skips every stage whose fingerprint still matches. On an existing run the "
+         "overrides that made it (run_dir/overrides.yaml) apply first and the given ones on top, key by key.")
 
 
 def _stage(name: str, overrides: list[str]) -> int:
     from distill import config, pipeline
     from distill.teacher.pricing import DryRun
 
+    overrides, inherited = pipeline.run_overrides(overrides)  # an existing run: its own overrides come first
     cfg = config.load_config(overrides)
     if name not in ("run", "generate") and not Path(cfg.run_dir).is_dir():
         raise DistillError(f"run dir {cfg.run_dir} does not exist; `{name}` works on an existing run "
                            f"(start one with `python -m distill run` or `generate`)")
     stages = paths.STAGES if name == "run" else (name,)
     config.check_startup(cfg, stages)  # before the run dir or its log exist
+    if name != "run":
+        # Nor is anything written when the stage cannot run on what is there.
+        pipeline.check_upstream(cfg, name, recorded=(Path(cfg.run_dir) / paths.OVERRIDES_YAML).is_file())
     _setup_logging(cfg.run_dir, _secrets(cfg))
     log = logging.getLogger("distill")
     log.info("run dir: %s", cfg.run_dir)
+    if inherited:
+        log.info("the run's own overrides apply first (%s): %s", paths.OVERRIDES_YAML, " ".join(inherited))
     if name == "run":
-        summaries = pipeline.run(cfg)
+        summaries = pipeline.run(cfg, overrides=overrides)
         if isinstance(summaries.get("generate"), DryRun):  # a success: the estimate is the answer
             print(f"distill: {summaries['generate']}", file=sys.stderr)
             return 0
@@ -188,7 +195,7 @@ def _stage(name: str, overrides: list[str]) -> int:
         log.info("agreement with teacher %.3f | student vs gold %s | publish: %s", ev["agreement"]["exact"],
                  (ev.get("student_vs_gold") or {}).get("exact"), cfg.run_dir / "publish")
         return 0
-    pipeline.save_config(cfg)
+    pipeline.save_config(cfg, overrides)
     summary = pipeline.run_stage(cfg, name)
     if isinstance(summary, DryRun):
         print(f"distill: {summary}", file=sys.stderr)

@@ -2,6 +2,8 @@
 
 <run_dir>/
   config.yaml                      resolved config of the last invocation (no secrets: only env-var *names*)
+  overrides.yaml                   the command line's overrides that composed it; a later command on the run
+                                   starts from them (its own overrides win key by key)
   generate/DONE.json  generate/data/{train,val,test}.jsonl  generate/ledger.sqlite  generate/rejected.jsonl
   train/DONE.json     train/adapter/   train/checkpoints/   train/metrics.jsonl
                       train/head/{head.safetensors, head.json}   (student=embed_classifier instead of adapter/)
@@ -21,6 +23,7 @@ from pathlib import Path
 STAGES = ("generate", "train", "evaluate", "publish")
 
 CONFIG_YAML = "config.yaml"
+OVERRIDES_YAML = "overrides.yaml"  # the command-line overrides that made the run, the next command's base
 DONE = "DONE.json"
 
 # generate

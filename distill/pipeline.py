@@ -121,19 +121,154 @@ def run_stage(cfg: Config, stage: str, *, force: bool = False) -> dict:
     return summary
 
 
-def save_config(cfg: Config) -> None:
+def save_config(cfg: Config, overrides: list[str] | None = None) -> None:
+    """Write the resolved config to config.yaml and, from the command line, the overrides that composed it to
+    overrides.yaml (Hydra's own name for that record), which the next command on this run starts from."""
     import yaml
 
     runio.atomic_write_text(Path(cfg.run_dir) / paths.CONFIG_YAML,
                             yaml.safe_dump(public_dict(cfg), sort_keys=False, allow_unicode=True))
+    if overrides is not None:
+        kept = [_portable(o) for o in overrides if _key(o) not in _NOT_RECORDED]
+        runio.atomic_write_text(Path(cfg.run_dir) / paths.OVERRIDES_YAML,
+                                yaml.safe_dump(kept, sort_keys=False, allow_unicode=True))
 
 
-def run(cfg: Config, stages: tuple[str, ...] = paths.STAGES) -> dict[str, dict]:
+# Not carried to the next command: the run dir itself, and what one invocation asks for once (an estimate instead of
+# a run; publishing past a failed gate).
+_NOT_RECORDED = ("run_dir", "generate.dry_run", "publish.force")
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _portable(override: str) -> str:
+    """``recipe_dir=`` as an absolute path, so a later command from another folder finds the same recipe."""
+    key, eq, value = override.partition("=")
+    if _key(override) == "recipe_dir" and eq and value:
+        return f"{key}={Path(value).expanduser().resolve()}"
+    return override
+
+
+def run_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """The overrides a command on ``run_dir=DIR`` composes: the run's own (its overrides.yaml), then the given
+    ones, which win key by key; returns (all of them, the run's own that were kept).
+
+    A run made on the command line records its overrides, so ``evaluate run_dir=DIR eval.gate.min_agreement=0.8``
+    evaluates the run that is there (its recipe, profile, student) with one setting changed, instead of composing
+    the defaults afresh. A given ``recipe=`` other than the run's is refused: its stages hold another task's work.
+    Without a run_dir, a new folder, or a run made from Python (no overrides.yaml), the given overrides are all."""
+    import yaml
+
+    given = [o.split("=", 1)[1] for o in overrides if _key(o) == "run_dir" and "=" in o]
+    if not given or not given[-1]:
+        return list(overrides), []
+    run_dir = Path(given[-1]).expanduser()
+    recipe, recipe_dir = _saved_recipe(run_dir)
+    asked = [o.split("=", 1)[1] for o in overrides if _key(o) == "recipe" and "=" in o]
+    if recipe and asked and asked[-1] != recipe:
+        raise DistillError(f"run_dir={given[-1]} holds a run of recipe {recipe!r}, not {asked[-1]!r}: a run dir "
+                           f"holds one task; give recipe={recipe} (or none) to work on it, or a new run_dir for "
+                           f"{asked[-1]}")
+    record = run_dir / paths.OVERRIDES_YAML
+    if not record.is_file():
+        # A run made from Python: its config.yaml still says which recipe it is, and where that recipe lives.
+        mine = {_key(o) for o in overrides}
+        kept = [] if not recipe or "recipe" in mine else [f"recipe={recipe}"]
+        if kept and recipe_dir and "recipe_dir" not in mine:
+            kept.append(f"recipe_dir={recipe_dir}")
+        return kept + list(overrides), kept
+    try:
+        saved = yaml.safe_load(record.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise DistillError(f"{record} is not readable YAML ({' '.join(str(exc).split())[:200]}); it records the "
+                           f"overrides that made this run: fix it, or delete it and give every override again") from None
+    if not isinstance(saved, list) or not all(isinstance(o, str) for o in saved):
+        raise DistillError(f"{record} must be a YAML list of override strings (key=value); fix it, or delete it and "
+                           f"give every override again")
+    mine = {_key(o) for o in overrides}
+    kept = [o for o in saved if _key(o) not in mine and _key(o) not in _NOT_RECORDED]
+    return kept + list(overrides), kept
+
+
+def _saved_recipe(run_dir: Path) -> tuple[str | None, str | None]:
+    """The recipe a run's config.yaml names, and the recipe_dir it came from (None for a packaged recipe)."""
+    import yaml
+
+    from distill.config import PACKAGE_RECIPES
+
+    try:
+        recipe = (yaml.safe_load((run_dir / paths.CONFIG_YAML).read_text(encoding="utf-8")) or {}).get("recipe")
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, AttributeError):
+        return None, None
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("name"), str):
+        return None, None
+    folder = Path(str(recipe.get("dir") or "")).parent
+    packaged = not recipe.get("dir") or folder.resolve() == Path(PACKAGE_RECIPES).resolve()
+    return recipe["name"], None if packaged or not folder.is_dir() else str(folder)
+
+
+def check_upstream(cfg: Config, stage: str, *, recorded: bool = True) -> None:
+    """One stage run alone: every stage it reads from finished, with the settings this config gives that stage.
+
+    ``run`` re-runs an upstream stage whose fingerprint no longer matches; a stage run alone cannot, so building on
+    it would mix two configs (an evaluate whose student settings differ from the ones train used loads another
+    model). Raises DistillError before anything is written, naming the settings that differ. ``recorded``: the run
+    has an overrides.yaml the command started from (else the hint asks for the run's overrides again)."""
+    for up in UPSTREAM[stage]:
+        done = runio.require_done(cfg.run_dir, up, needed_by=stage)
+        if fingerprint(cfg, up) == done.get("fingerprint"):
+            continue
+        changed = _changed_settings(cfg, up)
+        why = (f"these settings differ from the ones it ran with: {changed}" if changed else
+               f"it ran with other inputs (its recipe's files, the distill version, or an earlier stage changed "
+               f"since)")
+        fix = ("leave out the overrides that change it" if recorded else
+               f"give the overrides the run was made with again (it has no {paths.OVERRIDES_YAML}: made from Python "
+               f"or by an older distill; its {paths.CONFIG_YAML} holds every setting)")
+        raise DistillError(f"{stage} alone would build on a {up} stage made otherwise: {why}. Run `python -m "
+                           f"distill run run_dir={cfg.run_dir} ...` to redo {up} and what follows from it, or {fix}")
+
+
+def _changed_settings(cfg: Config, stage: str, limit: int = 6) -> str:
+    """``key: saved -> now`` for the settings of ``stage`` that differ from the run's config.yaml ('' if none)."""
+    import yaml
+
+    from distill.config import validate
+
+    saved_file = Path(cfg.run_dir) / paths.CONFIG_YAML
+    try:
+        saved = validate(yaml.safe_load(saved_file.read_text(encoding="utf-8")))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, DistillError):
+        return ""
+    before, now = _flat(_slice(saved, stage)), _flat(_slice(cfg, stage))
+    diffs = [f"{k}: {_short(before.get(k))} -> {_short(now.get(k))}" for k in sorted(set(before) | set(now), key=lambda k: (k.count("."), k))
+             if before.get(k) != now.get(k) and not k.startswith("recipe_files")]
+    return "; ".join(diffs[:limit]) + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
+
+
+def _flat(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def run(cfg: Config, stages: tuple[str, ...] = paths.STAGES, *, overrides: list[str] | None = None) -> dict[str, dict]:
     """Run stages in order; stops with GateFailed before publish when the evaluate gate fails. Every start-up
-    check of every stage (config.check_startup) runs before the first one starts."""
+    check of every stage (config.check_startup) runs before the first one starts. ``overrides``: the command line
+    that composed ``cfg``, recorded for the next command on this run (save_config)."""
     check_startup(cfg, stages)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    save_config(cfg)
+    save_config(cfg, overrides)
     summaries = {}
     for stage in stages:
         summaries[stage] = run_stage(cfg, stage)

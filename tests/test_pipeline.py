@@ -142,6 +142,8 @@ def test_dry_run_sends_nothing(tmp_path, fake_answer, capsys):
         code = main(["generate", *tiny_overrides(tmp_path / "run", teacher.base_url, "generate.dry_run=true")])
         assert len(teacher.calls) == 0
     assert code == 0 and "dry run: 24 requests" in capsys.readouterr().err
+    recorded = (tmp_path / "run" / paths.OVERRIDES_YAML).read_text()
+    assert "generate.limit=24" in recorded and "dry_run" not in recorded  # the next command runs for real
 
 
 def test_api_key_never_reaches_the_run_dir(tmp_path, monkeypatch, fake_answer):
@@ -188,3 +190,73 @@ def test_a_stage_on_a_missing_run_dir_says_so_and_creates_nothing(tmp_path, caps
     assert main(["evaluate", f"run_dir={missing}"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not missing.exists()
+
+
+def test_a_stage_command_on_a_run_starts_from_the_overrides_that_made_it(tmp_path, fake_answer, capsys):
+    run_dir = tmp_path / "run"
+    with FakeTeacher(fake_answer) as teacher:
+        args = tiny_overrides(run_dir, teacher.base_url)
+        assert main(["generate", *args]) == 0
+        assert main(["train", *args]) == 0
+        calls = len(teacher.calls)
+        # As the gate's docs write it: no recipe=, profile= or student=; the run's own overrides apply first.
+        assert main(["evaluate", f"run_dir={run_dir}", "eval.gate.min_agreement=0.0"]) == 0, capsys.readouterr().err
+        assert len(teacher.calls) == calls  # generate was not redone
+    results = runio.read_json(run_dir / "evaluate" / paths.RESULTS)
+    assert results["gate"]["thresholds"]["min_agreement"] == 0.0
+    assert results["metrics"]["n"] == 4  # eval.limit=4 from the run's own overrides, not the default
+    saved = (run_dir / paths.OVERRIDES_YAML).read_text()
+    assert "student=tiny_random" in saved and "eval.gate.min_agreement=0.0" in saved and "run_dir" not in saved
+    assert "name: tiny_random" in (run_dir / paths.CONFIG_YAML).read_text()
+
+
+def test_a_stage_command_that_would_mix_configs_is_refused_before_it_writes(tmp_path, fake_answer, capsys):
+    run_dir = tmp_path / "run"
+    with FakeTeacher(fake_answer) as teacher:
+        args = tiny_overrides(run_dir, teacher.base_url)
+        assert main(["generate", *args]) == 0
+        assert main(["train", *args]) == 0
+        assert main(["evaluate", *args]) == 0
+    capsys.readouterr()
+    before = {p: p.read_bytes() for p in (run_dir / paths.CONFIG_YAML, run_dir / paths.OVERRIDES_YAML,
+                                          run_dir / "evaluate" / paths.DONE)}
+    # Evaluating with another student than train trained would load another model under the adapter.
+    assert main(["evaluate", f"run_dir={run_dir}", "student=smollm2_135m"]) == 2
+    err = capsys.readouterr().err
+    assert "would build on a train stage made otherwise" in err and "student.name: 'tiny_random' -> 'smollm2_135m'" in err
+    assert main(["publish", f"run_dir={run_dir}", "recipe=email_extraction"]) == 2
+    assert "holds a run of recipe 'support_tickets', not 'email_extraction'" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in before} == before  # nothing rewritten, evaluate's DONE.json kept
+    assert runio.read_done(run_dir, "evaluate") is not None
+
+
+def test_a_stage_on_a_folder_that_is_no_run_writes_nothing_into_it(tmp_path, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("the user's own file")
+    assert main(["evaluate", f"run_dir={folder}"]) == 2
+    assert "evaluate needs a finished generate stage" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["mine.txt"]
+
+
+def test_a_run_made_from_python_is_resumed_with_its_own_recipe(tmp_path, fake_answer):
+    with FakeTeacher(fake_answer) as teacher:
+        cfg = load_config(tiny_overrides(tmp_path / "run", teacher.base_url, "recipe=email_extraction",
+                                         "generate.limit=2"))
+    pipeline.save_config(cfg)  # what pipeline.run writes: config.yaml, no overrides.yaml
+    assert not (tmp_path / "run" / paths.OVERRIDES_YAML).exists()
+    merged, inherited = pipeline.run_overrides([f"run_dir={tmp_path / 'run'}", "eval.limit=3"])
+    assert inherited == ["recipe=email_extraction"]
+    assert load_config(merged).recipe.name == "email_extraction"
+
+
+def test_the_recorded_recipe_dir_is_absolute(tmp_path, monkeypatch):
+    import yaml
+
+    mine = tmp_path / "recipes"
+    (mine / "support_tickets").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config([f"run_dir={tmp_path / 'run'}", "recipe_dir=recipes", "generate.limit=2"])
+    pipeline.save_config(cfg, ["recipe_dir=recipes", f"run_dir={tmp_path / 'run'}", "generate.limit=2"])
+    saved = yaml.safe_load((tmp_path / "run" / paths.OVERRIDES_YAML).read_text())
+    assert saved == [f"recipe_dir={mine}", "generate.limit=2"]
