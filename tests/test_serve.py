@@ -311,13 +311,21 @@ def test_bad_requests_get_400_413_with_the_problem_named(published, tmp_path):
             no_messages = post(json={"model": TASK})
             big = post(json={"model": TASK, "messages": [{"role": "user", "content": "x" * 4096}]})
             unknown = httpx.get(f"{url}/embeddings")
+            ticket = [{"role": "user", "content": NEW_TICKET}]
+            several = post(json={"model": TASK, "messages": ticket, "n": 3})
+            one = post(json={"model": TASK, "messages": ticket, "n": 1, "tools": []})
+            tools = post(json={"model": TASK, "messages": ticket, "tools": [{"type": "function", "function": {
+                "name": "lookup", "parameters": {"type": "object"}}}]})
+    assert "n=3: a task request has one answer" in _error(several, 400, "unsupported_parameter")
+    assert "'tools' is not used by task model" in _error(tools, 400, "unsupported_parameter")
+    assert one.status_code == 200, one.text
     assert "not valid JSON" in _error(bad_json, 400, "invalid_json")
     assert "no user message" in _error(no_user, 400, "missing_user_message")
     assert "no text content" in _error(empty, 400, "missing_user_message")
     assert "'messages'" in _error(no_messages, 400, "missing_messages")
     assert "serve.max_body_kb=2" in _error(big, 413, "request_too_large")
     _error(unknown, 404, "not_found")
-    assert student.calls == []
+    assert len(student.calls) == 1  # the n=1 request alone reached the student
 
 
 def test_a_bug_in_the_gateway_is_a_500_without_the_traceback(published, tmp_path, monkeypatch):

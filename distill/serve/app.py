@@ -270,7 +270,19 @@ def _parse(raw: bytes) -> dict:
 
 
 def _task_input(body: dict) -> str:
-    """The task's input: the content of the last user message (the gateway builds both prompts around it)."""
+    """The task's input: the content of the last user message (the gateway builds both prompts around it).
+
+    What a task request cannot honour is refused by name rather than ignored: several choices (``n``; it has one
+    answer, the student's or the teacher's) and tools or functions (its answer is the task's JSON)."""
+    n = body.get("n")
+    if n is not None and (isinstance(n, bool) or n != 1):
+        raise ClientError(400, f"n={json.dumps(n)}: a task request has one answer (the student's or the teacher's); "
+                          f"send n=1 or leave n out", "unsupported_parameter", "n")
+    for name in ("tools", "functions"):
+        if body.get(name):
+            raise ClientError(400, f"'{name}' is not used by task model {body['model']!r}: its answer is the task's "
+                              f"JSON; call the teacher's model (GET /v1/models) for {name}", "unsupported_parameter",
+                              name)
     users = [m for m in body["messages"] if isinstance(m, dict) and m.get("role") == "user"]
     problem = "a task request needs a user message whose content is the task input"
     if not users:
