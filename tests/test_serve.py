@@ -1021,3 +1021,22 @@ def test_the_embedding_classifier_is_served_in_process_with_its_heads_confidence
     assert float(fell["x-distill-confidence"]) == pytest.approx(low_conf, rel=1e-5)
     assert len(teacher.calls) == before  # test items are in generate's ledger
     assert health["student"]["reachable"] is True
+
+
+def test_a_taken_port_fails_in_a_second_before_any_child_server_starts(published, tmp_path, monkeypatch):
+    from distill.serve import command
+
+    def no_children(cfgs):
+        raise AssertionError("prepare() started child servers for a gateway that cannot listen")
+
+    monkeypatch.setattr(command, "prepare", no_children)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = load_serve_config([f"run_dir={published}", f"serve.port={port}"])
+        with pytest.raises(DistillError, match=f"serve.port={port} on 127.0.0.1 is already in use"):
+            command.serve(cfg)
+    cfg = load_serve_config([f"run_dir={published}", "serve.host=192.0.2.1"])  # TEST-NET-1: no interface has it
+    with pytest.raises(DistillError, match="serve.host=192.0.2.1 is not an address of this machine"):
+        command.serve(cfg)

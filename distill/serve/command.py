@@ -24,6 +24,7 @@ finish (``serve.shutdown_timeout_s``), closes the gateway, and the child servers
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -242,6 +243,7 @@ def serve(cfgs: "Config | list[Config]") -> int:
     cfgs = cfgs if isinstance(cfgs, list) else [cfgs]
     cfg = cfgs[0]
     keys = client_keys(cfg)
+    check_port_free(cfg.serve.host, cfg.serve.port)  # before any child server starts
     _access_log_to_stderr()
     try:
         with prepare(cfgs) as plans:
@@ -252,7 +254,11 @@ def serve(cfgs: "Config | list[Config]") -> int:
                          cfg.serve.host, cfg.serve.port, "enabled at confidence >= "
                          f"{plan.rule.route.confidence_threshold}" if plan.rule.route.enabled else "disabled",
                          plan.student_url, plan.teacher_url)
-            server.run()  # uvicorn handles SIGINT/SIGTERM here: drain, lifespan shutdown, then return
+            try:
+                server.run()  # uvicorn handles SIGINT/SIGTERM here: drain, lifespan shutdown, then return
+            except SystemExit:  # uvicorn exits when it cannot bind (a port taken since the check above)
+                if server.started:
+                    raise
             if not server.started:
                 raise DistillError(f"the gateway could not listen on {cfg.serve.host}:{cfg.serve.port} (in use?); "
                                    f"pick another with serve.port=N")
@@ -260,6 +266,33 @@ def serve(cfgs: "Config | list[Config]") -> int:
         pass  # uvicorn re-raises the signal it handled once it has drained; the children are stopped by now
     log.info("serve: stopped")
     return 0
+
+
+def check_port_free(host: str, port: int) -> None:
+    """DistillError when ``host:port`` cannot be bound (another gateway on it, or a host this machine lacks), so
+    serve stops in a second instead of after starting the student and the teacher."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise DistillError(f"serve.host={host} is not an address of this machine ({exc.strerror}); use 127.0.0.1 "
+                           f"(loopback, the default) or an address of one of its interfaces") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise DistillError(f"serve.host={host} is not an address of this machine ({exc.strerror}); use "
+                                   f"127.0.0.1 (loopback, the default) or an address of one of its interfaces") from None
+            problem = ("already in use (another gateway or server?)" if exc.errno == errno.EADDRINUSE else
+                       f"not available to this user ({exc.strerror})")
+            raise DistillError(f"serve.port={port} on {host} is {problem}; stop what listens there or pick another "
+                               f"port with serve.port=N") from None
 
 
 def _access_log_to_stderr() -> None:
