@@ -190,6 +190,33 @@ def test_resolve_method_is_the_one_rule_generate_uses(tmp_path):
     assert resolve_method(load_config(["recipe=email_extraction", f"run_dir={tmp_path}"])) == "generate"
 
 
+def test_values_that_begin_alike_are_never_labelled_by_first_token_scoring(tmp_path, capsys):
+    from distill.__main__ import main
+    from distill.config import resolve_method, startup_problems
+    from distill.teacher.scoring import first_token_ties, value_scores
+
+    # Why: both values begin with the one token the teacher answers, so they score alike whatever the input.
+    top = [("check", -0.1), ("get", -2.0)]
+    assert value_scores(top, ["check_invoice", "check_refund_policy", "get_invoice"]) == [-0.1, -0.1, -2.0]
+    assert first_token_ties(["check_invoice", "check_refund_policy", "get_invoice"]) == [
+        ("check_invoice", "check_refund_policy")]
+    assert first_token_ties(["high", "highest", "low"]) == [("high", "highest")]
+    assert first_token_ties([1, 10, 2]) == [("1", "10")]
+    assert first_token_ties(["cardArrival", "cardLinking", "cash"]) == [("cardArrival", "cardLinking")]
+    assert first_token_ties(["billing", "refund_return", "shipping_delivery", "low", "medium"]) == []
+
+    alike = ["recipe.output_schema.properties.category.enum=[check_invoice,check_refund_policy,get_invoice]"]
+    auto = load_config([*alike, f"run_dir={tmp_path / 'a'}"])  # the local teacher: teacher.method=auto
+    assert resolve_method(auto) == "generate"
+    assert resolve_method(load_config([f"run_dir={tmp_path / 'b'}"])) == "score"  # the shipped values differ
+    scored = load_config([*alike, "teacher.method=score", f"run_dir={tmp_path / 'c'}"])  # loads: a run made so serves
+    assert any("check_invoice / check_refund_policy" in p for p in startup_problems(scored, ("generate",)))
+    assert startup_problems(scored, ("evaluate",)) == []
+    assert main(["generate", *alike, "teacher.method=score", f"run_dir={tmp_path / 'd'}"]) == 2
+    assert "cannot tell them apart (category: check_invoice / check_refund_policy)" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()  # refused before the teacher started
+
+
 def test_qlora_is_checked_before_train_starts(tmp_path):
     import torch
 

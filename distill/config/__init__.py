@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from distill import DistillError
 from distill.config.base import SPEED_ONLY, key_paths, speed_only_fields, without_speed_only
 from distill.config.checks import (SynthesisSpec, check_startup, cross_group_problems, resolve_method,
-                                   startup_problems, synthesis_spec)
+                                   score_ties, startup_problems, synthesis_spec)
 from distill.config.compose import (CONF_DIR, GROUPS, PACKAGE_RECIPES, USER_RECIPE, check_recipe_yaml, compose,
                                     did_you_mean, group_options, key_problem, list_recipes, recipe_search_dirs)
 from distill.config.inputs import (ENV_NAME_MAX, KEY_PREFIXES, SECRET_SUFFIXES, EnvName, clean_secret,
@@ -41,7 +41,7 @@ from distill.config.serve import ServeConfig
 
 __all__ = [
     "SPEED_ONLY", "key_paths", "speed_only_fields", "without_speed_only", "SynthesisSpec", "check_startup",
-    "cross_group_problems", "resolve_method", "startup_problems", "synthesis_spec", "CONF_DIR", "GROUPS",
+    "cross_group_problems", "resolve_method", "score_ties", "startup_problems", "synthesis_spec", "CONF_DIR", "GROUPS",
     "PACKAGE_RECIPES", "USER_RECIPE", "check_recipe_yaml", "compose", "did_you_mean", "group_options",
     "key_problem", "list_recipes", "recipe_search_dirs", "ENV_NAME_MAX", "KEY_PREFIXES", "SECRET_SUFFIXES",
     "EnvName", "clean_secret", "env_name_problem", "is_secret_setting", "load_yaml", "looks_like_key",

@@ -31,14 +31,40 @@ def free_fields(cfg: Config) -> list[str]:
     return [name for name, spec in props.items() if not (isinstance(spec, dict) and "enum" in spec)]
 
 
+def score_ties(cfg: Config) -> dict[str, list[tuple[str, str]]]:
+    """Per enum field, the pairs of its values that first-token scoring cannot tell apart (scoring.first_token_ties)."""
+    from distill.teacher.scoring import first_token_ties
+
+    props = cfg.recipe.output_schema.get("properties", {})
+    found = {name: first_token_ties(spec["enum"]) for name, spec in props.items()
+             if isinstance(spec, dict) and isinstance(spec.get("enum"), list)}
+    return {name: ties for name, ties in found.items() if ties}
+
+
+def score_ties_problem(cfg: Config) -> str | None:
+    """Why an explicit ``teacher.method=score`` cannot label this recipe (values that begin alike), or None.
+
+    Checked where generate is about to label, not when a config is read: a run labelled that way earlier still
+    evaluates, publishes and serves."""
+    ties = score_ties(cfg) if cfg.teacher.method == "score" else {}
+    if not ties:
+        return None
+    pairs = "; ".join(f"{field}: " + ", ".join(f"{a} / {b}" for a, b in found[:3])
+                      + (f" and {len(found) - 3} more pairs" if len(found) > 3 else "") for field, found in ties.items())
+    return (f"teacher.method=score ranks each value by the answer's first token, and these values begin alike, so it "
+            f"cannot tell them apart ({pairs}): use teacher.method=generate (auto chooses it for this recipe), or give "
+            f"the values distinct first words")
+
+
 def _method(cfg: Config) -> tuple[str, str | None]:
     method = cfg.teacher.method
     free = free_fields(cfg)
     if method == "auto":
-        method = "generate" if free else "score"
+        method = "generate" if free or score_ties(cfg) else "score"
     if method == "score" and free:
         return method, (f"teacher.method=score needs a fixed set of values (enum) for every field; "
                         f"{', '.join(free)} have none. Use teacher.method=generate (or auto) for this recipe")
+
     if method == "score" and cfg.generate.self_consistency > 1:
         return method, ("generate.self_consistency > 1 needs teacher.method=generate (score already gives a "
                         "confidence per field)")
@@ -54,7 +80,7 @@ def resolve_method(cfg: Config, task: Any = None) -> str:
     otherwise). Raises DistillError for a method the recipe or the generate settings rule out. (``task`` is
     accepted for the old call signature; the rule reads only the config.)"""
     method, problem = _method(cfg)
-    if problem:
+    if problem or (problem := score_ties_problem(cfg)):
         raise DistillError(problem)
     return method
 
@@ -184,6 +210,8 @@ def startup_problems(cfg: Config, stages: tuple[str, ...]) -> list[str]:
     problems = []
     if "generate" in stages and cfg.generate.source == "traffic":
         problems += traffic_problems(cfg)
+    if "generate" in stages and (problem := score_ties_problem(cfg)):
+        problems.append(problem)
     in_process = "evaluate" in stages and not cfg.eval.endpoint.base_url
     if "evaluate" in stages and cfg.eval.baseline:
         baseline = Path(cfg.eval.baseline).expanduser()

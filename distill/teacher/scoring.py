@@ -13,6 +13,7 @@ llama.cpp's server when started with logits_all).
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -32,6 +33,28 @@ def field_messages(task: Task, text: str, field: str, shots: list[tuple[str, dic
         messages.append({"role": "assistant", "content": value_text(label[field])})
     messages.append({"role": "user", "content": text})
     return messages
+
+
+def _lead(text: str) -> str:
+    """A value's first word, lower-case: ``check`` of ``check_invoice``, ``card`` of ``cardArrival``."""
+    split = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", text).lower()
+    return next((w for w in re.split(r"[^0-9a-z]+", split) if w), split.strip())
+
+
+def first_token_ties(values: list) -> list[tuple[str, str]]:
+    """Pairs of values that first-token scoring cannot tell apart: the same first word (``check_invoice``,
+    ``check_refund_policy``: both begin with the token ``check``), or one value's text beginning another's
+    (``high``, ``highest``: any token that begins the first begins the second). ``value_scores`` gives such values
+    the same score or ranks the longer one first whatever the input, so their labels would be arbitrary. Decided on
+    the text, without the teacher's tokenizer: a rule that holds for the subword tokenizers of chat models."""
+    texts = [value_text(v) for v in values]
+    ties = []
+    for i, a in enumerate(texts):
+        for b in texts[i + 1:]:
+            la, lb = a.lower(), b.lower()
+            if _lead(a) == _lead(b) or la.startswith(lb) or lb.startswith(la):
+                ties.append((a, b))
+    return ties
 
 
 def _norm(token: str) -> str:

@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 from distill import DistillError, paths, runio
-from distill.config import Config, resolve_method
+from distill.config import Config, resolve_method, score_ties
 from distill.data import dedup, pii
 from distill.data.embed import nearest
 from distill.data.split import assign_split
@@ -70,6 +70,10 @@ def run(cfg: Config, run_dir: Path) -> dict | pricing.DryRun:
     out_dir = paths.stage_dir(run_dir, "generate")
     task = Task(cfg)
     method = resolve_method(cfg, task)
+    if cfg.teacher.method == "auto" and method == "generate" and (ties := score_ties(cfg)):
+        log.info("generate: teacher.method=auto writes answers instead of scoring: values begin alike, so their first "
+                 "token cannot rank them (%s)", "; ".join(f"{f}: {a} / {b}" for f, pairs in ties.items()
+                                                          for a, b in pairs[:2]))
     ledger_file = paths.ledger_path(run_dir, cfg.generate.shared_ledger)
     skipped: dict = {}
     bad_gold = 0
