@@ -407,6 +407,32 @@ def test_killed_student_runtime_sends_requests_to_the_teacher_with_no_5xx(publis
     assert health["student"] == {"reachable": False, "circuit": {TASK: "open"}}
 
 
+def test_an_input_too_long_for_the_student_goes_to_the_teacher_without_opening_the_circuit(published, teacher,
+                                                                                         tmp_path):
+    run_dir = _copy(published, tmp_path, threshold=0.0)
+    long_inputs = [f"ticket {i}: my parcel never arrived. " + "It is late. " * 60 for i in range(4)]
+    paid_before = len(teacher.calls)
+    with FakeStudent(_answers({}), max_input_chars=400) as student:
+        cfg = _cfg(run_dir, f"serve.student_endpoint={student.base_url}", "serve.breaker_failures=2")
+        with background(cfg) as url:
+            client = _client(url)
+            replies = [_ask(client, text) for text in long_inputs]
+            short = _ask(client, NEW_TICKET)[0]
+        with FakeTeacher(lambda messages: "{}", status=400) as refusing:
+            cfg = _cfg(run_dir, f"serve.student_endpoint={student.base_url}", f"teacher.base_url={refusing.base_url}")
+            with background(cfg) as url:
+                resp = httpx.post(f"{url}/chat/completions", json={"model": TASK, "messages": [
+                    {"role": "user", "content": long_inputs[0] + " again"}]})
+    assert [(h["x-distill-route"], h["x-distill-reason"]) for h, _ in replies] == [("teacher", "input_too_long")] * 4
+    assert len(teacher.calls) - paid_before == 4  # one teacher answer per long input
+    assert all(json.loads(r.choices[0].message.content) for _, r in replies)
+    # Four inputs that do not fit are the inputs' problem: the circuit (2 failures) stayed closed for the next one.
+    assert (short["x-distill-route"], short["x-distill-reason"]) == ("student", "confident")
+    # Too long for the teacher as well: the client's 400, not a 502 of the gateway.
+    assert "the task input is too long" in _error(resp, 400, "context_length_exceeded")
+    assert resp.headers["x-distill-reason"] == "input_too_long"
+
+
 def test_slow_student_times_out_to_the_teacher(published, tmp_path):
     run_dir = _copy(published, tmp_path, threshold=0.9)
     row = _split(run_dir, "train")[0]

@@ -8,7 +8,8 @@
 
 A task reply is a chat.completion whose content is the JSON answer, with headers ``x-distill-route`` (student |
 teacher), ``x-distill-confidence`` (the student's confidence, ``none`` without one) and ``x-distill-reason``
-(routing.decide's reason, or ``student_unavailable`` / ``student_error`` / ``route_disabled`` / ``teacher_down``).
+(routing.decide's reason, or ``student_unavailable`` / ``student_error`` / ``input_too_long`` / ``route_disabled`` /
+``teacher_down``).
 A cached answer adds ``x-distill-cache`` (exact | semantic; distill.serve.cache) and keeps the route, reason and
 confidence it was first served with.
 ``stream: true`` sends the same answer as one SSE content chunk, a finish chunk and ``[DONE]``.

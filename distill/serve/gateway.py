@@ -194,6 +194,10 @@ class TaskRoute:
                           f"(serve.teacher_budget_usd_per_day={cap}); the request was not served. It resets at 00:00 "
                           f"UTC; raise the cap, or set serve.on_teacher_down=student to serve the student's answer",
                           "teacher_budget", teacher_error)
+        if reason == "input_too_long" and teacher_error == "http_400":
+            return Served(400, None, "none", reason, confidence, "the task input is too long: it does not fit the "
+                          "student's context, and the teacher refused it too (http_400); send a shorter input",
+                          "context_length_exceeded", teacher_error)
         if teacher_error in TEACHER_DOWN or str(teacher_error).startswith("http_"):
             message = f"the teacher did not answer ({teacher_error}); the request was not served"
         else:
@@ -207,6 +211,10 @@ class TaskRoute:
         try:
             reply = await self.student.answer(text)
         except StudentFailed as exc:
+            if exc.kind == "input_too_long":  # this input's problem: the runtime is well, so no breaker count
+                self.breaker.release()
+                self.metrics.student_errors.labels(self.name, exc.kind).inc()
+                return None, "input_too_long"
             self.breaker.failure()
             self.metrics.student_errors.labels(self.name, exc.kind).inc()
             if self.breaker.state != "closed":

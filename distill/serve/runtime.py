@@ -359,8 +359,10 @@ def create_app(scorer: Scorer, alias: str):
                                            "type": "invalid_request_error"}}, status_code=400)
         try:
             return JSONResponse(await run_in_threadpool(scorer.score, messages, schema, max_new))
-        except ValueError as exc:  # e.g. a prompt longer than the context
-            return JSONResponse({"error": {"message": str(exc), "type": "invalid_request_error"}}, status_code=400)
+        except ValueError as exc:  # e.g. a prompt longer than the context: the request's problem, not the runtime's
+            code = "context_length_exceeded" if "fit the runtime's context" in str(exc) else None
+            return JSONResponse({"error": {"message": str(exc), "type": "invalid_request_error", "code": code}},
+                                status_code=400)
 
     return Starlette(routes=[Route("/v1/models", models), Route("/health", health),
                              Route(f"/v1{SCORE_PATH}", score, methods=["POST"])])

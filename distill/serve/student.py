@@ -48,11 +48,12 @@ class StudentReply:
 
 
 class StudentFailed(Exception):
-    """The student runtime did not answer: ``kind`` is timeout, connection_error, http_<status> or bad_response."""
+    """The student runtime did not answer: ``kind`` is timeout, connection_error, http_<status>, bad_response, or
+    input_too_long (the runtime is well: this input does not fit its context; ``message`` says by how much)."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, message: str = ""):
         super().__init__(kind)
-        self.kind = kind
+        self.kind, self.message = kind, message
 
 
 class Student(Protocol):
@@ -68,6 +69,10 @@ async def _post(session: aiohttp.ClientSession, url: str, body: bytes, timeout: 
     """POST a JSON body (already encoded) and return the JSON answer; every failure becomes StudentFailed."""
     try:
         async with session.post(url, data=body, headers=_JSON, timeout=timeout) as resp:
+            if resp.status == 400:
+                error = _error_of(await resp.read())
+                if _too_long(error):
+                    raise StudentFailed("input_too_long", str(error.get("message") or "")[:300])
             if resp.status != 200:
                 raise StudentFailed(f"http_{resp.status}")
             data = json.loads(await resp.read())
@@ -80,6 +85,23 @@ async def _post(session: aiohttp.ClientSession, url: str, body: bytes, timeout: 
     if not isinstance(data, dict):
         raise StudentFailed("bad_response")
     return data
+
+
+def _error_of(raw: bytes) -> dict:
+    """The ``error`` object of an OpenAI-style error body ({} when there is none)."""
+    try:
+        error = json.loads(raw).get("error")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return {}
+    return error if isinstance(error, dict) else {}
+
+
+def _too_long(error: dict) -> bool:
+    """A 400 that says the prompt exceeds the context: distill's runtime and OpenAI say so by code, llama.cpp's
+    server by type (exceed_context_size_error), vLLM in its message ("maximum context length")."""
+    message = str(error.get("message") or "").lower()
+    return (error.get("code") == "context_length_exceeded" or error.get("type") == "exceed_context_size_error"
+            or "maximum context length" in message or "exceeds the available context" in message)
 
 
 class ValidAnswers:

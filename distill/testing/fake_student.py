@@ -4,6 +4,7 @@
         serve.student_endpoint=student.base_url
         student.calls          # the task inputs it was asked, in order of arrival
         student.kill()         # stop answering: new connections are refused and open ones are cut
+    FakeStudent(..., max_input_chars=200)  # longer inputs: the runtime's 400 context_length_exceeded
 
 ``answer_fn(text) -> (answer, confidence)``: a dict is a schema-valid answer (or not: the gateway checks), a str is
 raw text the student "wrote". It speaks the distill runtime's scored protocol (``POST /v1/distill/score``) and
@@ -34,10 +35,11 @@ class _Server(ThreadingHTTPServer):
 
 class FakeStudent:
     def __init__(self, answer_fn: Callable[[str], tuple[Any, float | None]], *, latency_s: float = 0.0,
-                 status: int = 200):
+                 status: int = 200, max_input_chars: int | None = None):
         self.answer_fn = answer_fn
         self.latency_s = latency_s
         self.status = status
+        self.max_input_chars = max_input_chars  # longer inputs get the runtime's 400 context_length_exceeded
         self.calls: list[str] = []
         self._lock = threading.Lock()
         self._conns: set[socket.socket] = set()
@@ -110,6 +112,10 @@ class FakeStudent:
                     time.sleep(fake.latency_s)
                 if fake.status != 200:
                     return self._send(fake.status, {"error": {"message": "injected failure"}})
+                if fake.max_input_chars is not None and len(text) > fake.max_input_chars:
+                    return self._send(400, {"error": {"message": f"{len(text)} tokens do not fit the runtime's "
+                                                      f"context of {fake.max_input_chars}", "type":
+                                                      "invalid_request_error", "code": "context_length_exceeded"}})
                 path = self.path.split("?")[0].rstrip("/")
                 if not (path.endswith(SCORE_PATH) or path.endswith("/chat/completions")):
                     return self._send(404, {"error": {"message": f"no route {path}"}})
