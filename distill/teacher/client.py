@@ -55,8 +55,9 @@ def resolve_api_key(tcfg: TeacherConfig) -> str:
     # Surrounding whitespace (a trailing newline) is stripped with a warning; whitespace inside is refused.
     key = clean_secret(os.environ.get(tcfg.api_key_env), tcfg.api_key_env, "teacher.api_key_env")
     if not key:
+        state = "not set" if tcfg.api_key_env not in os.environ else "empty"
         raise DistillError(f"the teacher needs an API key in the environment variable {tcfg.api_key_env}, which is "
-                           f"not set (export {tcfg.api_key_env}=... or set teacher.api_key_env)")
+                           f"{state} (export {tcfg.api_key_env}=... or set teacher.api_key_env)")
     return key
 
 
