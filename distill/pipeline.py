@@ -243,7 +243,8 @@ def _changed_settings(cfg: Config, stage: str, limit: int = 6) -> str:
     except (OSError, yaml.YAMLError, UnicodeDecodeError, DistillError):
         return ""
     before, now = _flat(_slice(saved, stage)), _flat(_slice(cfg, stage))
-    diffs = [f"{k}: {_short(before.get(k))} -> {_short(now.get(k))}" for k in sorted(set(before) | set(now), key=lambda k: (k.count("."), k))
+    keys = sorted(set(before) | set(now), key=lambda k: (k.count("."), k))  # a group's name before its details
+    diffs = [f"{k}: {_short(before.get(k))} -> {_short(now.get(k))}" for k in keys
              if before.get(k) != now.get(k) and not k.startswith("recipe_files")]
     return "; ".join(diffs[:limit]) + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
 
