@@ -209,30 +209,37 @@ def _saved_recipe(run_dir: Path) -> tuple[str | None, str | None]:
     return recipe["name"], None if packaged or not folder.is_dir() else str(folder)
 
 
-def check_upstream(cfg: Config, stage: str, *, recorded: bool = True) -> None:
-    """One stage run alone: every stage it reads from finished, with the settings this config gives that stage.
+# The settings of an upstream stage that the stages after it read as well: the recipe (schema, prompts) that generate
+# labelled under, and the student that train trained (evaluate and publish load it). The rest of an upstream slice
+# (the teacher, generate.*, train.*) is read by that stage alone, so a stage run alone may differ there: train alone
+# with a teacher.base_url that no longer answers trains on the same data.
+_READ_DOWNSTREAM = ("recipe.", "student.")
 
-    ``run`` re-runs an upstream stage whose fingerprint no longer matches; a stage run alone cannot, so building on
-    it would mix two configs (an evaluate whose student settings differ from the ones train used loads another
-    model). Raises DistillError before anything is written, naming the settings that differ. ``recorded``: the run
-    has an overrides.yaml the command started from (else the hint asks for the run's overrides again)."""
+
+def check_upstream(cfg: Config, stage: str, *, recorded: bool = True) -> None:
+    """One stage run alone: every stage it reads from finished, under the recipe and student settings it ran with.
+
+    ``run`` re-runs an upstream stage whose settings changed; a stage run alone cannot, so building on it would mix
+    two configs (an evaluate whose student differs from the one train trained loads another model under the adapter).
+    The reference is the run's config.yaml, which a command rewrites only after this check. Raises DistillError
+    before anything is written, naming the settings that differ. ``recorded``: the run has an overrides.yaml the
+    command started from (else the hint asks for the run's overrides again)."""
     for up in UPSTREAM[stage]:
-        done = runio.require_done(cfg.run_dir, up, needed_by=stage)
-        if fingerprint(cfg, up) == done.get("fingerprint"):
+        runio.require_done(cfg.run_dir, up, needed_by=stage)
+        changed = _changed_settings(cfg, up, _READ_DOWNSTREAM)
+        if not changed:
             continue
-        changed = _changed_settings(cfg, up)
-        why = (f"these settings differ from the ones it ran with: {changed}" if changed else
-               f"it ran with other inputs (its recipe's files, the distill version, or an earlier stage changed "
-               f"since)")
         fix = ("leave out the overrides that change it" if recorded else
                f"give the overrides the run was made with again (it has no {paths.OVERRIDES_YAML}: made from Python "
                f"or by an older distill; its {paths.CONFIG_YAML} holds every setting)")
-        raise DistillError(f"{stage} alone would build on a {up} stage made otherwise: {why}. Run `python -m "
-                           f"distill run run_dir={cfg.run_dir} ...` to redo {up} and what follows from it, or {fix}")
+        raise DistillError(f"{stage} alone would build on a {up} stage made otherwise: these settings differ from the "
+                           f"ones it ran with: {changed}. Run `python -m distill run run_dir={cfg.run_dir} ...` to "
+                           f"redo {up} and what follows from it, or {fix}")
 
 
-def _changed_settings(cfg: Config, stage: str, limit: int = 6) -> str:
-    """``key: saved -> now`` for the settings of ``stage`` that differ from the run's config.yaml ('' if none)."""
+def _changed_settings(cfg: Config, stage: str, prefixes: tuple[str, ...], limit: int = 6) -> str:
+    """``key: saved -> now`` for the settings of ``stage`` under ``prefixes`` that differ from the run's config.yaml
+    ('' if none, or without a readable config.yaml)."""
     import yaml
 
     from distill.config import validate
@@ -240,12 +247,12 @@ def _changed_settings(cfg: Config, stage: str, limit: int = 6) -> str:
     saved_file = Path(cfg.run_dir) / paths.CONFIG_YAML
     try:
         saved = validate(yaml.safe_load(saved_file.read_text(encoding="utf-8")))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError, DistillError):
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, DistillError, TypeError, ValueError):
         return ""
     before, now = _flat(_slice(saved, stage)), _flat(_slice(cfg, stage))
     keys = sorted(set(before) | set(now), key=lambda k: (k.count("."), k))  # a group's name before its details
     diffs = [f"{k}: {_short(before.get(k))} -> {_short(now.get(k))}" for k in keys
-             if before.get(k) != now.get(k) and not k.startswith("recipe_files")]
+             if k.startswith(prefixes) and before.get(k) != now.get(k)]
     return "; ".join(diffs[:limit]) + (f"; and {len(diffs) - limit} more" if len(diffs) > limit else "")
 
 
