@@ -224,9 +224,10 @@ def check_upstream(cfg: Config, stage: str, *, recorded: bool = True) -> None:
     The reference is the run's config.yaml, which a command rewrites only after this check. Raises DistillError
     before anything is written, naming the settings that differ. ``recorded``: the run has an overrides.yaml the
     command started from (else the hint asks for the run's overrides again)."""
+    saved = _saved_config(cfg.run_dir)  # read once for every upstream stage
     for up in UPSTREAM[stage]:
         runio.require_done(cfg.run_dir, up, needed_by=stage)
-        changed = _changed_settings(cfg, up, _READ_DOWNSTREAM)
+        changed = _changed_settings(cfg, saved, up, _READ_DOWNSTREAM)
         if not changed:
             continue
         fix = ("leave out the overrides that change it" if recorded else
@@ -237,17 +238,23 @@ def check_upstream(cfg: Config, stage: str, *, recorded: bool = True) -> None:
                            f"redo {up} and what follows from it, or {fix}")
 
 
-def _changed_settings(cfg: Config, stage: str, prefixes: tuple[str, ...], limit: int = 6) -> str:
-    """``key: saved -> now`` for the settings of ``stage`` under ``prefixes`` that differ from the run's config.yaml
-    ('' if none, or without a readable config.yaml)."""
+def _saved_config(run_dir) -> Config | None:
+    """The run's config.yaml, validated; None when it is missing or unreadable."""
     import yaml
 
     from distill.config import validate
 
-    saved_file = Path(cfg.run_dir) / paths.CONFIG_YAML
     try:
-        saved = validate(yaml.safe_load(saved_file.read_text(encoding="utf-8")))
+        return validate(yaml.safe_load((Path(run_dir) / paths.CONFIG_YAML).read_text(encoding="utf-8")))
     except (OSError, yaml.YAMLError, UnicodeDecodeError, DistillError, TypeError, ValueError):
+        return None
+
+
+def _changed_settings(cfg: Config, saved: Config | None, stage: str, prefixes: tuple[str, ...],
+                      limit: int = 6) -> str:
+    """``key: saved -> now`` for the settings of ``stage`` under ``prefixes`` that differ from ``saved`` (the run's
+    config.yaml; '' if none differ, or without one)."""
+    if saved is None:
         return ""
     before, now = _flat(_slice(saved, stage)), _flat(_slice(cfg, stage))
     keys = sorted(set(before) | set(now), key=lambda k: (k.count("."), k))  # a group's name before its details

@@ -753,6 +753,33 @@ def test_runtime_decodes_on_one_thread_whichever_thread_asks(published):
     assert [a["answer"] for a in together] == [a["answer"] for a in alone]
 
 
+def test_runtime_answers_an_input_longer_than_its_context_with_400_context_length_exceeded(published):
+    """The runtime's 400 carries OpenAI's ``context_length_exceeded`` code for a prompt that does not fit (the
+    gateway then sends the request to the teacher without counting it against the runtime's breaker), and a plain
+    400 for a malformed request; the context it keeps is still usable afterwards."""
+    from starlette.testclient import TestClient
+
+    from distill.serve.runtime import SCORE_PATH, Scorer, create_app
+    from distill.task import Task
+
+    cfg = load_serve_config([f"run_dir={published}"])
+    task = Task(cfg)
+    model_dir = paths.stage_dir(published, "publish") / paths.MODEL_DIR
+    (gguf,) = model_dir.glob("*-q8_0.gguf")
+    short = runio.read_jsonl(paths.stage_dir(published, "evaluate") / paths.PREDICTIONS)[0]["input"]
+    client = TestClient(create_app(Scorer(gguf, model_dir / paths.HF_DIR, n_ctx=256), "student"))
+
+    def score(text):
+        return client.post(f"/v1{SCORE_PATH}", json={"messages": task.student_messages(text),
+                                                     "schema": task.schema.schema, "max_new_tokens": 8})
+
+    too_long = score(" ".join(["order"] * 400)).json()["error"]
+    assert too_long["code"] == "context_length_exceeded" and "context of 256" in too_long["message"]
+    malformed = client.post(f"/v1{SCORE_PATH}", json={"messages": []})
+    assert malformed.status_code == 400 and malformed.json()["error"].get("code") is None
+    assert score(short).status_code == 200
+
+
 def test_gateway_starts_the_runtime_and_routes_on_its_confidence(published, teacher, tmp_path):
     predictions = runio.read_jsonl(paths.stage_dir(published, "evaluate") / paths.PREDICTIONS)
     ranked = sorted(predictions, key=lambda p: p["confidence"])

@@ -273,13 +273,16 @@ def check_port_free(host: str, port: int) -> None:
     serve stops in a second instead of after starting the student and the teacher."""
     import socket
 
+    def foreign(exc: OSError) -> DistillError:
+        return DistillError(f"serve.host={host} is not an address of this machine ({exc.strerror}); use 127.0.0.1 "
+                            f"(loopback, the default) or an address of one of its interfaces")
+
     if port == 0:
         return
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise DistillError(f"serve.host={host} is not an address of this machine ({exc.strerror}); use 127.0.0.1 "
-                           f"(loopback, the default) or an address of one of its interfaces") from None
+        raise foreign(exc) from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
@@ -287,8 +290,7 @@ def check_port_free(host: str, port: int) -> None:
             probe.bind(address)
         except OSError as exc:
             if exc.errno == errno.EADDRNOTAVAIL:
-                raise DistillError(f"serve.host={host} is not an address of this machine ({exc.strerror}); use "
-                                   f"127.0.0.1 (loopback, the default) or an address of one of its interfaces") from None
+                raise foreign(exc) from None
             problem = ("already in use (another gateway or server?)" if exc.errno == errno.EADDRINUSE else
                        f"not available to this user ({exc.strerror})")
             raise DistillError(f"serve.port={port} on {host} is {problem}; stop what listens there or pick another "

@@ -50,6 +50,10 @@ TRIE_SEQS = 255                 # candidates one tree decode may score (llama.cp
 TRIE_MAX_NODES = 64
 
 
+class ContextOverflow(ValueError):
+    """A prompt (with its candidates) longer than the runtime's context: the request's problem, not the runtime's."""
+
+
 class LlamaTokens:
     """``scored.TokenModel`` over a GGUF in llama.cpp: keeps the KV cache of the longest shared prefix, and computes
     logits only at the positions a score is read from (a candidate's tokens, each generated token): the prompt's
@@ -88,7 +92,7 @@ class LlamaTokens:
         """Make the context hold ``ids`` with a valid logit row at every position from ``rows_from`` on: the shared
         prefix stays cached (a cached position that lacks a needed row is run again), the rest is evaluated."""
         if len(ids) > self.n_ctx:
-            raise ValueError(f"{len(ids)} tokens do not fit the runtime's context of {self.n_ctx}")
+            raise ContextOverflow(f"{len(ids)} tokens do not fit the runtime's context of {self.n_ctx}")
         if self.all_rows:
             rows_from = 0
         llm = self.llm
@@ -150,7 +154,7 @@ class LlamaTokens:
             return None
         prefix = list(distinct[0][:shared])
         if shared + max((len(node) for node in members), default=0) > self.n_ctx:
-            raise ValueError(f"{len(prefix)} prompt tokens and their candidates do not fit the runtime's context "
+            raise ContextOverflow(f"{len(prefix)} prompt tokens and their candidates do not fit the runtime's context "
                              f"of {self.n_ctx}")
         llm = self.llm
         keep = common_prefix(llm.input_ids[: llm.n_tokens].tolist(), prefix)
@@ -360,7 +364,7 @@ def create_app(scorer: Scorer, alias: str):
         try:
             return JSONResponse(await run_in_threadpool(scorer.score, messages, schema, max_new))
         except ValueError as exc:  # e.g. a prompt longer than the context: the request's problem, not the runtime's
-            code = "context_length_exceeded" if "fit the runtime's context" in str(exc) else None
+            code = "context_length_exceeded" if isinstance(exc, ContextOverflow) else None
             return JSONResponse({"error": {"message": str(exc), "type": "invalid_request_error", "code": code}},
                                 status_code=400)
 
