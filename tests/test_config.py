@@ -174,6 +174,20 @@ def test_cross_field_rules_fail_at_load_with_every_problem_named(tmp_path):
     assert "eval.gate.min_field_agreement names prio" in message and "its fields: order_id" in message
 
 
+def test_a_base_url_for_the_embedded_teacher_is_refused_not_ignored(tmp_path):
+    """teacher=local starts its own server: a teacher.base_url given with it used to be dropped without a word
+    (generate and serve started the embedded model instead of asking the server the user named)."""
+    with pytest.raises(DistillError) as err:
+        load_config(["recipe=support_tickets", "teacher=local", "teacher.base_url=http://127.0.0.1:8080/v1",
+                     f"run_dir={tmp_path}"])
+    message = str(err.value)
+    assert "teacher.base_url=http://127.0.0.1:8080/v1 would be ignored" in message
+    assert "teacher.kind=openai teacher.base_url=URL teacher.model=NAME" in message
+    cfg = load_config(["recipe=support_tickets", "teacher=openai", "teacher.base_url=http://127.0.0.1:8080/v1",
+                       "teacher.model=m", f"run_dir={tmp_path}"])
+    assert cfg.teacher.base_url == "http://127.0.0.1:8080/v1"
+
+
 def test_a_bad_synthesis_section_fails_at_load(tmp_path):
     with pytest.raises(DistillError, match="recipe 'support_tickets' synthesis.per_cell: Input should be greater"):
         load_config(["generate.source=synthesize", "recipe.synthesis.per_cell=0", f"run_dir={tmp_path}"])

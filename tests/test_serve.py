@@ -215,6 +215,55 @@ def test_other_models_pass_through_with_the_teacher_key_never_the_clients(publis
     assert teacher_key not in logged and client_key not in logged and "hello there" not in logged
 
 
+def test_the_other_openai_endpoints_of_an_app_pass_through_to_the_teacher(published, fake_answer, tmp_path,
+                                                                          monkeypatch, caplog):
+    """An app whose whole base URL is the gateway also embeds, and looks a model up: those reach the teacher
+    unchanged with the teacher's key; a task alias there is refused by name (a task answers chat completions);
+    account endpoints (files, batches) are not forwarded at all."""
+    run_dir = _copy(published, tmp_path, threshold=0.9)
+    teacher_key, client_key = "sk-teacher-" + "e5f6g7h8" * 4, "client-key-" + "1a2b3c4d" * 3
+    monkeypatch.setenv("TEST_TEACHER_KEY", teacher_key)
+    monkeypatch.setenv("TEST_GATEWAY_KEYS", client_key)
+    with FakeTeacher(fake_answer, api_key=teacher_key) as keyed, FakeStudent(_answers({})) as student:
+        cfg = _cfg(run_dir, f"serve.student_endpoint={student.base_url}", f"teacher.base_url={keyed.base_url}",
+                   "teacher.api_key_env=TEST_TEACHER_KEY", "serve.api_keys_env=TEST_GATEWAY_KEYS")
+        from distill.serve.command import client_keys
+
+        caplog.set_level("INFO", logger="distill.serve.access")
+        with background(cfg, client_keys(cfg)) as url:
+            client = _client(url, client_key)
+            vectors = client.embeddings.create(model="fake-teacher", input=["hello there", "hi"])
+            teacher_model = client.models.retrieve("fake-teacher")
+            task_model = client.models.retrieve(TASK)
+            with pytest.raises(openai.NotFoundError):
+                client.models.retrieve("no-such-model")
+            with pytest.raises(openai.BadRequestError) as task_embed:
+                client.embeddings.create(model=TASK, input="hello there")
+            with pytest.raises(openai.AuthenticationError):
+                _client(url, "wrong").embeddings.create(model="fake-teacher", input="hello there")
+            raw_body = {"model": "fake-teacher", "input": "hello there", "dimensions": 3, "user": "u-7"}
+            raw = httpx.post(f"{url}/embeddings", json=raw_body, headers={"Authorization": f"Bearer {client_key}"})
+            files = httpx.post(f"{url}/files", headers={"Authorization": f"Bearer {client_key}"}, content=b"x")
+            nested = httpx.get(f"{url}/files/file-1/content", headers={"Authorization": f"Bearer {client_key}"})
+    assert [len(d.embedding) for d in vectors.data] == [3, 3]  # the teacher's answer, relayed
+    assert keyed.other_calls[-1] == ("POST", "/v1/embeddings", raw_body)  # forwarded unchanged
+    assert raw.status_code == 200 and teacher_key not in raw.text
+    assert (teacher_model.id, teacher_model.owned_by) == ("fake-teacher", "fake")
+    assert (task_model.id, task_model.owned_by) == (TASK, f"distill:{TASK}")
+    assert task_embed.value.status_code == 400 and task_embed.value.code == "unsupported_endpoint"
+    assert "chat/completions" in task_embed.value.message
+    # the task alias, the wrong key and the account endpoints never reached the teacher
+    assert [(m, p) for m, p, _ in keyed.other_calls] == [("POST", "/v1/embeddings"), ("GET", "/v1/models/fake-teacher"),
+                                                         ("GET", "/v1/models/no-such-model"), ("POST", "/v1/embeddings")]
+    assert keyed.calls == []
+    assert files.status_code == 404 and files.json()["error"]["code"] == "not_found"
+    assert "embeddings" in files.json()["error"]["message"]
+    assert nested.status_code == 404
+    access = [json.loads(r.getMessage()) for r in caplog.records if r.name == "distill.serve.access"]
+    assert [(a["route"], a["status"]) for a in access][:3] == [("passthrough", 200)] * 2 + [("passthrough", 404)]
+    assert teacher_key not in caplog.text and client_key not in caplog.text and "hello there" not in caplog.text
+
+
 def test_a_teacher_that_refuses_the_key_is_a_502_that_never_shows_the_key(published, fake_answer, tmp_path,
                                                                          monkeypatch):
     run_dir = _copy(published, tmp_path)
@@ -310,7 +359,8 @@ def test_bad_requests_get_400_413_with_the_problem_named(published, tmp_path):
             empty = post(json={"model": TASK, "messages": [{"role": "user", "content": "  "}]})
             no_messages = post(json={"model": TASK})
             big = post(json={"model": TASK, "messages": [{"role": "user", "content": "x" * 4096}]})
-            unknown = httpx.get(f"{url}/embeddings")
+            unknown = httpx.get(f"{url}/no/such/endpoint")
+            wrong_method = httpx.get(f"{url}/embeddings")  # a POST endpoint (forwarded to the teacher)
             ticket = [{"role": "user", "content": NEW_TICKET}]
             several = post(json={"model": TASK, "messages": ticket, "n": 3})
             one = post(json={"model": TASK, "messages": ticket, "n": 1, "tools": []})
@@ -325,6 +375,7 @@ def test_bad_requests_get_400_413_with_the_problem_named(published, tmp_path):
     assert "'messages'" in _error(no_messages, 400, "missing_messages")
     assert "serve.max_body_kb=2" in _error(big, 413, "request_too_large")
     _error(unknown, 404, "not_found")
+    _error(wrong_method, 405, "method_not_allowed")
     assert len(student.calls) == 1  # the n=1 request alone reached the student
 
 
@@ -1074,6 +1125,42 @@ def test_the_embedding_classifier_is_served_in_process_with_its_heads_confidence
     assert float(fell["x-distill-confidence"]) == pytest.approx(low_conf, rel=1e-5)
     assert len(teacher.calls) == before  # test items are in generate's ledger
     assert health["student"]["reachable"] is True
+
+
+def test_a_gateway_that_cannot_start_says_why_and_closes_what_it_opened(published, tmp_path, monkeypatch):
+    """A Redis that is not there stops serve before any child server starts; any other start-up failure is named
+    in serve's error (not "could not listen ... in use?"), and what the failed start opened is closed."""
+    from distill.serve import command, hub
+
+    prepare = command.prepare
+
+    def no_children(cfgs):
+        raise AssertionError("prepare() started child servers for a gateway whose store is down")
+
+    monkeypatch.setattr(command, "prepare", no_children)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once the probe is closed
+    cfg = load_serve_config([f"run_dir={published}", "serve.store=redis", f"serve.redis_url=redis://127.0.0.1:{port}/0"])
+    with pytest.raises(DistillError, match=f"cannot reach Redis at redis://127.0.0.1:{port}/0"):
+        command.serve(cfg)
+
+    monkeypatch.setattr(command, "prepare", prepare)
+    opened = []
+    real_open = hub.Gateway.open
+
+    async def failing_open(self):
+        await real_open(self)
+        opened.append(self.session)
+        raise DistillError("the ledger is on a read-only disk")
+
+    monkeypatch.setattr(hub.Gateway, "open", failing_open)
+    run_dir = _copy(published, tmp_path)
+    with FakeStudent(_answers({})) as student:
+        with pytest.raises(DistillError) as failed:
+            command.serve(_cfg(run_dir, f"serve.student_endpoint={student.base_url}"))
+    assert str(failed.value) == "the gateway did not start: the ledger is on a read-only disk"
+    assert opened and opened[0].closed
 
 
 def test_a_taken_port_fails_in_a_second_before_any_child_server_starts(published, tmp_path, monkeypatch):

@@ -87,6 +87,12 @@ class TeacherConfig(_Strict):
             raise ValueError("teacher.base_url is required for an OpenAI-compatible teacher")
         if self.kind == "openai" and not self.model:
             raise ValueError("teacher.model is required (the model name the server serves)")
+        if self.kind == "llama_cpp" and self.base_url:
+            raise ValueError(f"teacher.base_url={self.base_url} would be ignored: the embedded teacher "
+                             f"(teacher.kind=llama_cpp) is a server distill starts itself on loopback. For a server "
+                             f"of your own, set teacher.kind=openai teacher.base_url=URL teacher.model=NAME (or "
+                             f"teacher=openai when a run is made; teacher.structured_output=llama_cpp for a "
+                             f"llama.cpp server); else leave teacher.base_url out")
         return self
 
 

@@ -2,6 +2,8 @@
 
     POST /v1/chat/completions   task requests (model = a task alias, or metadata.distill_task) and pass-through
     GET  /v1/models             the task aliases, then the teacher's model (pass-through)
+    GET  /v1/models/{id}        one task alias, or the teacher's answer for any other model (pass-through)
+    POST /v1/{endpoint}         completions, embeddings, moderations, responses: forwarded to the teacher unchanged
     GET  /healthz               student circuit and reachability, teacher reachability: ok | degraded
     GET  /metrics               Prometheus text format
     POST /admin/reload          swap in a newly published run (body {} or {"run_dir": DIR}; distill.serve.reload)
@@ -29,6 +31,7 @@ import json
 import logging
 import random
 import time
+from urllib.parse import quote
 
 import aiohttp
 from starlette.applications import Starlette
@@ -92,7 +95,13 @@ def create_app(plan: "ServePlan | list[ServePlan]", api_keys: list[str] | None =
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        await gateway.open()
+        try:
+            await gateway.open()
+        except BaseException as exc:
+            app.state.startup_error = exc  # serve reports it (not "could not listen") once uvicorn gives up
+            with contextlib.suppress(Exception):
+                await gateway.close()  # what open made before it failed: the HTTP session, the traffic log
+            raise
         app.state.gateway = gateway
         if own_process:
             tune_for_good()
@@ -149,13 +158,59 @@ def create_app(plan: "ServePlan | list[ServePlan]", api_keys: list[str] | None =
             log.error("serve: unexpected error on a chat request (task %s)", task or "-", exc_info=exc)
             response = error_response(500, "internal error in the gateway; it is logged", "internal_error")
             route_name, reason = "error", "internal_error"
-        status = response.status_code
+        done(task, route_name, reason, confidence, response.status_code, stream, started)
+        return response
+
+    def done(task: str, route_name: str, reason: str, confidence, status: int, stream: bool, started: float) -> None:
+        """Metrics and the access line of one request (never its body or key)."""
         took = time.perf_counter() - started
         gateway.metrics.request_done(task, route_name, reason, status, took)
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(json.dumps({"ts": round(time.time(), 3), "task": task or None, "route": route_name,
                                         "reason": reason or None, "confidence": confidence, "status": status,
                                         "stream": stream, "latency_ms": round(took * 1000, 2)}))
+
+    async def forward(request: Request) -> Response:
+        """Another OpenAI endpoint of an app that uses the gateway as its base URL: sent to the teacher unchanged
+        (its key, never the client's). A task alias there is refused: a task answers chat completions only."""
+        started, route_name, reason, stream = time.perf_counter(), "passthrough", "not_this_task", False
+        endpoint = request.path_params["endpoint"]
+        try:
+            authorise(request)
+            if endpoint not in PASS_THROUGH:
+                raise ClientError(404, f"POST /v1/{endpoint}: not an endpoint of the gateway; it answers POST "
+                                  f"/v1/chat/completions and forwards POST /v1/{{{','.join(PASS_THROUGH)}}} to the "
+                                  f"teacher", "not_found")
+            raw = await _read_body(request, max_body)
+            body = _parse_object(raw)
+            stream = body.get("stream") is True
+            route = gateway.route_for(body)
+            if route is not None:
+                raise ClientError(400, f"{body.get('model')!r} is a distill task: it answers POST "
+                                  f"/v1/chat/completions with the task's input as the user message, not POST "
+                                  f"/v1/{endpoint}", "unsupported_endpoint", "model")
+            response = await _passthrough(gateway, raw, stream, f"/{endpoint}")
+        except ClientError as exc:
+            response = error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
+            route_name, reason = "error", exc.code
+        done("", route_name, reason, None, response.status_code, stream, started)
+        return response
+
+    async def model_info(request: Request) -> Response:
+        """GET /v1/models/{id}: a task alias's model object, or the teacher's answer for any other id."""
+        started, route_name, reason = time.perf_counter(), "passthrough", "not_this_task"
+        model = request.path_params["model"]
+        try:
+            authorise(request)
+            route = next((r for r in gateway.routes if model in r.aliases), None)
+            if route is not None:
+                return JSONResponse({"id": model, "object": "model", "created": 0,
+                                     "owned_by": f"distill:{route.name}"})
+            response = await _passthrough(gateway, b"", False, f"/models/{quote(model, safe='/:@')}", method="GET")
+        except ClientError as exc:
+            response = error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
+            route_name, reason = "error", exc.code
+        done("", route_name, reason, None, response.status_code, False, started)
         return response
 
     async def models(request: Request) -> Response:
@@ -220,6 +275,8 @@ def create_app(plan: "ServePlan | list[ServePlan]", api_keys: list[str] | None =
         return error_response(500, "internal error in the gateway; it is logged", "internal_error")
 
     routes = [Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/models", models),
+              Route("/v1/models/{model:path}", model_info, methods=["GET"]),
+              Route("/v1/{endpoint}", forward, methods=["POST"]),
               Route("/healthz", healthz), Route("/metrics", metrics),
               Route("/admin/reload", reload, methods=["POST"])]
     return Starlette(routes=routes, lifespan=lifespan,
@@ -251,7 +308,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _parse(raw: bytes) -> dict:
+def _parse_object(raw: bytes) -> dict:
     try:
         body = json.loads(raw)
     except UnicodeDecodeError:
@@ -261,6 +318,12 @@ def _parse(raw: bytes) -> dict:
                           "invalid_json") from None
     if not isinstance(body, dict):
         raise ClientError(400, f"request body must be a JSON object, not {type(body).__name__}", "invalid_json")
+    return body
+
+
+def _parse(raw: bytes) -> dict:
+    """A chat request's body: a JSON object with a model and messages."""
+    body = _parse_object(raw)
     if not isinstance(body.get("model"), str) or not body["model"]:
         raise ClientError(400, "'model' is required: a task alias (see GET /v1/models) or the teacher's model",
                           "missing_model", "model")
@@ -341,13 +404,21 @@ def _task_response(served: Served, model: str, stream: bool) -> Response:
                              headers={**headers, "Cache-Control": "no-cache"})
 
 
-async def _passthrough(gateway: Gateway, raw: bytes, stream: bool) -> Response:
-    """Send the body unchanged to the teacher's chat endpoint with the teacher's key; relay status and body."""
-    url = f"{gateway.plan.teacher_url}/chat/completions"
+# The endpoints besides chat completions that the gateway forwards to the teacher (POST /v1/<endpoint>), so an app
+# can use it as its whole OpenAI base URL: inference only. Files, batches, fine-tuning and other account calls are
+# not forwarded: a gateway client must not reach them with the teacher's key.
+PASS_THROUGH = ("completions", "embeddings", "moderations", "responses")
+
+
+async def _passthrough(gateway: Gateway, raw: bytes, stream: bool, path: str = "/chat/completions", *,
+                       method: str = "POST") -> Response:
+    """Send the body unchanged to the teacher's ``path`` with the teacher's key; relay status and body."""
+    url = f"{gateway.plan.teacher_url}{path}"
     timeout = aiohttp.ClientTimeout(total=None if stream else gateway.cfg.serve.teacher_timeout_s,
                                     sock_connect=10)
     try:
-        upstream = await gateway.session.post(url, data=raw, headers=gateway.teacher_headers(), timeout=timeout)
+        upstream = await gateway.session.request(method, url, data=raw if method == "POST" else None,
+                                                 headers=gateway.teacher_headers(), timeout=timeout)
     except (aiohttp.ClientError, TimeoutError):
         raise ClientError(502, "the teacher (pass-through for models that are not a task) did not answer",
                           "teacher_unavailable") from None

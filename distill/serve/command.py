@@ -244,6 +244,7 @@ def serve(cfgs: "Config | list[Config]") -> int:
     cfg = cfgs[0]
     keys = client_keys(cfg)
     check_port_free(cfg.serve.host, cfg.serve.port)  # before any child server starts
+    check_store(cfg)
     _access_log_to_stderr()
     try:
         with prepare(cfgs) as plans:
@@ -260,12 +261,26 @@ def serve(cfgs: "Config | list[Config]") -> int:
                 if server.started:
                     raise
             if not server.started:
+                failed = getattr(app.state, "startup_error", None)  # the gateway's start-up, not the socket
+                if isinstance(failed, DistillError):
+                    raise DistillError(f"the gateway did not start: {failed}")
+                if failed is not None:
+                    raise DistillError(f"the gateway did not start: {type(failed).__name__}: {failed} (the log "
+                                       f"above has the traceback)")
                 raise DistillError(f"the gateway could not listen on {cfg.serve.host}:{cfg.serve.port} (in use?); "
                                    f"pick another with serve.port=N")
     except KeyboardInterrupt:
         pass  # uvicorn re-raises the signal it handled once it has drained; the children are stopped by now
     log.info("serve: stopped")
     return 0
+
+
+def check_store(cfg: Config) -> None:
+    """DistillError (StoreError) when the gateway's store cannot be opened (``serve.store=redis`` with no Redis at
+    ``serve.redis_url``, a password variable that is not set), before any child server starts."""
+    from distill.serve.store import open_store
+
+    open_store(cfg, cfg.run_dir).close()
 
 
 def check_port_free(host: str, port: int) -> None:

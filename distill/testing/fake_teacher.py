@@ -8,6 +8,7 @@
         teacher.billed_tokens    # [prompt, completion] tokens of every billed answer
         teacher.early_retries    # requests that came back before the Retry-After they were given
         teacher.open_connections # connections not yet closed
+        teacher.other_calls      # (method, path, body) of every embeddings request and model lookup
 
 ``answer_fn(messages) -> str`` decides the assistant's text. Requests go over real HTTP (the standard library's
 threading server), so the code under test goes through the real ``openai`` client and its connection pool.
@@ -20,7 +21,8 @@ Faults, each drawn per request at its rate from a seeded generator:
   ``billed_hang`` (the answer is made and billed, then the server hangs past the client's timeout);
   answers (HTTP 200, paid): ``invalid_json``, ``schema`` (valid JSON that breaks the schema), ``refusal``,
   ``length`` (finish_reason "length").
-A fake Batch API (files + batches) serves ``generate.mode=batch``. ``batch_end`` gives a batch id the way it ends
+``POST /v1/embeddings`` answers a small vector per input and ``GET /v1/models/fake-teacher`` its model object (the
+gateway's pass-through). A fake Batch API (files + batches) serves ``generate.mode=batch``. ``batch_end`` gives a batch id the way it ends
 instead of ``completed``: ``failed`` (rejected as a whole: no line runs, ``errors`` says why), ``cancelled`` (reported
 ``cancelling`` first; the first half of its lines ran) or ``expired`` (the first half ran).
 """
@@ -34,6 +36,7 @@ import socket
 import struct
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -85,6 +88,7 @@ class FakeTeacher:
         self.seed = seed
         self.rng = random.Random(seed)
         self.calls: list[dict] = []
+        self.other_calls: list[tuple] = []  # (method, path, body) of embeddings and model lookups
         self.arrivals: list[float] = []     # time.monotonic() of every chat request
         self._seen: Counter = Counter()     # occurrences of each request key so far
         self.events: Counter = Counter()     # what was served, by kind ("ok", "429", "invalid_json", ...)
@@ -262,6 +266,15 @@ class FakeTeacher:
                 path = self.path.split("?")[0].rstrip("/")
                 if path.endswith("/models"):
                     self._send(200, {"object": "list", "data": [{"id": "fake-teacher", "object": "model"}]})
+                elif path.startswith("/v1/models/"):
+                    name = urllib.parse.unquote(path[len("/v1/models/"):])
+                    with fake._lock:
+                        fake.other_calls.append(("GET", path, None))
+                    if name == "fake-teacher":
+                        self._send(200, {"id": name, "object": "model", "created": 0, "owned_by": "fake"})
+                    else:
+                        self._send(404, {"error": {"message": f"The model '{name}' does not exist",
+                                                   "type": "invalid_request_error", "code": "model_not_found"}})
                 elif "/batches/" in path:
                     batch = fake.batches.get(path.rsplit("/", 1)[1])
                     with fake._lock:
@@ -280,6 +293,17 @@ class FakeTeacher:
                 length = int(self.headers.get("Content-Length", 0))
                 raw = self.rfile.read(length)
                 path = self.path.split("?")[0].rstrip("/")
+                if path.endswith("/embeddings"):  # OpenAI's embeddings endpoint, for the gateway's pass-through
+                    body = json.loads(raw or b"{}")
+                    with fake._lock:
+                        fake.other_calls.append(("POST", path, body))
+                    if not self._authorised():
+                        return
+                    texts = body.get("input") if isinstance(body.get("input"), list) else [body.get("input")]
+                    self._send(200, {"object": "list", "model": body.get("model"), "data": [
+                        {"object": "embedding", "index": i, "embedding": [len(str(t)) / 100, 0.5, -0.25]}
+                        for i, t in enumerate(texts)], "usage": {"prompt_tokens": len(texts), "total_tokens": len(texts)}})
+                    return
                 chat = not (path.endswith("/files") or path.endswith("/batches"))
                 if chat:  # every chat request that reaches the server is recorded, authorised or not
                     body = json.loads(raw or b"{}")
