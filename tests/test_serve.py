@@ -435,6 +435,37 @@ def test_teacher_down_is_a_502_naming_it_or_the_students_answer_when_asked(publi
     assert json.loads(reply.choices[0].message.content) == CONFIDENT
 
 
+def test_a_rate_limited_teacher_is_a_prompt_503_with_its_retry_after_not_a_held_request(published, fake_answer,
+                                                                                        tmp_path):
+    """A teacher's 429 asking for a long wait (here 30 s, generate would wait up to teacher.max_wait_s=600) is
+    answered at once: 503 teacher_rate_limited with that Retry-After, one teacher call, the key left open in the
+    ledger, so the same input is answered (and paid once) when the teacher is back. A short wait is waited out and
+    retried (serve.teacher_max_retries); retries that run out are the same 503."""
+    run_dir = _copy(published, tmp_path)
+    body = {"model": TASK, "messages": [{"role": "user", "content": "A ticket no one labelled yet: " + NEW_TICKET}]}
+    with FakeTeacher(fake_answer, faults={"429": 1.0}, retry_after_s=30) as limited:
+        with background(_cfg(run_dir, f"teacher.base_url={limited.base_url}")) as url:
+            started = time.monotonic()
+            refused = httpx.post(f"{url}/chat/completions", json=body, timeout=60)
+            took = time.monotonic() - started
+        calls_long = len(limited.calls)
+    with FakeTeacher(fake_answer, faults={"429": 1.0}, retry_after_s=0.2) as brief:
+        with background(_cfg(run_dir, f"teacher.base_url={brief.base_url}")) as url:
+            spent = httpx.post(f"{url}/chat/completions", json=body, timeout=60)
+        calls_short = len(brief.calls)
+    with FakeTeacher(fake_answer) as back:
+        with background(_cfg(run_dir, f"teacher.base_url={back.base_url}")) as url:
+            answered = [httpx.post(f"{url}/chat/completions", json=body, timeout=60) for _ in range(2)]
+    assert "asked to wait 30 s" in _error(refused, 503, "teacher_rate_limited")
+    assert refused.headers["retry-after"] == "30" and refused.headers["x-distill-teacher-error"] == "retry_after_too_long"
+    assert took < 10 and calls_long == 1  # not held for the 30 s, and not sent again
+    _error(spent, 503, "teacher_rate_limited")
+    assert spent.headers["retry-after"] == "1" and spent.headers["x-distill-teacher-error"] == "http_429"
+    assert calls_short == 2  # the first try and serve.teacher_max_retries=1 retry after the 0.2 s asked
+    assert [r.status_code for r in answered] == [200, 200]
+    assert answered[0].headers["x-distill-route"] == "teacher" and len(back.calls) == 1  # paid once, then the ledger
+
+
 def test_killed_student_runtime_sends_requests_to_the_teacher_with_no_5xx(published, teacher, tmp_path):
     run_dir = _copy(published, tmp_path, threshold=0.9)
     rows = _split(run_dir, "train") + _split(run_dir, "val")  # in the ledger: the fallbacks cost nothing

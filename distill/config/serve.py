@@ -70,6 +70,10 @@ class ServeConfig(_Strict):
     breaker_cooldown_s: float = Field(10.0, gt=0)
     teacher_timeout_s: float = Field(60.0, gt=0)
     teacher_max_retries: int = Field(1, ge=0)
+    # the longest Retry-After a fallback waits out while its client waits (generate's teacher.max_wait_s is 600 s);
+    # a teacher asking for more: the client gets 503 with that Retry-After at once (or the student's answer with
+    # on_teacher_down=student)
+    teacher_max_wait_s: float = Field(5.0, ge=0)
     on_teacher_down: Literal["error", "student"] = "error"
     teacher_budget_usd_per_day: float | None = Field(None, ge=0)  # the gateway's teacher spend per UTC day (every
     # replica on the store); spent: 503 (or the student's answer with on_teacher_down=student); null: no cap

@@ -19,7 +19,8 @@ confidence it was first served with.
 Errors are OpenAI's error JSON (``{"error": {"message", "type", "param", "code"}}``) and never a traceback:
 400 malformed JSON or no user message, 401 without a valid bearer key (when ``serve.api_keys_env`` names keys),
 413 a body over ``serve.max_body_kb``, 429 over ``serve.max_concurrency`` task requests in flight (with
-Retry-After), 502/503 when the teacher cannot answer. The access log is one JSON line per request (task, route,
+Retry-After), 502 when the teacher cannot answer, 503 when it is rate-limited for longer than
+``serve.teacher_max_wait_s`` (with its Retry-After) or the day's budget is spent. The access log is one JSON line per request (task, route,
 reason, status, latency), without keys or bodies.
 """
 
@@ -29,6 +30,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import random
 import time
 from urllib.parse import quote
@@ -372,6 +374,8 @@ def _task_response(served: Served, model: str, stream: bool) -> Response:
         headers = {"x-distill-reason": served.reason}
         if served.code == "teacher_budget":
             headers["Retry-After"] = str(seconds_to_midnight())
+        elif served.retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(served.retry_after_s)))
         if served.teacher_error:
             headers["x-distill-teacher-error"] = served.teacher_error
         return error_response(served.status, served.message or "not served", served.code or "not_served",

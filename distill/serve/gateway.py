@@ -39,6 +39,8 @@ log = logging.getLogger("distill")
 # Teacher failures that mean "it did not answer" (the request may be sent again later) rather than a bad answer.
 TEACHER_DOWN = frozenset({"connection_error", "timeout", "malformed_response", "retry_after_too_long",
                           "max_billed_attempts", "unreadable_response", "teacher_refused"})
+# ... of them, those where the teacher asked for a wait (Retry-After): the client gets 503 with it
+RATE_LIMITED = frozenset({"retry_after_too_long", "http_429", "http_503"})
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Served:
     teacher_error: str | None = None # why the teacher failed, when it did
     cache: str | None = None         # exact | semantic: answered from that cache (x-distill-cache)
     student_answer: dict | None = None  # the student's parsed answer, kept or not (traffic log, drift)
+    retry_after_s: float | None = None  # a teacher that refused for now: when the client may try again (Retry-After)
 
 
 def ledger_key_limits(cfg: Config, method: str) -> list[str]:
@@ -177,7 +180,7 @@ class TaskRoute:
             if cached is not None:
                 return Served(200, cached, "teacher", reason, confidence, cache="semantic",
                               student_answer=reply and reply.answer)
-        answer, teacher_error = await self._ask_teacher(text)
+        answer, teacher_error, retry_after = await self._ask_teacher(text)
         if answer is not None:
             if vector is not None:
                 self._cache_op(self.semantic.add, vector, answer)
@@ -198,6 +201,13 @@ class TaskRoute:
             return Served(400, None, "none", reason, confidence, "the task input is too long: it does not fit the "
                           "student's context, and the teacher refused it too (http_400); send a shorter input",
                           "context_length_exceeded", teacher_error)
+        if retry_after is not None and teacher_error in RATE_LIMITED:
+            # the teacher asked for a wait longer than serve.teacher_max_wait_s (or its retries ran out): the client
+            # hears it at once, with the wait, instead of being held for it
+            return Served(503, None, "none", reason, confidence, f"the teacher is rate-limited ({teacher_error}) and "
+                          f"asked to wait {retry_after:.0f} s; the request was not served: retry after the "
+                          f"Retry-After", "teacher_rate_limited", teacher_error,
+                          retry_after_s=retry_after)
         if teacher_error in TEACHER_DOWN or str(teacher_error).startswith("http_"):
             message = f"the teacher did not answer ({teacher_error}); the request was not served"
         else:
@@ -229,8 +239,9 @@ class TaskRoute:
         self._student_up.set(1)
         return reply, "answered"
 
-    async def _ask_teacher(self, text: str) -> tuple[dict | None, str | None]:
-        """(answer, None) or (None, why the teacher failed), through the ledger and the day's budget."""
+    async def _ask_teacher(self, text: str) -> tuple[dict | None, str | None, float | None]:
+        """(answer, None, None) or (None, why the teacher failed, the Retry-After it gave if any), through the
+        ledger and the day's budget."""
         messages = self.task.teacher_messages(text)
         hold, bound, refused = None, None, False
         capped = self.budget is not None and self.budget.cap is not None
@@ -242,7 +253,7 @@ class TaskRoute:
             hold = self.budget.reserve(bound)
             if hold is None and not self._in_ledger(messages):
                 self.metrics.teacher_calls.labels(self.name, "budget").inc()
-                return None, BUDGET
+                return None, BUDGET, None
         outcome = None
         try:
             outcome = await self.teacher.label(messages)
@@ -252,7 +263,7 @@ class TaskRoute:
             refused = True  # refused (401/403/404): not billed
             log.error("serve: the teacher refused a fallback for %s: %s", self.name, self.teacher.scrub(str(exc)))
             self.metrics.teacher_calls.labels(self.name, "failed").inc()
-            return None, "teacher_refused"
+            return None, "teacher_refused", None
         finally:
             if self.budget is not None:  # a call that raised may have been billed: it keeps its bound
                 if outcome is not None:
@@ -266,10 +277,10 @@ class TaskRoute:
             self.metrics.teacher_spend.labels(self.name).inc(outcome.cost_usd)
         if outcome.answer is None:
             self.metrics.teacher_calls.labels(self.name, "failed").inc()
-            return None, outcome.reason or "no_answer"
+            return None, outcome.reason or "no_answer", outcome.retry_after_s
         self.metrics.teacher_calls.labels(self.name, "ledger" if outcome.cache_hit and not outcome.paid_calls
                                           else "paid").inc()
-        return outcome.answer, None
+        return outcome.answer, None, None
 
     def _bound(self, messages: list[dict]) -> float:
         """The most one fallback for ``messages`` can cost: every vote, every attempt at its upper-bound price."""

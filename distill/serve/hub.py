@@ -97,7 +97,8 @@ class Gateway:
         cfg, s = plan.cfg, plan.cfg.serve
         ledger = Ledger(plan.ledger_path)
         # Retry and timeout knobs are not part of a request key: fewer retries here, since a client is waiting.
-        tcfg = cfg.teacher.model_copy(update={"timeout_s": s.teacher_timeout_s, "max_retries": s.teacher_max_retries})
+        tcfg = cfg.teacher.model_copy(update={"timeout_s": s.teacher_timeout_s, "max_retries": s.teacher_max_retries,
+                                              "max_wait_s": s.teacher_max_wait_s})
         teacher = TeacherClient(tcfg, plan.teacher_url, plan.task.schema, ledger, cfg.generate.max_attempts,
                                 votes=cfg.generate.self_consistency, min_vote_share=cfg.generate.min_vote_share)
         if plan.classifier is not None:

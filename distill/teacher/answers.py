@@ -29,6 +29,7 @@ class Outcome:
     confidence: dict | None = None  # per-field probability of the chosen value (score) or vote share (votes)
     # teacher.method=score: per field {value text: calibrated probability} (distill.teacher.scoring.value_distribution)
     distribution: dict | None = None
+    retry_after_s: float | None = None  # the wait the teacher asked for when it refused (429/503 Retry-After)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class Asked:
     cost: float = 0.0
     cache_hit: bool = False
     final: bool = False  # the reason judges an answer (the next attempt is a fresh sample), not the transport
+    retry_after_s: float | None = None  # the wait the teacher asked for when it refused (429/503 Retry-After)
 
 
 class ChatReader:

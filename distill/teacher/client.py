@@ -131,7 +131,8 @@ class TeacherClient(RetryLayer):
         valid = [o for o in outcomes if o.answer is not None]
         first_key = outcomes[0].key
         if not valid:
-            return Outcome(None, outcomes[-1].reason, first_key, 0, paid, cost_usd=cost)
+            return Outcome(None, outcomes[-1].reason, first_key, 0, paid, cost_usd=cost,
+                           retry_after_s=outcomes[-1].retry_after_s)
         tally = Counter(json.dumps(o.answer, sort_keys=True) for o in valid)
         winner, count = tally.most_common(1)[0]
         share = count / self.votes
@@ -162,7 +163,8 @@ class TeacherClient(RetryLayer):
             got = await self._ask(key, request, reader, canonical)
             paid, spent, reason = paid + got.paid, spent + got.cost, got.reason
             if got.answer is not None or not got.final:
-                return Outcome(got.answer, reason, key, attempt, paid, cache_hit=got.cache_hit, cost_usd=spent)
+                return Outcome(got.answer, reason, key, attempt, paid, cache_hit=got.cache_hit, cost_usd=spent,
+                               retry_after_s=got.retry_after_s)
         return Outcome(None, reason, key, self.max_attempts - 1, paid, cost_usd=spent)
 
     async def top_logprobs(self, messages: list[dict]) -> Outcome:
@@ -208,7 +210,7 @@ class TeacherClient(RetryLayer):
                     self.ledger.release(key, owner)
                 else:
                     self.ledger.record_failure(key, exc.reason, self.scrub(exc.detail)[:200], owner=owner)
-                return Asked(None, exc.reason, cost=exc.billed_usd)
+                return Asked(None, exc.reason, cost=exc.billed_usd, retry_after_s=exc.retry_after_s)
             except BaseException:
                 with contextlib.suppress(LedgerWriteError):
                     self.ledger.release(key, owner)

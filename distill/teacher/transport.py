@@ -57,6 +57,7 @@ class RequestFailed(Exception):
         self.detail = detail
         self.recorded = False   # its last attempt is already in the ledger (as a possibly billed failure)
         self.billed_usd = 0.0   # what its possibly billed attempts were charged
+        self.retry_after_s: float | None = None  # the wait the server asked for on the last attempt, if any
 
 
 class MalformedResponse(Exception):
@@ -297,10 +298,12 @@ class RetryLayer:
                                    f"(HTTP {exc.status_code})") from None
             asked = retry_after_s(exc)
             if asked is not None and asked > self.tcfg.max_wait_s:
-                raise RequestFailed("retry_after_too_long",
-                                    f"HTTP {exc.status_code} asked to wait {asked:.0f} s, over teacher.max_wait_s="
-                                    f"{self.tcfg.max_wait_s:.0f}") from None
-            raise RequestFailed(failure_reason(exc), self.scrub(str(exc.message))) from None
+                failed = RequestFailed("retry_after_too_long", f"HTTP {exc.status_code} asked to wait {asked:.0f} "
+                                       f"s, over teacher.max_wait_s={self.tcfg.max_wait_s:.0f}")
+            else:
+                failed = RequestFailed(failure_reason(exc), self.scrub(str(exc.message)))
+            failed.retry_after_s = asked
+            raise failed from None
         if isinstance(exc, (openai.APIConnectionError, MalformedResponse)):
             raise RequestFailed(failure_reason(exc), f"{type(exc).__name__} from {self.base_url}") from None
         raise exc
