@@ -239,8 +239,10 @@ def test_the_other_openai_endpoints_of_an_app_pass_through_to_the_teacher(publis
                 client.models.retrieve("no-such-model")
             with pytest.raises(openai.BadRequestError) as task_embed:
                 client.embeddings.create(model=TASK, input="hello there")
-            with pytest.raises(openai.AuthenticationError):
-                _client(url, "wrong").embeddings.create(model="fake-teacher", input="hello there")
+            for call in (lambda c: c.embeddings.create(model="fake-teacher", input="hello there"),
+                         lambda c: c.models.retrieve(TASK), lambda c: c.models.retrieve("fake-teacher")):
+                with pytest.raises(openai.AuthenticationError):
+                    call(_client(url, "wrong"))
             raw_body = {"model": "fake-teacher", "input": "hello there", "dimensions": 3, "user": "u-7"}
             raw = httpx.post(f"{url}/embeddings", json=raw_body, headers={"Authorization": f"Bearer {client_key}"})
             files = httpx.post(f"{url}/files", headers={"Authorization": f"Bearer {client_key}"}, content=b"x")

@@ -172,12 +172,24 @@ def create_app(plan: "ServePlan | list[ServePlan]", api_keys: list[str] | None =
                                         "reason": reason or None, "confidence": confidence, "status": status,
                                         "stream": stream, "latency_ms": round(took * 1000, 2)}))
 
+    async def relayed(call) -> Response:
+        """A request for the teacher, not a task: ``await call()`` -> (response, stream), a ClientError answered as
+        one; then its metrics and access line."""
+        started, route_name, reason, stream = time.perf_counter(), "passthrough", "not_this_task", False
+        try:
+            response, stream = await call()
+        except ClientError as exc:
+            response = error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
+            route_name, reason = "error", exc.code
+        done("", route_name, reason, None, response.status_code, stream, started)
+        return response
+
     async def forward(request: Request) -> Response:
         """Another OpenAI endpoint of an app that uses the gateway as its base URL: sent to the teacher unchanged
         (its key, never the client's). A task alias there is refused: a task answers chat completions only."""
-        started, route_name, reason, stream = time.perf_counter(), "passthrough", "not_this_task", False
         endpoint = request.path_params["endpoint"]
-        try:
+
+        async def call():
             authorise(request)
             if endpoint not in PASS_THROUGH:
                 raise ClientError(404, f"POST /v1/{endpoint}: not an endpoint of the gateway; it answers POST "
@@ -186,34 +198,30 @@ def create_app(plan: "ServePlan | list[ServePlan]", api_keys: list[str] | None =
             raw = await _read_body(request, max_body)
             body = _parse_object(raw)
             stream = body.get("stream") is True
-            route = gateway.route_for(body)
-            if route is not None:
+            if gateway.route_for(body) is not None:
                 raise ClientError(400, f"{body.get('model')!r} is a distill task: it answers POST "
                                   f"/v1/chat/completions with the task's input as the user message, not POST "
                                   f"/v1/{endpoint}", "unsupported_endpoint", "model")
-            response = await _passthrough(gateway, raw, stream, f"/{endpoint}")
-        except ClientError as exc:
-            response = error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
-            route_name, reason = "error", exc.code
-        done("", route_name, reason, None, response.status_code, stream, started)
-        return response
+            return await _passthrough(gateway, raw, stream, f"/{endpoint}"), stream
+
+        return await relayed(call)
 
     async def model_info(request: Request) -> Response:
         """GET /v1/models/{id}: a task alias's model object, or the teacher's answer for any other id."""
-        started, route_name, reason = time.perf_counter(), "passthrough", "not_this_task"
         model = request.path_params["model"]
-        try:
+        route = next((r for r in gateway.routes if model in r.aliases), None)
+        if route is not None:  # answered here, as GET /v1/models is
+            try:
+                authorise(request)
+            except ClientError as exc:
+                return error_response(exc.status, exc.message, exc.code, headers=exc.headers)
+            return JSONResponse({"id": model, "object": "model", "created": 0, "owned_by": f"distill:{route.name}"})
+
+        async def call():
             authorise(request)
-            route = next((r for r in gateway.routes if model in r.aliases), None)
-            if route is not None:
-                return JSONResponse({"id": model, "object": "model", "created": 0,
-                                     "owned_by": f"distill:{route.name}"})
-            response = await _passthrough(gateway, b"", False, f"/models/{quote(model, safe='/:@')}", method="GET")
-        except ClientError as exc:
-            response = error_response(exc.status, exc.message, exc.code, exc.param, exc.headers)
-            route_name, reason = "error", exc.code
-        done("", route_name, reason, None, response.status_code, False, started)
-        return response
+            return await _passthrough(gateway, b"", False, f"/models/{quote(model, safe='/:@')}", method="GET"), False
+
+        return await relayed(call)
 
     async def models(request: Request) -> Response:
         try:
