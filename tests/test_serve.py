@@ -676,7 +676,7 @@ def test_fallback_spend_is_counted_once_and_reserved_only_under_a_cap(cap):
                             budget=DailyBudget(store, cap, clock=lambda: "day"), _in_ledger=lambda m: False,
                             _bound=lambda messages: 0.01, teacher=SimpleNamespace(label=label))
     ask = lambda text: asyncio.run(TaskRoute._ask_teacher(route, text))  # noqa: E731
-    assert ask("free") == (CONFIDENT, None) and ask("paid") == (CONFIDENT, None)
+    assert ask("free") == (CONFIDENT, None, None) and ask("paid") == (CONFIDENT, None, None)
     with pytest.raises(asyncio.CancelledError):  # sent, maybe billed: counted at its bound
         ask("cancelled")
     key = "teacher.spend.day"
