@@ -92,7 +92,8 @@ class TeacherConfig(_Strict):
                              f"(teacher.kind=llama_cpp) is a server distill starts itself on loopback. For a server "
                              f"of your own, set teacher.kind=openai teacher.base_url=URL teacher.model=NAME (or "
                              f"teacher=openai when a run is made; teacher.structured_output=llama_cpp for a "
-                             f"llama.cpp server); else leave teacher.base_url out")
+                             f"llama.cpp server); else leave teacher.base_url out (teacher.base_url=null clears one "
+                             f"a run recorded)")
         return self
 
 
